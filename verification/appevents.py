@@ -1,0 +1,333 @@
+"""The application event log: what AICert measures into PCR 14 (inputs) and PCR 15 (outputs).
+
+Each event is ``{"pcr": 14|15, "type": "aicert....", "data": {...}}``. Its digest is SHA-256
+over the RFC 8785 canonical JSON of the whole event, and that digest is what the guest
+extends into the PCR. Replaying the log from zeros must give exactly the quoted PCR 14 and
+15: that is how a verifier knows the inputs and outputs listed are the ones measured, in
+order, with nothing added or left out.
+
+The typed ``*Event`` models below are the vocabulary: the guest builds events from them and
+the verifier parses replayed events back into them. An event type the verifier does not know
+is an error (fail closed): an input it cannot show would be an input nobody checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationError
+
+from aicert.canonical import canonical_sha256
+from aicert.errors import EventLogError
+from aicert.model import AppEvent, InputRecord, OutputRecord
+
+INPUTS_PCR = 14
+OUTPUTS_PCR = 15
+PCR_RESET_VALUE = bytes(32)
+
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Sha1Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{40}$")]
+RelativePath = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+
+
+class EventData(BaseModel):
+    """Base of the typed event payloads."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    TYPE: ClassVar[str]
+    PCR: ClassVar[int]
+
+    def to_event(self) -> AppEvent:
+        return AppEvent(pcr=self.PCR, type=self.TYPE, data=self.model_dump(mode="json"))
+
+
+class RuntimeEvent(EventData):
+    """First event: who measures (runtime version), which run, and the verifier's nonce."""
+
+    TYPE = "aicert.runtime"
+    PCR = INPUTS_PCR
+    runtime_version: str
+    run_id: str
+    nonce: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16,128}$")]
+    platform: Literal["local", "qemu", "azure"]
+    started_at: str
+
+
+class ChannelKeyEvent(EventData):
+    """The guest agent's channel public key (remote platforms), measured before any input."""
+
+    TYPE = "aicert.runtime.channel-key"
+    PCR = INPUTS_PCR
+    algorithm: str
+    public_key_sha256: Sha256Hex
+
+
+class ConfigEvent(EventData):
+    TYPE = "aicert.input.config"
+    PCR = INPUTS_PCR
+    config: dict[str, JsonValue]
+
+
+class ImageEvent(EventData):
+    TYPE = "aicert.input.image"
+    PCR = INPUTS_PCR
+    role: Literal["base", "training"]
+    name: str
+    image_id: Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
+
+
+class SourceEvent(EventData):
+    TYPE = "aicert.input.source"
+    PCR = INPUTS_PCR
+    type: Literal["git"]
+    url: str
+    ref: str | None
+    subdirectory: str | None
+    commit: Sha1Hex
+    tree_sha256: Sha256Hex
+    file_count: Annotated[int, Field(ge=0)]
+    size: Annotated[int, Field(ge=0)]
+
+
+class ResourceEvent(EventData):
+    TYPE = "aicert.input.resource"
+    PCR = INPUTS_PCR
+    url: str
+    destination: RelativePath
+    sha256: Sha256Hex
+    size: Annotated[int, Field(ge=0)]
+
+
+class PackageEvent(EventData):
+    TYPE = "aicert.input.package"
+    PCR = INPUTS_PCR
+    name: str
+    version: str
+    filename: str
+    sha256: Sha256Hex
+    size: Annotated[int, Field(ge=0)]
+
+
+class OutputFileEvent(EventData):
+    TYPE = "aicert.output.file"
+    PCR = OUTPUTS_PCR
+    path: RelativePath
+    size: Annotated[int, Field(ge=0)]
+    sha256: Sha256Hex
+
+
+class ResultEvent(EventData):
+    """Last event: how the training ended. Measured after every output file."""
+
+    TYPE = "aicert.output.result"
+    PCR = OUTPUTS_PCR
+    exit_code: int
+    duration_ms: Annotated[int, Field(ge=0)]
+    finished_at: str
+
+
+EVENT_TYPES: dict[str, type[EventData]] = {
+    cls.TYPE: cls
+    for cls in (
+        RuntimeEvent,
+        ChannelKeyEvent,
+        ConfigEvent,
+        ImageEvent,
+        SourceEvent,
+        ResourceEvent,
+        PackageEvent,
+        OutputFileEvent,
+        ResultEvent,
+    )
+}
+
+
+def event_digest(event: AppEvent) -> bytes:
+    """SHA-256 over the RFC 8785 canonical JSON of the event: the value extended into its PCR."""
+    return canonical_sha256(event.model_dump(mode="json"))
+
+
+def extend(pcr_value: bytes, digest: bytes) -> bytes:
+    return hashlib.sha256(pcr_value + digest).digest()
+
+
+def replay(events: Iterable[AppEvent]) -> dict[int, bytes]:
+    """PCR 14 and 15 after extending every event's digest, starting from the reset value."""
+    values = {INPUTS_PCR: PCR_RESET_VALUE, OUTPUTS_PCR: PCR_RESET_VALUE}
+    for event in events:
+        values[event.pcr] = extend(values[event.pcr], event_digest(event))
+    return values
+
+
+def parse_event(event: AppEvent, position: int) -> EventData:
+    """The typed payload of one event; unknown types and malformed payloads are errors."""
+    model = EVENT_TYPES.get(event.type)
+    if model is None:
+        raise EventLogError(f"event #{position}: unknown event type {event.type!r}")
+    if event.pcr != model.PCR:
+        raise EventLogError(
+            f"event #{position}: {event.type} must be measured into PCR {model.PCR}, "
+            f"not PCR {event.pcr}"
+        )
+    try:
+        return model.model_validate(event.data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "(data)"
+        raise EventLogError(
+            f"event #{position} ({event.type}): data.{field}: {first['msg']}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class MeasuredRun:
+    """What the replayed application event log proves, in measurement order."""
+
+    runtime: RuntimeEvent
+    channel_key: ChannelKeyEvent | None
+    config: ConfigEvent
+    images: tuple[ImageEvent, ...]
+    source: SourceEvent | None
+    resources: tuple[ResourceEvent, ...]
+    packages: tuple[PackageEvent, ...]
+    outputs: tuple[OutputFileEvent, ...]
+    result: ResultEvent
+
+    @property
+    def finished_at(self) -> datetime:
+        return datetime.fromisoformat(self.result.finished_at)
+
+    def input_records(self) -> list[InputRecord]:
+        records = [
+            InputRecord(
+                kind="config",
+                name="aicert.yaml",
+                digest={"sha256": canonical_sha256(self.config.config).hex()},
+            )
+        ]
+        records += [
+            InputRecord(
+                kind="image",
+                name=f"{image.role}:{image.name}",
+                digest={"sha256": image.image_id.removeprefix("sha256:")},
+            )
+            for image in self.images
+        ]
+        if self.source is not None:
+            records.append(
+                InputRecord(
+                    kind="source",
+                    name=self.source.url.rstrip("/").rsplit("/", 1)[-1] or self.source.url,
+                    uri=self.source.url,
+                    version=self.source.ref,
+                    size=self.source.size,
+                    digest={"sha256": self.source.tree_sha256, "sha1": self.source.commit},
+                )
+            )
+        records += [
+            InputRecord(
+                kind="resource",
+                name=resource.destination,
+                uri=resource.url,
+                path=f"/workspace/resources/{resource.destination}",
+                size=resource.size,
+                digest={"sha256": resource.sha256},
+            )
+            for resource in self.resources
+        ]
+        records += [
+            InputRecord(
+                kind="package",
+                name=package.name,
+                uri=package.filename,
+                version=package.version,
+                size=package.size,
+                digest={"sha256": package.sha256},
+            )
+            for package in self.packages
+        ]
+        return records
+
+    def output_records(self) -> list[OutputRecord]:
+        return [
+            OutputRecord(path=output.path, size=output.size, digest={"sha256": output.sha256})
+            for output in self.outputs
+        ]
+
+
+def interpret(events: Sequence[AppEvent]) -> MeasuredRun:
+    """Check the log's grammar and return what it measured.
+
+    PCR 14: runtime, [channel-key], config, image(s), [source], resource*, package*, and
+    a training image last when packages were installed. PCR 15: output files sorted by
+    path without repeats, then exactly one result. Anything else is an error.
+    """
+    inputs = [(i, e) for i, e in enumerate(events) if e.pcr == INPUTS_PCR]
+    outputs = [(i, e) for i, e in enumerate(events) if e.pcr == OUTPUTS_PCR]
+    parsed_inputs = [parse_event(e, i) for i, e in inputs]
+    parsed_outputs = [parse_event(e, i) for i, e in outputs]
+
+    # Rank of each input event type: the log must be non-decreasing in rank.
+    rank = {
+        RuntimeEvent: 0,
+        ChannelKeyEvent: 1,
+        ConfigEvent: 2,
+        ImageEvent: 3,
+        SourceEvent: 4,
+        ResourceEvent: 5,
+        PackageEvent: 6,
+    }
+    if not parsed_inputs or not isinstance(parsed_inputs[0], RuntimeEvent):
+        raise EventLogError("the first PCR 14 event must be aicert.runtime")
+    previous = -1
+    for (position, _), data in zip(inputs, parsed_inputs, strict=True):
+        current = rank.get(type(data))
+        if current is None:
+            raise EventLogError(f"event #{position}: {data.TYPE} cannot be in PCR 14")
+        is_final_training_image = isinstance(data, ImageEvent) and data.role == "training"
+        if current < previous and not is_final_training_image:
+            raise EventLogError(f"event #{position}: {data.TYPE} is out of order")
+        previous = max(previous, current)
+
+    def only(kind: type[EventData]) -> list[EventData]:
+        return [d for d in parsed_inputs if isinstance(d, kind)]
+
+    for kind in (RuntimeEvent, ConfigEvent):
+        if len(only(kind)) != 1:
+            raise EventLogError(f"the log must have exactly one {kind.TYPE} event")
+    if len(only(ChannelKeyEvent)) > 1 or len(only(SourceEvent)) > 1:
+        raise EventLogError("the log has more than one channel-key or source event")
+    images = [d for d in parsed_inputs if isinstance(d, ImageEvent)]
+    if [i.role for i in images] not in (["base"], ["base", "training"]):
+        raise EventLogError("the log must measure the base image, then at most one training image")
+    if images[-1] is not parsed_inputs[-1] and len(images) == 2:
+        raise EventLogError("the training image must be the last PCR 14 event")
+
+    if not parsed_outputs or not isinstance(parsed_outputs[-1], ResultEvent):
+        raise EventLogError("the last PCR 15 event must be aicert.output.result")
+    files = parsed_outputs[:-1]
+    if any(not isinstance(f, OutputFileEvent) for f in files):
+        raise EventLogError("PCR 15 must hold output files followed by one result event")
+    paths = [f.path for f in files]  # type: ignore[attr-defined]
+    if paths != sorted(paths) or len(set(paths)) != len(paths):
+        raise EventLogError("output file events must be sorted by path, without repeats")
+    if inputs and outputs and outputs[0][0] < inputs[-1][0]:
+        raise EventLogError("an input was measured after the first output")
+
+    source = only(SourceEvent)
+    channel = only(ChannelKeyEvent)
+    return MeasuredRun(
+        runtime=parsed_inputs[0],  # type: ignore[arg-type]
+        channel_key=channel[0] if channel else None,  # type: ignore[arg-type]
+        config=only(ConfigEvent)[0],  # type: ignore[arg-type]
+        images=tuple(images),
+        source=source[0] if source else None,  # type: ignore[arg-type]
+        resources=tuple(only(ResourceEvent)),  # type: ignore[arg-type]
+        packages=tuple(only(PackageEvent)),  # type: ignore[arg-type]
+        outputs=tuple(files),  # type: ignore[arg-type]
+        result=parsed_outputs[-1],  # type: ignore[arg-type]
+    )

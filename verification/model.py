@@ -1,0 +1,271 @@
+"""The ``aicert/v1`` certificate: one pydantic model tree, shared by producer and verifier.
+
+The guest runtime builds these models; the verifier parses them. They share nothing else
+(the go-tpm-tools client/server split): the JSON Schema in ``schema/aicert-v1.schema.json``
+is generated from this module and kept in the repository.
+
+Bytes travel as standard base64 (strictly decoded), digests as lowercase hex.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    PlainSerializer,
+    StringConstraints,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
+
+from aicert.errors import MalformedCertificateError
+
+FORMAT = "aicert/v1"
+
+# Limits: a certificate is evidence from an untrusted party; refuse absurd sizes before
+# any parsing work is spent on them.
+MAX_CERTIFICATE_BYTES = 64 * 1024 * 1024
+MAX_EVENTS = 100_000
+MAX_BOOT_EVENT_LOG_BYTES = 16 * 1024 * 1024
+MAX_CHAIN_LENGTH = 8
+MAX_PEM_CHARS = 16 * 1024
+
+
+def _b64decode(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if not isinstance(value, str):
+        raise ValueError("expected a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"invalid base64: {exc}") from exc
+
+
+def _b64encode(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+def Base64Bytes(max_length: int) -> Any:
+    return Annotated[
+        bytes,
+        BeforeValidator(_b64decode),
+        Field(max_length=max_length),
+        PlainSerializer(_b64encode, return_type=str, when_used="json"),
+        WithJsonSchema({"type": "string", "contentEncoding": "base64"}),
+    ]
+
+
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+LowerHex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{2,128}$")]
+PcrIndex = Annotated[str, StringConstraints(pattern=r"^(?:[0-9]|1[0-9]|2[0-3])$")]
+ShortText = Annotated[str, StringConstraints(max_length=4096)]
+Pem = Annotated[
+    str,
+    StringConstraints(max_length=MAX_PEM_CHARS, pattern=r"^-----BEGIN CERTIFICATE-----"),
+]
+DigestAlgorithm = Literal["sha256", "sha1", "sha384", "sha512"]
+PlatformKind = Literal["local", "qemu", "azure"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _require_sha256(value: dict[str, str]) -> dict[str, str]:
+    if "sha256" not in value:
+        raise ValueError("a digest must include sha256")
+    return value
+
+
+Digest = dict[DigestAlgorithm, LowerHex]
+
+
+class AppEvent(_Strict):
+    """One event of the application event log; its RFC 8785 digest is extended into ``pcr``."""
+
+    pcr: Literal[14, 15]
+    type: Annotated[str, StringConstraints(pattern=r"^aicert\.[a-z][a-z0-9.\-]{0,62}$")]
+    data: dict[str, JsonValue]
+
+
+class RunInfo(_Strict):
+    id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")]
+    project: ShortText
+    provider: PlatformKind
+    started_at: AwareDatetime
+    finished_at: AwareDatetime
+    exit_code: int
+    duration_ms: Annotated[int, Field(ge=0)]
+    runtime_version: ShortText
+
+
+class InputRecord(_Strict):
+    """A measured input, as shown to people. The verifier rebuilds these from the event log."""
+
+    kind: Literal["config", "image", "source", "resource", "package"]
+    name: ShortText
+    uri: ShortText | None = None
+    path: ShortText | None = None
+    version: ShortText | None = None
+    size: Annotated[int, Field(ge=0)] | None = None
+    digest: Digest
+
+    @field_validator("digest")
+    @classmethod
+    def _has_sha256(cls, value: dict[str, str]) -> dict[str, str]:
+        return _require_sha256(value)
+
+
+class OutputRecord(_Strict):
+    path: ShortText
+    size: Annotated[int, Field(ge=0)]
+    digest: Digest
+
+    @field_validator("digest")
+    @classmethod
+    def _has_sha256(cls, value: dict[str, str]) -> dict[str, str]:
+        return _require_sha256(value)
+
+
+class Platform(_Strict):
+    kind: PlatformKind
+    reference_values: ShortText | None = None
+    description: ShortText | None = None
+
+
+class Quote(_Strict):
+    attest: Base64Bytes(4096)  # TPMS_ATTEST as marshalled by the TPM
+    signature: Base64Bytes(2048)  # TPMT_SIGNATURE
+    pcrs: dict[PcrIndex, Sha256Hex]  # SHA-256 bank, the values the quote covers
+
+    def pcr_values(self) -> dict[int, bytes]:
+        return {int(index): bytes.fromhex(value) for index, value in self.pcrs.items()}
+
+
+class AttestationKey(_Strict):
+    public: Base64Bytes(2048)  # TPMT_PUBLIC
+    certificate_chain: Annotated[list[Pem], Field(min_length=1, max_length=MAX_CHAIN_LENGTH)]
+
+
+class EndorsementKey(_Strict):
+    certificate: Pem | None = None
+
+
+class Attestation(_Strict):
+    quote: Quote
+    nonce: Base64Bytes(64)
+    ak: AttestationKey
+    ek: EndorsementKey = EndorsementKey()
+
+
+class Certificate(_Strict):
+    format: Literal["aicert/v1"]
+    run: RunInfo
+    inputs: Annotated[list[InputRecord], Field(max_length=MAX_EVENTS)]
+    outputs: Annotated[list[OutputRecord], Field(max_length=MAX_EVENTS)]
+    event_log: Annotated[list[AppEvent], Field(max_length=MAX_EVENTS)]
+    boot_event_log: Base64Bytes(MAX_BOOT_EVENT_LOG_BYTES) | None = None
+    platform: Platform
+    attestation: Attestation
+
+    # -- serialization -------------------------------------------------------------------
+
+    def to_json_bytes(self) -> bytes:
+        return self.model_dump_json(indent=2).encode("utf-8") + b"\n"
+
+    @classmethod
+    def from_json_bytes(cls, data: bytes, *, source: str = "certificate") -> Certificate:
+        if len(data) > MAX_CERTIFICATE_BYTES:
+            raise MalformedCertificateError(
+                f"{source}: {len(data)} bytes exceeds the {MAX_CERTIFICATE_BYTES}-byte limit"
+            )
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as exc:
+            raise MalformedCertificateError(f"{source}: {_describe(exc)}") from None
+        except (ValueError, RecursionError) as exc:
+            raise MalformedCertificateError(f"{source}: not valid JSON: {exc}") from None
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        """Write atomically: a reader sees the old file or the whole new one, never a part."""
+        return write_atomic(Path(path), self.to_json_bytes())
+
+    # -- verification (defined in aicert.verify, bound here for the public API) ------------
+
+    def verify(self, **kwargs: Any) -> Any:
+        from aicert.verify import verify_certificate
+
+        return verify_certificate(self, **kwargs)
+
+    def verify_artifact(self, path: str | os.PathLike[str]) -> Any:
+        from aicert.verify import verify_artifact
+
+        return verify_artifact(self, Path(path))
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors()[:5]:
+        location = ".".join(str(part) for part in error["loc"]) or "(root)"
+        problems.append(f"{location}: {error['msg']}")
+    more = exc.error_count() - len(problems)
+    if more > 0:
+        problems.append(f"... and {more} more")
+    return "; ".join(problems)
+
+
+def write_atomic(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    directory_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory_fd)
+    finally:
+        os.close(directory_fd)
+    return path
+
+
+def load(path: str | os.PathLike[str]) -> Certificate:
+    """Read and parse a certificate file (schema and size checked; nothing verified yet)."""
+    file_path = Path(path)
+    try:
+        with file_path.open("rb") as handle:
+            data = handle.read(MAX_CERTIFICATE_BYTES + 1)
+    except OSError as exc:
+        raise MalformedCertificateError(f"{file_path}: cannot read: {exc.strerror}") from None
+    return Certificate.from_json_bytes(data, source=str(file_path))
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Certificate.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://aicert.dev/schema/aicert-v1.schema.json"
+    return schema
+
+
+def json_schema_text() -> str:
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
