@@ -1,0 +1,1 @@
+"""AICert's Prefect integration: the ``certify-training`` flow, providers, blocks, builder CLI."""

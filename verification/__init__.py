@@ -1,0 +1,53 @@
+"""AICert: verify AI model certificates offline.
+
+    import aicert
+    report = aicert.load("proof.json").verify(trusted_roots=["platform-ca.pem"])
+
+The bare install is this verifier alone (cryptography, pydantic, rfc8785): checking a
+certificate never needs Prefect, Docker or a TPM library.
+"""
+
+from aicert.errors import (
+    AkMismatchError,
+    ArtifactMismatchError,
+    AttestStructureError,
+    CertificateChainError,
+    EventLogError,
+    ExpectationError,
+    MalformedCertificateError,
+    NonceMismatchError,
+    PcrDigestError,
+    PcrSelectionError,
+    PlatformError,
+    QuoteSignatureError,
+    TpmStructureError,
+    VerificationError,
+)
+from aicert.model import Certificate, load
+from aicert.quote import verify_quote
+from aicert.tcg_eventlog import TcgEventLog, parse_event_log
+from aicert.verify import Check, VerificationReport
+
+__all__ = [
+    "AkMismatchError",
+    "ArtifactMismatchError",
+    "AttestStructureError",
+    "Certificate",
+    "CertificateChainError",
+    "Check",
+    "EventLogError",
+    "ExpectationError",
+    "MalformedCertificateError",
+    "NonceMismatchError",
+    "PcrDigestError",
+    "PcrSelectionError",
+    "PlatformError",
+    "QuoteSignatureError",
+    "TcgEventLog",
+    "TpmStructureError",
+    "VerificationError",
+    "VerificationReport",
+    "load",
+    "parse_event_log",
+    "verify_quote",
+]

@@ -1,0 +1,146 @@
+"""Plain functions of the orchestrator: run ids, nonces, certificate assembly, summaries."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import UTC, datetime
+
+from aicert.appevents import interpret
+from aicert.flows.providers.base import EnrolledKey, PlatformKind
+from aicert.guest_runtime.api_models import Evidence
+from aicert.model import (
+    FORMAT,
+    Attestation,
+    AttestationKey,
+    Certificate,
+    EndorsementKey,
+    Platform,
+    Quote,
+    RunInfo,
+)
+from aicert.verify import VerificationReport
+
+NONCE_BYTES = 32
+
+
+def new_run_id(project: str) -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{project}-{stamp}-{secrets.token_hex(4)}"
+
+
+def new_nonce() -> bytes:
+    return secrets.token_bytes(NONCE_BYTES)
+
+
+PLATFORM_DESCRIPTIONS: dict[str, str] = {
+    "local": "software TPM (swtpm) on the build host; no boot chain attested",
+    "qemu": "qemu VM with OVMF firmware and a swtpm vTPM; boot chain measured",
+    "azure": "Azure Trusted Launch / Confidential VM with vTPM",
+}
+
+
+def assemble_certificate(
+    *,
+    evidence: Evidence,
+    enrolled: EnrolledKey,
+    project: str,
+    provider: PlatformKind,
+    reference_values: str | None = None,
+) -> Certificate:
+    """Build the ``aicert/v1`` certificate from the agent's evidence (nothing is trusted here:
+    the verifier re-derives everything it shows from the quote and the event log)."""
+    measured = interpret(evidence.event_log)
+    run = RunInfo(
+        id=measured.runtime.run_id,
+        project=project,
+        provider=provider,
+        started_at=datetime.fromisoformat(evidence.started_at),
+        finished_at=datetime.fromisoformat(evidence.finished_at),
+        exit_code=measured.result.exit_code,
+        duration_ms=measured.result.duration_ms,
+        runtime_version=measured.runtime.runtime_version,
+    )
+    return Certificate(
+        format=FORMAT,
+        run=run,
+        inputs=measured.input_records(),
+        outputs=measured.output_records(),
+        event_log=list(evidence.event_log),
+        boot_event_log=evidence.boot_event_log,
+        platform=Platform(
+            kind=provider,
+            reference_values=reference_values,
+            description=PLATFORM_DESCRIPTIONS[provider],
+        ),
+        attestation=Attestation(
+            quote=Quote(attest=evidence.attest, signature=evidence.signature, pcrs=evidence.pcrs),
+            nonce=evidence.nonce,
+            ak=AttestationKey(
+                public=evidence.ak_public, certificate_chain=enrolled.ak_certificate_chain
+            ),
+            ek=EndorsementKey(certificate=enrolled.ek_certificate_pem),
+        ),
+    )
+
+
+def certificate_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def summary_markdown(certificate: Certificate, report: VerificationReport, path: str) -> str:
+    lines = [
+        f"# AICert certificate: {report.project}",
+        "",
+        f"- **Run**: `{report.run_id}` (exit code {report.exit_code}, "
+        f"{report.duration_ms / 1000:.1f} s of training)",
+        f"- **Platform**: {report.platform}: {report.platform_note}",
+        f"- **Attestation key**: chains to {report.ak_root_subject} "
+        f"(`{report.ak_root_fingerprint_sha256[:16]}...`), chain expires "
+        f"{report.ak_chain_expires_at.isoformat()}",
+        f"- **Certificate file**: `{path}`",
+        "",
+        "## Inputs (PCR 14)",
+        "",
+        "| kind | name | version | size | sha256 |",
+        "|---|---|---|---|---|",
+    ]
+    for item in report.inputs:
+        lines.append(
+            f"| {item.kind} | {_md_escape(item.name)} | {_md_escape(item.version or '')} | "
+            f"{item.size if item.size is not None else ''} | `{item.digest['sha256']}` |"
+        )
+    lines += ["", "## Outputs (PCR 15)", "", "| path | size | sha256 |", "|---|---|---|"]
+    for output in report.outputs:
+        lines.append(f"| {_md_escape(output.path)} | {output.size} | `{output.digest['sha256']}` |")
+    lines += ["", "## Verified", ""]
+    lines += [f"- **{check.name}**: {check.detail}" for check in report.checks]
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(report: VerificationReport) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = [
+        {
+            "direction": "input",
+            "kind": item.kind,
+            "name": item.name,
+            "size": item.size,
+            "sha256": item.digest["sha256"],
+        }
+        for item in report.inputs
+    ]
+    rows += [
+        {
+            "direction": "output",
+            "kind": "file",
+            "name": output.path,
+            "size": output.size,
+            "sha256": output.digest["sha256"],
+        }
+        for output in report.outputs
+    ]
+    return rows

@@ -1,0 +1,82 @@
+"""The builder's commands of ``aicert``: ``run`` (the certify-training flow) and ``image``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console()
+error_console = Console(stderr=True)
+
+image_app = typer.Typer(help="Container images used by certified runs.", no_args_is_help=True)
+
+
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="The aicert.yaml to run.")] = Path(
+        "aicert.yaml"
+    ),
+    output_bom: Annotated[
+        Path, typer.Option("--output-bom", "-o", help="Where to write the certificate.")
+    ] = Path("proof.json"),
+    provider: Annotated[str, typer.Option(help="Platform: local (default).")] = "local",
+    outputs_dir: Annotated[
+        Path | None, typer.Option(help="Copy the certified outputs (the model) here.")
+    ] = None,
+) -> None:
+    """Certify a training run: measure inputs, train without network, measure outputs, quote."""
+    from aicert.guest_runtime.config import ConfigError, load_config
+
+    try:
+        load_config(config)  # bad input is exit code 2, before anything is provisioned
+    except ConfigError as exc:
+        error_console.print(f"[bold red]invalid config[/bold red] {exc.source}")
+        for problem in exc.problems:
+            error_console.print(f"  - {problem}")
+        raise typer.Exit(2) from None
+    from aicert.flows.flows import certify_training
+    from aicert.flows.providers import PROVIDERS
+
+    if provider not in PROVIDERS:
+        error_console.print(f"[red]--provider {provider!r}: choose from {sorted(PROVIDERS)}[/red]")
+        raise typer.Exit(2)
+    try:
+        result = certify_training(
+            config_path=str(config),
+            provider=provider,
+            output_bom=str(output_bom),
+            outputs_dir=str(outputs_dir) if outputs_dir else None,
+        )
+    except Exception as exc:
+        error_console.print(f"[bold red]certification failed[/bold red]: {exc}")
+        raise typer.Exit(1) from None
+    console.print(
+        f"[bold green]certified[/bold green] run {result['run_id']}: "
+        f"{result['certificate']['path']} (sha256 {result['certificate']['sha256'][:16]}...)"
+    )
+    if result.get("workspace"):
+        console.print(f"outputs and logs: {result['workspace']}")
+
+
+@image_app.command("build-base")
+def build_base(
+    name: Annotated[str, typer.Option(help="Image name.")] = "aicert/python-base:bookworm",
+    force: Annotated[bool, typer.Option(help="Rebuild even if the image exists.")] = False,
+) -> None:
+    """Build the offline Debian bookworm Python base image (debootstrap + docker import)."""
+    from aicert.guest_runtime.base_image import build_base_image
+
+    with console.status("building the base image (debootstrap)...") as status:
+
+        def progress(line: str) -> None:
+            status.update(f"building the base image: {line[:100]}")
+
+        image_id = build_base_image(name, progress=progress, force=force)
+    console.print(f"[green]base image ready[/green] {name} {image_id}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="run")(run)
+    app.add_typer(image_app, name="image")

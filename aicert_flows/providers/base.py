@@ -1,0 +1,68 @@
+"""The provider interface: what the flow needs from a platform, and nothing more.
+
+A provider provisions a machine with a TPM and a running guest agent, certifies that
+machine's attestation key (its cloud's CA, or the project's platform CA), hands over the
+boot evidence it has, and tears down everything it made. ``Machine`` is plain data so it can
+cross task boundaries and process boundaries (teardown may run in a crash hook).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from aicert.guest_runtime.client import AgentClient
+
+PlatformKind = Literal["local", "qemu", "azure"]
+
+
+class Machine(BaseModel):
+    """A provisioned machine: where its agent listens and how to tear it down."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: PlatformKind
+    run_id: str
+    agent_url: str
+    state_dir: str
+    details: dict[str, Any] = {}
+
+
+class EnrolledKey(BaseModel):
+    """The AK certificate chain (leaf first) and the EK certificate (PEM), when known."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ak_certificate_chain: list[str]
+    ek_certificate_pem: str | None
+    trusted_root_pem: str | None  # the root a verifier must trust (None: pinned in the SDK)
+
+
+class Provider(ABC):
+    kind: PlatformKind
+
+    @abstractmethod
+    def provision(self, run_id: str) -> Machine:
+        """Start a machine with a fresh TPM and the guest agent; return when it was started."""
+
+    @abstractmethod
+    def enroll_attestation_key(self, machine: Machine, client: AgentClient) -> EnrolledKey:
+        """Have the machine's AK certified (credential activation against its EK)."""
+
+    def boot_evidence(self, machine: Machine) -> bytes | None:
+        """The boot event log, when the platform measured a boot chain."""
+        return None
+
+    def reference_values(self) -> str | None:
+        return None
+
+    @abstractmethod
+    def teardown(self, machine: Machine) -> None:
+        """Stop and delete everything provisioned for the machine; idempotent."""
+
+    def outputs_path(self, machine: Machine) -> Path | None:
+        """Where the run's outputs and logs are kept on this host, if they are local."""
+        return None

@@ -1,0 +1,576 @@
+"""The certification agent: the code that runs on the attested machine.
+
+It measures inputs into PCR 14, runs the training container without network, measures
+the outputs into PCR 15 and quotes. Each step is a method so that the orchestrator (the
+Prefect flow, through the HTTP API) can drive, retry and observe them one by one. The agent
+enforces the order of steps itself: nothing the orchestrator sends can make it quote a run
+whose inputs were not all measured, or measure an input after training started.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from aicert.appevents import (
+    ConfigEvent,
+    EventData,
+    ImageEvent,
+    OutputFileEvent,
+    PackageEvent,
+    ResourceEvent,
+    ResultEvent,
+    RuntimeEvent,
+    SourceEvent,
+    event_digest,
+)
+from aicert.guest_runtime import RUNTIME_VERSION
+from aicert.guest_runtime.config import RunConfig, parse_config
+from aicert.hashing import hash_tree, tree_sha256
+from aicert.model import AppEvent
+
+log = logging.getLogger(__name__)
+
+PlatformKind = Literal["local", "qemu", "azure"]
+QUOTED_PCRS = tuple(range(16))
+DOWNLOAD_ATTEMPTS = 4
+DOWNLOAD_CHUNK = 4 * 1024 * 1024
+
+
+class AgentError(RuntimeError):
+    """A certification step failed; the message says which and why."""
+
+
+class StepOrderError(AgentError):
+    """A step was asked for out of order (e.g. a quote before the outputs were measured)."""
+
+
+class InputMismatchError(AgentError):
+    """A pinned input digest does not match what was fetched: the run stops before training."""
+
+
+class SourceError(AgentError):
+    """The git source cannot be fetched or the requested ref does not exist."""
+
+
+class DownloadError(AgentError):
+    """A resource could not be downloaded after retries."""
+
+
+class TrainingFailedError(AgentError):
+    """The training job exited non-zero or timed out: no certificate for this run."""
+
+
+Step = Literal["started", "ak", "inputs", "built", "training", "trained", "measured", "quoted"]
+_ORDER: tuple[Step, ...] = (
+    "started",
+    "ak",
+    "inputs",
+    "built",
+    "training",
+    "trained",
+    "measured",
+    "quoted",
+)
+
+
+@dataclass
+class RunState:
+    run_id: str
+    nonce: bytes
+    config: RunConfig
+    workspace: Path
+    started_at: datetime
+    step: Step = "started"
+    events: list[AppEvent] = field(default_factory=list)
+    base_image_id: str | None = None
+    training_image_id: str | None = None
+    source_dir: Path | None = None
+    exit_code: int | None = None
+    duration_ms: int | None = None
+    timed_out: bool = False
+    training_error: str | None = None
+    finished_at: datetime | None = None
+    log_lines: list[str] = field(default_factory=list)
+    log_condition: threading.Condition = field(default_factory=threading.Condition)
+    training_thread: threading.Thread | None = None
+
+    @property
+    def resources_dir(self) -> Path:
+        return self.workspace / "resources"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.workspace / "outputs"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workspace / "logs" / "training.log"
+
+
+ProgressCallback = Callable[[str], None]
+
+
+class CertificationAgent:
+    """Drives one run at a time on this machine's TPM and container engine."""
+
+    def __init__(
+        self,
+        *,
+        tpm: object,
+        platform: PlatformKind,
+        work_root: Path,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        # ``tpm`` is an aicert.guest_runtime.tpm.Tpm opened by the caller; kept untyped
+        # here so this module imports without libtss2 for the orchestrator's type checks.
+        self.tpm = tpm
+        self.platform = platform
+        self.work_root = work_root
+        self.progress = progress or (lambda message: log.info("%s", message))
+        self.run: RunState | None = None
+        self._lock = threading.RLock()
+        self._ak: object | None = None
+        self._ek: object | None = None
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _require(self, run_id: str, *allowed: Step) -> RunState:
+        run = self.run
+        if run is None or run.run_id != run_id:
+            raise StepOrderError(f"no run {run_id!r} on this agent")
+        if run.step not in allowed:
+            raise StepOrderError(
+                f"run {run_id}: step not allowed now (the run is at {run.step!r}, "
+                f"expected one of {', '.join(allowed)})"
+            )
+        return run
+
+    def _measure(self, run: RunState, data: EventData) -> AppEvent:
+        event = data.to_event()
+        self.tpm.pcr_extend(event.pcr, event_digest(event))  # type: ignore[attr-defined]
+        run.events.append(event)
+        return event
+
+    # -- step 1: start ---------------------------------------------------------------------
+
+    def start_run(self, run_id: str, nonce: bytes, config_data: dict) -> list[AppEvent]:
+        with self._lock:
+            if self.run is not None and self.run.step not in ("quoted",) and not self._finished():
+                raise StepOrderError(f"the agent is busy with run {self.run.run_id}")
+            if len(nonce) < 16:
+                raise AgentError("the nonce must be at least 16 bytes")
+            config = parse_config(config_data, source="config")
+            workspace = self.work_root / run_id
+            if workspace.exists():
+                raise AgentError(f"run {run_id} already has a workspace at {workspace}")
+            for sub in ("resources", "outputs", "logs"):
+                (workspace / sub).mkdir(parents=True)
+            started = datetime.now(UTC)
+            run = RunState(run_id, nonce, config, workspace, started)
+            pcrs = self.tpm.pcr_read([14, 15])  # type: ignore[attr-defined]
+            if any(value != bytes(32) for value in pcrs.values()):
+                # A certificate replays the log from zeros: a TPM whose PCR 14/15 were
+                # already extended (a reused machine) cannot produce a valid one.
+                raise AgentError("PCR 14/15 are not in their reset state: reboot the machine")
+            self.run = run
+            self._measure(
+                run,
+                RuntimeEvent(
+                    runtime_version=RUNTIME_VERSION,
+                    run_id=run_id,
+                    nonce=nonce.hex(),
+                    platform=self.platform,
+                    started_at=started.isoformat(),
+                ),
+            )
+            self._measure(run, ConfigEvent(config=config.measured_form()))
+            return list(run.events)
+
+    def _finished(self) -> bool:
+        run = self.run
+        return run is not None and (run.step == "quoted" or run.training_error is not None)
+
+    # -- step 2: attestation key -------------------------------------------------------------
+
+    def key_material(self, run_id: str) -> dict[str, bytes | None]:
+        """EK certificate, EK and AK public areas: what the platform CA needs to activate."""
+        with self._lock:
+            run = self._require(run_id, "started", "ak")
+            tpm = self.tpm
+            if self._ek is None:
+                self._ek = tpm.create_ek()  # type: ignore[attr-defined]
+            if self._ak is None:
+                self._ak = tpm.create_ak()  # type: ignore[attr-defined]
+            run.step = "ak"
+            return {
+                "ek_certificate": tpm.ek_certificate(),  # type: ignore[attr-defined]
+                "ek_public": self._ek.public_bytes,  # type: ignore[attr-defined]
+                "ak_public": self._ak.public_bytes,  # type: ignore[attr-defined]
+                "ak_name": self._ak.name,  # type: ignore[attr-defined]
+            }
+
+    def activate_credential(self, run_id: str, credential_blob: bytes, secret: bytes) -> bytes:
+        with self._lock:
+            self._require(run_id, "ak")
+            return self.tpm.activate_credential(  # type: ignore[attr-defined]
+                self._ak, credential_blob, secret
+            )
+
+    # -- step 3: inputs ------------------------------------------------------------------------
+
+    def measure_inputs(self, run_id: str) -> list[AppEvent]:
+        """Base image, source and resources into PCR 14, in that order."""
+        with self._lock:
+            run = self._require(run_id, "ak")
+            first = len(run.events)
+            self._measure_base_image(run)
+            self._fetch_source(run)
+            for resource in run.config.resources:
+                self._fetch_resource(run, resource)
+            run.step = "inputs"
+            return run.events[first:]
+
+    def _measure_base_image(self, run: RunState) -> None:
+        import docker
+
+        client = docker.from_env(timeout=120)
+        try:
+            image = client.images.get(run.config.image)
+        except docker.errors.ImageNotFound:
+            raise AgentError(
+                f"image: {run.config.image!r} is not on this machine "
+                "(build the default one with `aicert image build-base`)"
+            ) from None
+        except docker.errors.DockerException as exc:
+            raise AgentError(f"image: the Docker engine cannot be reached: {exc}") from None
+        finally:
+            client.close()
+        run.base_image_id = image.id
+        self._measure(run, ImageEvent(role="base", name=run.config.image, image_id=image.id))
+
+    def _fetch_source(self, run: RunState) -> None:
+        source = run.config.source
+        checkout = run.workspace / "checkout"
+        self.progress(f"fetching source {source.git_repo} ({source.ref or 'default branch'})")
+        env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "/bin/false"}
+
+        def git(*args: str, cwd: Path | None = None) -> str:
+            completed = subprocess.run(
+                ["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+            )
+            if completed.returncode != 0:
+                detail = (completed.stderr or completed.stdout).strip().splitlines()[-3:]
+                raise SourceError(f"source: git {args[0]} failed: {' '.join(detail)}")
+            return completed.stdout.strip()
+
+        clone = ["clone", "--quiet", "--no-hardlinks"]
+        if source.branch or source.tag:
+            clone += ["--branch", source.branch or source.tag or ""]
+        git(*clone, "--", source.git_repo, str(checkout))
+        if source.commit:
+            git(
+                "-c",
+                "advice.detachedHead=false",
+                "checkout",
+                "--quiet",
+                source.commit,
+                cwd=checkout,
+            )
+        commit = git("rev-parse", "--verify", "HEAD^{commit}", cwd=checkout)
+        if source.commit and not commit.startswith(source.commit):
+            raise SourceError(f"source.commit: {source.commit} resolved to {commit}")
+        shutil.rmtree(checkout / ".git")
+        source_dir = checkout
+        if source.subdirectory:
+            source_dir = (checkout / source.subdirectory).resolve()
+            if not source_dir.is_relative_to(checkout.resolve()) or not source_dir.is_dir():
+                raise SourceError(f"source.subdirectory: {source.subdirectory!r} is not a folder")
+        digests = hash_tree(source_dir)
+        run.source_dir = source_dir
+        self._measure(
+            run,
+            SourceEvent(
+                type="git",
+                url=source.git_repo,
+                ref=source.ref,
+                subdirectory=source.subdirectory,
+                commit=commit,
+                tree_sha256=tree_sha256(digests),
+                file_count=len(digests),
+                size=sum(d.size for d in digests),
+            ),
+        )
+
+    def _fetch_resource(self, run: RunState, resource: object) -> None:
+        url: str = resource.url  # type: ignore[attr-defined]
+        destination: str = resource.destination_path  # type: ignore[attr-defined]
+        pinned: str | None = resource.sha256  # type: ignore[attr-defined]
+        target = (run.resources_dir / destination).resolve()
+        if not target.is_relative_to(run.resources_dir.resolve()):
+            raise AgentError(f"resources: destinationPath {destination!r} leaves the folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest, size = download(url, target, progress=self.progress)
+        if pinned is not None and digest != pinned:
+            raise InputMismatchError(
+                f"resources[{destination}]: sha256 of {url} is {digest}, "
+                f"but the config pins {pinned}; training will not start"
+            )
+        self._measure(
+            run, ResourceEvent(url=url, destination=destination, sha256=digest, size=size)
+        )
+
+    # -- step 4: dependencies and the training image -----------------------------------------
+
+    def build_image(self, run_id: str) -> list[AppEvent]:
+        with self._lock:
+            run = self._require(run_id, "inputs")
+            first = len(run.events)
+            assert run.source_dir is not None and run.base_image_id is not None
+            requirements = run.source_dir / "requirements.txt"
+            from aicert.guest_runtime.wheelhouse import (
+                build_training_image,
+                has_requirements,
+                resolve_wheelhouse,
+            )
+
+            if requirements.is_file() and has_requirements(requirements):
+                wheel_dir = run.workspace / "wheels"
+                wheels = resolve_wheelhouse(requirements, wheel_dir, progress=self.progress)
+                for wheel in wheels:
+                    self._measure(
+                        run,
+                        PackageEvent(
+                            name=wheel.name,
+                            version=wheel.version,
+                            filename=wheel.filename,
+                            sha256=wheel.sha256,
+                            size=wheel.size,
+                        ),
+                    )
+                tag = f"aicert/training:{run.run_id.lower()}"
+                image_id = build_training_image(
+                    run.base_image_id, wheel_dir, wheels, tag=tag, progress=self.progress
+                )
+                run.training_image_id = image_id
+                self._measure(run, ImageEvent(role="training", name=tag, image_id=image_id))
+            else:
+                run.training_image_id = run.base_image_id
+            run.step = "built"
+            return run.events[first:]
+
+    # -- step 5: training --------------------------------------------------------------------
+
+    def start_training(self, run_id: str) -> None:
+        with self._lock:
+            run = self._require(run_id, "built")
+            run.step = "training"
+            thread = threading.Thread(
+                target=self._train, args=(run,), name=f"training-{run_id}", daemon=True
+            )
+            run.training_thread = thread
+            thread.start()
+
+    def _append_log(self, run: RunState, line: str) -> None:
+        with run.log_condition:
+            run.log_lines.append(line)
+            run.log_condition.notify_all()
+
+    def _train(self, run: RunState) -> None:
+        from aicert.guest_runtime.container import run_training_container
+
+        try:
+            assert run.source_dir is not None and run.training_image_id is not None
+            limits = run.config.limits
+            result = run_training_container(
+                run.training_image_id,
+                command=run.config.entry_command,
+                source_dir=run.source_dir,
+                resources_dir=run.resources_dir,
+                outputs_dir=run.outputs_dir,
+                cpu_limit=limits.cpus,
+                memory_limit=limits.memory,
+                pids_limit=limits.pids,
+                gpus=run.config.gpus or None,
+                timeout_s=limits.timeout_seconds,
+                on_log_line=lambda line: self._append_log(run, line),
+                log_path=run.log_path,
+                env=dict(run.config.env),
+                name=f"aicert-{run.run_id}",
+                labels={"aicert.run": run.run_id},
+            )
+            run.exit_code = result.exit_code
+            run.duration_ms = result.duration_ms
+            run.timed_out = result.timed_out
+            run.finished_at = datetime.now(UTC)
+            if result.timed_out:
+                run.training_error = (
+                    f"training timed out after {limits.timeout_seconds} s (limits.timeoutSeconds)"
+                )
+            elif result.exit_code != 0:
+                run.training_error = f"training exited with code {result.exit_code}"
+        except Exception as exc:  # reported through training_status, never lost
+            log.exception("training container failed")
+            run.training_error = f"the training container could not run: {exc}"
+            run.finished_at = datetime.now(UTC)
+        finally:
+            with self._lock:
+                run.step = "trained"
+            with run.log_condition:
+                run.log_condition.notify_all()
+
+    def training_status(self, run_id: str) -> dict[str, object]:
+        run = self._require(run_id, *_ORDER)
+        if run.step == "training":
+            state = "running"
+        elif run.training_error is None and _ORDER.index(run.step) >= _ORDER.index("trained"):
+            state = "succeeded"
+        else:
+            state = "failed" if run.training_error else "running"
+        return {
+            "state": state,
+            "exit_code": run.exit_code,
+            "duration_ms": run.duration_ms,
+            "timed_out": run.timed_out,
+            "error": run.training_error,
+            "log_lines": len(run.log_lines),
+        }
+
+    def read_logs(self, run_id: str, offset: int, wait_s: float) -> tuple[list[str], int, bool]:
+        """Lines from ``offset``; waits up to ``wait_s`` for new ones (long polling)."""
+        run = self._require(run_id, *_ORDER)
+        deadline = time.monotonic() + max(0.0, wait_s)
+        with run.log_condition:
+            while len(run.log_lines) <= offset and run.step == "training":
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                run.log_condition.wait(remaining)
+            lines = run.log_lines[offset:]
+            finished = run.step != "training"
+        return lines, offset + len(lines), finished and offset + len(lines) >= len(run.log_lines)
+
+    # -- step 6: outputs -------------------------------------------------------------------------
+
+    def measure_outputs(self, run_id: str) -> list[AppEvent]:
+        with self._lock:
+            run = self._require(run_id, "trained")
+            if run.training_error is not None:
+                raise TrainingFailedError(
+                    f"run {run_id}: {run.training_error}; outputs and logs are kept in "
+                    f"{run.workspace}, no certificate is produced"
+                )
+            first = len(run.events)
+            self.progress(f"hashing outputs in {run.outputs_dir}")
+            for digest in hash_tree(run.outputs_dir):
+                self._measure(
+                    run, OutputFileEvent(path=digest.path, size=digest.size, sha256=digest.sha256)
+                )
+            assert run.finished_at is not None and run.exit_code is not None
+            self._measure(
+                run,
+                ResultEvent(
+                    exit_code=run.exit_code,
+                    duration_ms=run.duration_ms or 0,
+                    finished_at=run.finished_at.isoformat(),
+                ),
+            )
+            run.step = "measured"
+            return run.events[first:]
+
+    # -- step 7: quote ---------------------------------------------------------------------------
+
+    def quote(self, run_id: str, boot_event_log: bytes | None = None) -> dict[str, object]:
+        with self._lock:
+            run = self._require(run_id, "measured", "quoted")
+            quote = self.tpm.quote(self._ak, QUOTED_PCRS, run.nonce)  # type: ignore[attr-defined]
+            run.step = "quoted"
+            assert run.finished_at is not None
+            return {
+                "attest": quote.attest,
+                "signature": quote.signature,
+                "pcrs": {str(i): value.hex() for i, value in sorted(quote.pcrs.items())},
+                "nonce": run.nonce,
+                "ak_public": self._ak.public_bytes,  # type: ignore[attr-defined]
+                "event_log": list(run.events),
+                "boot_event_log": boot_event_log,
+                "started_at": run.started_at.isoformat(),
+                "finished_at": run.finished_at.isoformat(),
+                "exit_code": run.exit_code,
+                "duration_ms": run.duration_ms or 0,
+            }
+
+
+def download(
+    url: str,
+    target: Path,
+    *,
+    progress: ProgressCallback | None = None,
+    attempts: int = DOWNLOAD_ATTEMPTS,
+    timeout_s: float = 60.0,
+) -> tuple[str, int]:
+    """Stream ``url`` to ``target`` while hashing it; retry transient failures with backoff.
+
+    Returns (sha256 hex, size). A partial file never stays at ``target``.
+    """
+    scheme = urllib.parse.urlsplit(url).scheme
+    partial = target.with_name(target.name + ".part")
+    last_error: Exception | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            digest = hashlib.sha256()
+            size = 0
+            request = urllib.request.Request(url, headers={"User-Agent": "aicert"})  # noqa: S310
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with partial.open("wb") as handle:
+                    last_report = 0.0
+                    while chunk := response.read(DOWNLOAD_CHUNK):
+                        digest.update(chunk)
+                        handle.write(chunk)
+                        size += len(chunk)
+                        now = time.monotonic()
+                        if progress and now - last_report > 1.0:
+                            last_report = now
+                            pct = f" ({100 * size / total:.0f}%)" if total else ""
+                            progress(f"downloading {target.name}: {size / 1e6:.1f} MB{pct}")
+            if total is not None and size != total:
+                raise DownloadError(f"{url}: received {size} of {total} bytes")
+            os.replace(partial, target)
+            if progress:
+                progress(f"downloaded {target.name}: {size} bytes")
+            return digest.hexdigest(), size
+        except urllib.error.HTTPError as exc:
+            partial.unlink(missing_ok=True)
+            last_error = exc
+            if exc.code < 500 and exc.code not in (408, 429):
+                break  # a client error will not heal by retrying
+        except (OSError, DownloadError) as exc:
+            partial.unlink(missing_ok=True)
+            last_error = exc
+            if scheme == "file":
+                break
+        if attempt < attempts:
+            delay = min(2.0 ** (attempt - 1), 10.0)
+            if progress:
+                progress(f"download of {url} failed ({last_error}); retrying in {delay:.0f} s")
+            time.sleep(delay)
+    raise DownloadError(f"resources: cannot download {url}: {last_error}")
+
+
+def safe_run_id(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", text)[:128]

@@ -1,0 +1,167 @@
+"""The orchestrator's client for the guest agent's HTTP API."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from aicert.guest_runtime.api_models import (
+    API_PREFIX,
+    ActivateRequest,
+    ActivateResponse,
+    EventsResponse,
+    Evidence,
+    Health,
+    KeyMaterial,
+    LogChunk,
+    StartRunRequest,
+    TrainingStatus,
+)
+from aicert.model import AppEvent
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class AgentCallError(RuntimeError):
+    """The agent refused or failed a step; ``kind`` is the agent's exception class name."""
+
+    def __init__(self, operation: str, kind: str, message: str, status: int | None) -> None:
+        self.operation = operation
+        self.kind = kind
+        self.status = status
+        super().__init__(f"{operation}: {message}")
+
+    @property
+    def is_training_failure(self) -> bool:
+        return self.kind == "TrainingFailedError"
+
+    @property
+    def is_input_error(self) -> bool:
+        return self.kind in {"ConfigError", "InputMismatchError", "SourceError", "DownloadError"}
+
+
+class AgentUnreachableError(AgentCallError):
+    """No answer from the agent (not started yet, crashed, or the network is down)."""
+
+
+class AgentClient:
+    def __init__(self, base_url: str, *, timeout_s: float = 600.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url + API_PREFIX, timeout=timeout_s)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        response_model: type[ModelT],
+        *,
+        body: BaseModel | None = None,
+        params: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> ModelT:
+        operation = f"{method} {path}"
+        try:
+            response = self._http.request(
+                method,
+                path,
+                content=body.model_dump_json() if body is not None else None,
+                headers={"content-type": "application/json"} if body is not None else None,
+                params=params,
+                timeout=timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT,
+            )
+        except httpx.TransportError as exc:
+            raise AgentUnreachableError(
+                operation, type(exc).__name__, f"agent at {self.base_url} unreachable: {exc}", None
+            ) from exc
+        if response.status_code >= 400:
+            problem: dict[str, Any] = {}
+            try:
+                problem = response.json()
+                kind, message = problem.get("kind", "HTTPError"), problem.get("error", "")
+            except ValueError:
+                kind, message = "HTTPError", response.text[:500]
+            if response.status_code == 422 and isinstance(problem.get("detail"), list):
+                message = str(problem["detail"])
+            raise AgentCallError(operation, kind, message, response.status_code)
+        return response_model.model_validate_json(response.content)
+
+    # -- API -------------------------------------------------------------------------------
+
+    def health(self, timeout_s: float = 5.0) -> Health:
+        return self._call("GET", "/health", Health, timeout_s=timeout_s)
+
+    def wait_until_ready(self, timeout_s: float = 60.0, interval_s: float = 0.2) -> Health:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.health(timeout_s=min(5.0, timeout_s))
+            except AgentUnreachableError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(interval_s)
+
+    def start_run(self, run_id: str, nonce: bytes, config: dict[str, Any]) -> list[AppEvent]:
+        body = StartRunRequest(run_id=run_id, nonce=nonce, config=config)
+        return self._call("POST", "/runs", EventsResponse, body=body).events
+
+    def key_material(self, run_id: str) -> KeyMaterial:
+        return self._call("POST", f"/runs/{run_id}/ak", KeyMaterial)
+
+    def activate_credential(self, run_id: str, credential_blob: bytes, secret: bytes) -> bytes:
+        body = ActivateRequest(credential_blob=credential_blob, encrypted_secret=secret)
+        return self._call("POST", f"/runs/{run_id}/ak/activate", ActivateResponse, body=body).secret
+
+    def measure_inputs(self, run_id: str) -> list[AppEvent]:
+        return self._call("POST", f"/runs/{run_id}/inputs", EventsResponse).events
+
+    def build_image(self, run_id: str) -> list[AppEvent]:
+        return self._call("POST", f"/runs/{run_id}/image", EventsResponse).events
+
+    def start_training(self, run_id: str) -> TrainingStatus:
+        return self._call("POST", f"/runs/{run_id}/training", TrainingStatus)
+
+    def training_status(self, run_id: str) -> TrainingStatus:
+        return self._call("GET", f"/runs/{run_id}/training", TrainingStatus)
+
+    def read_logs(self, run_id: str, offset: int, wait_s: float = 10.0) -> LogChunk:
+        return self._call(
+            "GET",
+            f"/runs/{run_id}/logs",
+            LogChunk,
+            params={"offset": offset, "wait": wait_s},
+            timeout_s=wait_s + 30.0,
+        )
+
+    def follow_training(
+        self, run_id: str, on_line: Callable[[str], None], *, poll_wait_s: float = 5.0
+    ) -> TrainingStatus:
+        """Stream the training logs to ``on_line`` until the job ends; return its status."""
+        offset = 0
+        while True:
+            chunk = self.read_logs(run_id, offset, poll_wait_s)
+            for line in chunk.lines:
+                on_line(line)
+            offset = chunk.next_offset
+            if chunk.finished:
+                status = self.training_status(run_id)
+                if status.state != "running":
+                    return status
+
+    def measure_outputs(self, run_id: str) -> list[AppEvent]:
+        return self._call("POST", f"/runs/{run_id}/outputs", EventsResponse).events
+
+    def quote(self, run_id: str) -> Evidence:
+        return self._call("POST", f"/runs/{run_id}/quote", Evidence)

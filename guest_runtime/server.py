@@ -1,0 +1,163 @@
+"""The agent's HTTP API: the same code path for the local platform and for a remote VM.
+
+One run at a time; typed request/response models (``api_models``); training logs by long
+polling. Errors come back as ``{"error", "kind"}`` with the agent's exception class name, so
+the orchestrator can tell a training failure (no retry) from a platform failure (retry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+
+from aicert.guest_runtime import RUNTIME_VERSION
+from aicert.guest_runtime.agent import (
+    AgentError,
+    CertificationAgent,
+    InputMismatchError,
+    StepOrderError,
+    TrainingFailedError,
+)
+from aicert.guest_runtime.api_models import (
+    API_PREFIX,
+    ActivateRequest,
+    ActivateResponse,
+    EventsResponse,
+    Evidence,
+    Health,
+    KeyMaterial,
+    LogChunk,
+    StartRunRequest,
+    TrainingStatus,
+)
+from aicert.guest_runtime.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+_STATUS = {
+    ConfigError: 422,
+    StepOrderError: 409,
+    InputMismatchError: 422,
+    TrainingFailedError: 422,
+}
+
+
+def create_app(agent: CertificationAgent) -> FastAPI:
+    app = FastAPI(title="AICert guest agent", version=RUNTIME_VERSION)
+
+    @app.exception_handler(AgentError)
+    @app.exception_handler(ConfigError)
+    async def _agent_error(_: Request, exc: Exception) -> JSONResponse:
+        status = next((code for cls, code in _STATUS.items() if isinstance(exc, cls)), 500)
+        return JSONResponse({"error": str(exc), "kind": type(exc).__name__}, status_code=status)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("agent request failed")
+        return JSONResponse({"error": str(exc), "kind": type(exc).__name__}, status_code=500)
+
+    @app.get(f"{API_PREFIX}/health")
+    def health() -> Health:
+        run = agent.run
+        busy = run.run_id if run is not None and run.step != "quoted" else None
+        return Health(
+            status="ok", runtime_version=RUNTIME_VERSION, platform=agent.platform, busy_run_id=busy
+        )
+
+    @app.post(f"{API_PREFIX}/runs")
+    def start_run(request: StartRunRequest) -> EventsResponse:
+        return EventsResponse(events=agent.start_run(request.run_id, request.nonce, request.config))
+
+    @app.post(f"{API_PREFIX}/runs/{{run_id}}/ak")
+    def key_material(run_id: str) -> KeyMaterial:
+        return KeyMaterial(**agent.key_material(run_id))
+
+    @app.post(f"{API_PREFIX}/runs/{{run_id}}/ak/activate")
+    def activate(run_id: str, request: ActivateRequest) -> ActivateResponse:
+        secret = agent.activate_credential(
+            run_id, request.credential_blob, request.encrypted_secret
+        )
+        return ActivateResponse(secret=secret)
+
+    @app.post(f"{API_PREFIX}/runs/{{run_id}}/inputs")
+    def measure_inputs(run_id: str) -> EventsResponse:
+        return EventsResponse(events=agent.measure_inputs(run_id))
+
+    @app.post(f"{API_PREFIX}/runs/{{run_id}}/image")
+    def build_image(run_id: str) -> EventsResponse:
+        return EventsResponse(events=agent.build_image(run_id))
+
+    @app.post(f"{API_PREFIX}/runs/{{run_id}}/training")
+    def start_training(run_id: str) -> TrainingStatus:
+        agent.start_training(run_id)
+        return TrainingStatus(**agent.training_status(run_id))
+
+    @app.get(f"{API_PREFIX}/runs/{{run_id}}/training")
+    def training_status(run_id: str) -> TrainingStatus:
+        return TrainingStatus(**agent.training_status(run_id))
+
+    @app.get(f"{API_PREFIX}/runs/{{run_id}}/logs")
+    def logs(
+        run_id: str,
+        offset: int = Query(0, ge=0),
+        wait: float = Query(10.0, ge=0, le=60),
+    ) -> LogChunk:
+        lines, next_offset, finished = agent.read_logs(run_id, offset, wait)
+        return LogChunk(lines=lines, next_offset=next_offset, finished=finished)
+
+    @app.post(f"{API_PREFIX}/runs/{{run_id}}/outputs")
+    def measure_outputs(run_id: str) -> EventsResponse:
+        return EventsResponse(events=agent.measure_outputs(run_id))
+
+    @app.post(f"{API_PREFIX}/runs/{{run_id}}/quote")
+    def quote(run_id: str) -> Evidence:
+        return Evidence(**agent.quote(run_id, boot_event_log=_read_boot_event_log()))
+
+    return app
+
+
+BOOT_EVENT_LOG = Path("/sys/kernel/security/tpm0/binary_bios_measurements")
+
+
+def _read_boot_event_log() -> bytes | None:
+    # Only a machine that booted with a TPM has one; the local platform does not.
+    try:
+        return BOOT_EVENT_LOG.read_bytes()
+    except OSError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aicert-agent", description=__doc__)
+    parser.add_argument("--tcti", required=True, help="e.g. swtpm:host=127.0.0.1,port=2321")
+    parser.add_argument("--platform", choices=["local", "qemu", "azure"], default="local")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--work-root", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    import uvicorn
+
+    from aicert.guest_runtime.tpm import Tpm
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args.work_root.mkdir(parents=True, exist_ok=True)
+    with Tpm(args.tcti) as tpm:
+        agent = CertificationAgent(tpm=tpm, platform=args.platform, work_root=args.work_root)
+        config = uvicorn.Config(
+            create_app(agent), host=args.host, port=args.port, log_level="warning"
+        )
+        server = uvicorn.Server(config)
+        signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
+        server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Prefect tasks of a certification run: thin wrappers over the provider and agent client.
+
+Tasks pass paths, ids and small models, never file contents. Side-effecting tasks use
+``NO_CACHE``. Retries: provisioning, waiting for the agent, AK enrollment and the quote are
+safe to retry; measuring steps are not (a PCR extended twice cannot be undone), so their
+retries happen inside the agent (downloads) or only when the agent was never reached.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from aicert.flows.providers.base import EnrolledKey, Machine, Provider
+from aicert.guest_runtime.api_models import Evidence, Health, TrainingStatus
+from aicert.guest_runtime.client import AgentClient, AgentUnreachableError
+from aicert.guest_runtime.config import RunConfig, load_config, resolve_local_source
+from aicert.model import AppEvent
+
+
+def _only_if_unreachable(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a guest call only when the agent never got it (no PCR was touched)."""
+    try:
+        state.result()
+    except AgentUnreachableError as exc:
+        return "Connect" in exc.kind
+    except Exception:
+        return False
+    return False
+
+
+def _client(machine: Machine, timeout_s: float = 900.0) -> AgentClient:
+    return AgentClient(machine.agent_url, timeout_s=timeout_s)
+
+
+def _log_events(events: list[AppEvent]) -> None:
+    logger = get_run_logger()
+    for event in events:
+        summary = {k: v for k, v in event.data.items() if k != "config"}
+        logger.info("PCR %d <- %s %s", event.pcr, event.type, summary)
+
+
+@task(name="load-config", cache_policy=NO_CACHE)
+def load_run_config(config_path: str) -> RunConfig:
+    path = Path(config_path)
+    config = load_config(path)
+    return resolve_local_source(config, path.resolve().parent)
+
+
+@task(
+    name="provision",
+    task_run_name="provision-{provider.kind}-{run_id}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+)
+def provision_machine(provider: Provider, run_id: str) -> Machine:
+    machine = provider.provision(run_id)
+    get_run_logger().info("provisioned %s machine, agent at %s", provider.kind, machine.agent_url)
+    return machine
+
+
+@task(
+    name="wait-for-agent",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[1, 5],
+)
+def wait_for_agent(machine: Machine, timeout_s: float = 60.0) -> Health:
+    with _client(machine) as client:
+        health = client.wait_until_ready(timeout_s=timeout_s)
+    get_run_logger().info("agent %s ready on %s", health.runtime_version, health.platform)
+    return health
+
+
+@task(
+    name="establish-ak",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[1, 5],
+)
+def establish_attestation_key(
+    provider: Provider, machine: Machine, run_id: str, nonce: bytes, config: RunConfig
+) -> EnrolledKey:
+    """Start the run (runtime identity and config into PCR 14), then certify the AK."""
+    with _client(machine) as client:
+        health = client.health()
+        if health.busy_run_id != run_id:
+            _log_events(client.start_run(run_id, nonce, config.measured_form()))
+        enrolled = provider.enroll_attestation_key(machine, client)
+    get_run_logger().info("AK certified by %s", provider.kind)
+    return enrolled
+
+
+@task(
+    name="measure-inputs",
+    task_run_name="measure-inputs-{project}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[1, 5],
+    retry_condition_fn=_only_if_unreachable,
+)
+def measure_inputs(machine: Machine, run_id: str, project: str) -> list[AppEvent]:
+    with _client(machine) as client:
+        events = client.measure_inputs(run_id)
+    _log_events(events)
+    return events
+
+
+@task(
+    name="build-image",
+    task_run_name="build-image-{project}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[1, 5],
+    retry_condition_fn=_only_if_unreachable,
+)
+def build_image(machine: Machine, run_id: str, project: str) -> list[AppEvent]:
+    with _client(machine) as client:
+        events = client.build_image(run_id)
+    _log_events(events)
+    return events
+
+
+@task(name="run-training", task_run_name="run-training-{project}", cache_policy=NO_CACHE)
+def run_training(machine: Machine, run_id: str, project: str) -> TrainingStatus:
+    """Run the job and stream its logs into this task's logs. Never retried: a non-zero
+    exit is the job's own result, not a platform fault."""
+    logger = get_run_logger()
+    with _client(machine) as client:
+        client.start_training(run_id)
+        status = client.follow_training(run_id, lambda line: logger.info("[training] %s", line))
+    if status.state != "succeeded":
+        raise TrainingFailed(status.error or f"training ended as {status.state}")
+    logger.info("training finished in %.1f s", (status.duration_ms or 0) / 1000)
+    return status
+
+
+class TrainingFailed(RuntimeError):
+    """The training job exited non-zero or timed out (its outputs and logs are kept)."""
+
+
+@task(
+    name="measure-outputs",
+    task_run_name="measure-outputs-{project}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[1, 5],
+    retry_condition_fn=_only_if_unreachable,
+)
+def measure_outputs(machine: Machine, run_id: str, project: str) -> list[AppEvent]:
+    with _client(machine) as client:
+        events = client.measure_outputs(run_id)
+    _log_events(events)
+    return events
+
+
+@task(name="quote", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[1, 2, 5])
+def collect_quote(machine: Machine, run_id: str) -> Evidence:
+    with _client(machine) as client:
+        evidence = client.quote(run_id)
+    get_run_logger().info("TPM quote over PCRs 0-15 collected")
+    return evidence
+
+
+@task(name="teardown", task_run_name="teardown-{machine.run_id}", cache_policy=NO_CACHE)
+def teardown_machine(provider: Provider, machine: Machine) -> None:
+    provider.teardown(machine)
+    get_run_logger().info("tore down the %s machine of %s", provider.kind, machine.run_id)

@@ -1,0 +1,156 @@
+"""The ``aicert`` command. ``verify`` and ``inspect`` need only the verifier; the builder's
+commands (``run``, ``image``) are added when the ``flows`` extra is installed.
+
+Exit codes: 0 success, 1 verification or run failure, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import aicert
+from aicert.errors import MalformedCertificateError, VerificationError
+
+app = typer.Typer(
+    name="aicert",
+    help="Verifiable provenance for AI models: certify training runs, verify certificates.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+error_console = Console(stderr=True)
+
+
+def _io_table(report: aicert.VerificationReport) -> Table:
+    table = Table(title="What the certificate binds", show_lines=False)
+    for column in ("", "kind", "name", "version", "size", "sha256"):
+        table.add_column(column, overflow="fold")
+    for item in report.inputs:
+        table.add_row(
+            "in",
+            item.kind,
+            item.name,
+            item.version or "",
+            "" if item.size is None else str(item.size),
+            item.digest["sha256"],
+        )
+    for output in report.outputs:
+        table.add_row("out", "file", output.path, "", str(output.size), output.digest["sha256"])
+    return table
+
+
+@app.command()
+def verify(
+    certificate: Annotated[Path, typer.Argument(help="The certificate (proof) JSON file.")],
+    trust_root: Annotated[
+        list[Path] | None,
+        typer.Option("--trust-root", help="PEM of a trusted AK root (local/qemu platform CA)."),
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="A model file or folder to re-hash.")
+    ] = None,
+    expect: Annotated[
+        list[str] | None,
+        typer.Option("--expect", help="NAME=SHA256: an input the certificate must contain."),
+    ] = None,
+    allow_dev_platform: Annotated[
+        bool,
+        typer.Option(help="Accept a local-platform certificate (no boot chain attested)."),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Verify a certificate offline; exit 0 only when every check passed."""
+    expected: dict[str, str] = {}
+    for item in expect or []:
+        name, sep, digest = item.rpartition("=")
+        if not sep or not name:
+            error_console.print(f"[red]--expect {item!r}: use NAME=SHA256[/red]")
+            raise typer.Exit(2)
+        expected[name] = digest
+    try:
+        report = aicert.load(certificate).verify(
+            trusted_roots=list(trust_root or []),
+            expected_inputs=expected or None,
+            allow_dev_platform=allow_dev_platform,
+            model=model,
+        )
+    except MalformedCertificateError as exc:
+        _fail(exc, as_json, code=2)
+    except VerificationError as exc:
+        _fail(exc, as_json, code=1)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    console.print(f"[bold green]VERIFIED[/bold green] {certificate} (run {report.run_id})")
+    for check in report.checks:
+        console.print(f"  [green]✓[/green] {check.name}: {check.detail}")
+    if not report.boot_chain_attested:
+        console.print(f"  [yellow]![/yellow] {report.platform_note}")
+    console.print(_io_table(report))
+
+
+def _fail(exc: Exception, as_json: bool, code: int) -> None:
+    if as_json:
+        print(json.dumps({"verified": False, "error": type(exc).__name__, "message": str(exc)}))
+    else:
+        error_console.print(f"[bold red]NOT VERIFIED[/bold red] {type(exc).__name__}: {exc}")
+    raise typer.Exit(code)
+
+
+@app.command()
+def inspect(
+    certificate: Annotated[Path, typer.Argument(help="The certificate (proof) JSON file.")],
+) -> None:
+    """Show what a certificate claims, WITHOUT verifying it (use `aicert verify` for that)."""
+    try:
+        cert = aicert.load(certificate)
+    except MalformedCertificateError as exc:
+        error_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    console.print(f"[bold]{certificate}[/bold]  format {cert.format}  [yellow](not verified)[/]")
+    run = cert.run
+    console.print(
+        f"run {run.id}  project {run.project}  platform {cert.platform.kind}  "
+        f"exit {run.exit_code}  {run.duration_ms / 1000:.1f} s  runtime {run.runtime_version}"
+    )
+    console.print(f"started {run.started_at.isoformat()}  finished {run.finished_at.isoformat()}")
+    table = Table(title="Claimed inputs and outputs")
+    for column in ("", "kind", "name", "size", "sha256"):
+        table.add_column(column, overflow="fold")
+    for item in cert.inputs:
+        table.add_row("in", item.kind, item.name, str(item.size or ""), item.digest["sha256"])
+    for output in cert.outputs:
+        table.add_row("out", "file", output.path, str(output.size), output.digest["sha256"])
+    console.print(table)
+    console.print(
+        f"{len(cert.event_log)} events; AK chain of {len(cert.attestation.ak.certificate_chain)}"
+    )
+
+
+def _register_builder_commands() -> None:
+    try:
+        from aicert.flows.cli import register
+    except ImportError:
+        return  # the bare verifier install: only verify/inspect
+    register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    # The seed's form `aicert --output-bom proof.json` means `aicert run --output-bom ...`.
+    if args and args[0].startswith("--") and args[0] not in ("--help", "--version"):
+        args.insert(0, "run")
+    _register_builder_commands()
+    app(args=args, prog_name="aicert")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,387 @@
+"""Certificate verification: the checks of DESIGN.md, in order, failing closed on the first.
+
+``verify_certificate`` returns a ``VerificationReport`` that says what was checked and what
+the certificate binds; any failure raises the ``VerificationError`` subclass for that check.
+The inputs and outputs in the report come only from the replayed application event log.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+
+from aicert.appevents import INPUTS_PCR, OUTPUTS_PCR, MeasuredRun, interpret, replay
+from aicert.chain import (
+    PINNED_ROOT_FINGERPRINTS,
+    leaf_public_key_matches,
+    load_pem_certificates,
+    verify_ak_chain,
+)
+from aicert.errors import (
+    AkMismatchError,
+    ArtifactMismatchError,
+    CertificateChainError,
+    EventLogError,
+    ExpectationError,
+    NonceMismatchError,
+    PcrSelectionError,
+    PlatformError,
+    TpmStructureError,
+    VerificationError,
+)
+from aicert.hashing import UnsafePathError, hash_tree, sha256_file
+from aicert.model import Certificate, InputRecord, OutputRecord
+from aicert.quote import verify_quote
+from aicert.tcg_eventlog import parse_event_log
+from aicert.tpm_structures import parse_tpmt_public
+
+QUOTED_PCRS = frozenset(range(16))
+BOOT_PCRS = tuple(range(10))
+DEV_PLATFORM_NOTE = (
+    "local platform: software TPM on the build host, no boot chain attested; this "
+    "certificate proves what the AICert agent measured, not which OS or firmware ran it"
+)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class VerificationReport:
+    """What was verified, and what the certificate binds (from the replayed log only)."""
+
+    run_id: str
+    project: str
+    platform: str
+    boot_chain_attested: bool
+    platform_note: str
+    ak_root_subject: str
+    ak_root_fingerprint_sha256: str
+    ak_chain_expires_at: datetime
+    verified_at_time: datetime
+    nonce: str
+    runtime_version: str
+    exit_code: int
+    duration_ms: int
+    finished_at: datetime
+    inputs: tuple[InputRecord, ...]
+    outputs: tuple[OutputRecord, ...]
+    pcrs: Mapping[int, str]
+    checks: tuple[Check, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "verified": True,
+            "run_id": self.run_id,
+            "project": self.project,
+            "platform": self.platform,
+            "boot_chain_attested": self.boot_chain_attested,
+            "platform_note": self.platform_note,
+            "ak_root_subject": self.ak_root_subject,
+            "ak_root_fingerprint_sha256": self.ak_root_fingerprint_sha256,
+            "ak_chain_expires_at": self.ak_chain_expires_at.isoformat(),
+            "verified_at_time": self.verified_at_time.isoformat(),
+            "nonce": self.nonce,
+            "runtime_version": self.runtime_version,
+            "exit_code": self.exit_code,
+            "duration_ms": self.duration_ms,
+            "finished_at": self.finished_at.isoformat(),
+            "inputs": [i.model_dump(mode="json", exclude_none=True) for i in self.inputs],
+            "outputs": [o.model_dump(mode="json") for o in self.outputs],
+            "pcrs": {str(k): v for k, v in sorted(self.pcrs.items())},
+            "checks": [{"name": c.name, "detail": c.detail} for c in self.checks],
+        }
+
+
+TrustRoot = x509.Certificate | str | bytes | os.PathLike[str]
+
+
+def _load_roots(trusted_roots: Iterable[TrustRoot]) -> list[x509.Certificate]:
+    roots: list[x509.Certificate] = []
+    for root in trusted_roots:
+        if isinstance(root, x509.Certificate):
+            roots.append(root)
+        elif isinstance(root, bytes) or (isinstance(root, str) and "-----BEGIN" in root):
+            roots.extend(load_pem_certificates(root))
+        else:
+            try:
+                roots.extend(load_pem_certificates(Path(root).read_bytes()))
+            except OSError as exc:
+                raise CertificateChainError(
+                    f"trusted root {root}: cannot read: {exc.strerror}"
+                ) from None
+    return roots
+
+
+def verify_certificate(
+    certificate: Certificate,
+    *,
+    trusted_roots: Iterable[TrustRoot] = (),
+    expected_inputs: Mapping[str, str] | None = None,
+    at_time: datetime | None = None,
+    allow_dev_platform: bool = False,
+    model: str | os.PathLike[str] | None = None,
+) -> VerificationReport:
+    """Verify everything the certificate claims; raise on the first failed check.
+
+    ``trusted_roots``: extra trust anchors (the local/qemu platform CA); Microsoft's Azure
+    vTPM root is pinned by fingerprint. ``expected_inputs``: input name, URI or path ->
+    expected SHA-256 (or git commit SHA-1 for a source). ``at_time``: when to judge the AK
+    chain's validity (default: the measured end of the run). ``allow_dev_platform``: accept a
+    ``local`` certificate, which attests no boot chain. ``model``: a file or folder that must
+    match the certified outputs.
+    """
+    checks: list[Check] = []
+    attestation = certificate.attestation
+
+    # 2. AK certificate chain to a trusted root, at the run's time or the caller's.
+    claimed_time = certificate.run.finished_at
+    judge_time = (at_time or claimed_time).astimezone(UTC)
+    chain = verify_ak_chain(
+        attestation.ak.certificate_chain,
+        trusted_roots=_load_roots(trusted_roots),
+        pinned_root_fingerprints=list(PINNED_ROOT_FINGERPRINTS.values()),
+        at_time=judge_time,
+    )
+    checks.append(
+        Check(
+            "ak-certificate-chain",
+            f"AK certificate chains to {chain.root_subject} "
+            f"(SHA-256 {chain.root_fingerprint_sha256[:16]}...), valid at {judge_time.isoformat()}",
+        )
+    )
+
+    # 3. The quoting key is the certified key, and a restricted signing key.
+    try:
+        ak = parse_tpmt_public(attestation.ak.public)
+    except TpmStructureError as exc:
+        raise AkMismatchError(f"attestation.ak.public: {exc}") from None
+    if not leaf_public_key_matches(chain.leaf, ak.to_cryptography_key()):
+        raise AkMismatchError("attestation.ak.public is not the key in the AK certificate")
+    if not ak.is_restricted_signing_key():
+        raise AkMismatchError(
+            "the AK is not a restricted signing key (fixedTPM, fixedParent, "
+            "sensitiveDataOrigin, restricted, sign): it could sign forged quotes"
+        )
+    checks.append(Check("ak-public-key", "the quote key is the certified restricted signing key"))
+
+    # 4-5. Quote signature and TPMS_ATTEST contents.
+    claimed_pcrs = attestation.quote.pcr_values()
+    if set(claimed_pcrs) != QUOTED_PCRS:
+        raise PcrSelectionError(
+            f"attestation.quote.pcrs must list PCRs 0-15, got {sorted(claimed_pcrs)}"
+        )
+    verify_quote(
+        attestation.quote.attest,
+        attestation.quote.signature,
+        attestation.ak.public,
+        attestation.nonce,
+        claimed_pcrs,
+    )
+    checks.append(
+        Check(
+            "quote",
+            "TPM quote over PCRs 0-15 (SHA-256) signed by the AK, with this certificate's nonce",
+        )
+    )
+
+    # 6. Application event log replay against PCR 14 and 15.
+    measured = _verify_event_log(certificate, claimed_pcrs)
+    checks.append(
+        Check(
+            "event-log",
+            f"{len(certificate.event_log)} events replay to the quoted PCR 14 and PCR 15",
+        )
+    )
+    if certificate.run.finished_at != measured.finished_at:
+        raise EventLogError("run.finished_at differs from the measured result event")
+
+    # 7. Platform.
+    boot_attested, platform_note = _verify_platform(certificate, claimed_pcrs, allow_dev_platform)
+    checks.append(Check("platform", platform_note))
+
+    inputs = tuple(measured.input_records())
+    outputs = tuple(measured.output_records())
+
+    # 8. The caller's expectations.
+    if expected_inputs:
+        _check_expected_inputs(inputs, expected_inputs)
+        checks.append(Check("expected-inputs", f"{len(expected_inputs)} expected inputs match"))
+    if model is not None:
+        matched = _check_artifact(outputs, Path(model))
+        checks.append(Check("model", f"{matched} file(s) at {model} match certified outputs"))
+
+    return VerificationReport(
+        run_id=certificate.run.id,
+        project=certificate.run.project,
+        platform=certificate.platform.kind,
+        boot_chain_attested=boot_attested,
+        platform_note=platform_note,
+        ak_root_subject=chain.root_subject,
+        ak_root_fingerprint_sha256=chain.root_fingerprint_sha256,
+        ak_chain_expires_at=chain.not_after,
+        verified_at_time=judge_time,
+        nonce=attestation.nonce.hex(),
+        runtime_version=measured.runtime.runtime_version,
+        exit_code=measured.result.exit_code,
+        duration_ms=measured.result.duration_ms,
+        finished_at=measured.finished_at,
+        inputs=inputs,
+        outputs=outputs,
+        pcrs={index: value.hex() for index, value in sorted(claimed_pcrs.items())},
+        checks=tuple(checks),
+    )
+
+
+def _verify_event_log(certificate: Certificate, quoted: Mapping[int, bytes]) -> MeasuredRun:
+    replayed = replay(certificate.event_log)
+    for pcr in (INPUTS_PCR, OUTPUTS_PCR):
+        if not hmac.compare_digest(replayed[pcr], quoted[pcr]):
+            raise EventLogError(
+                f"the application event log replays PCR {pcr} to {replayed[pcr].hex()}, "
+                f"but the quote says {quoted[pcr].hex()}: events were added, removed, "
+                "reordered or edited"
+            )
+    measured = interpret(certificate.event_log)
+    if not hmac.compare_digest(
+        measured.runtime.nonce.encode(), certificate.attestation.nonce.hex().encode()
+    ):
+        raise NonceMismatchError("the measured runtime event carries a different nonce")
+    run = certificate.run
+    mismatches = [
+        name
+        for name, claimed, actual in (
+            ("run.id", run.id, measured.runtime.run_id),
+            ("run.provider", run.provider, measured.runtime.platform),
+            ("run.exit_code", run.exit_code, measured.result.exit_code),
+            ("run.duration_ms", run.duration_ms, measured.result.duration_ms),
+            ("run.runtime_version", run.runtime_version, measured.runtime.runtime_version),
+            ("platform.kind", certificate.platform.kind, measured.runtime.platform),
+        )
+        if claimed != actual
+    ]
+    if mismatches:
+        raise EventLogError(f"{', '.join(mismatches)} differ from the measured events")
+    if measured.result.exit_code != 0:
+        raise EventLogError(
+            f"the measured training exited with code {measured.result.exit_code}: "
+            "a failed run certifies nothing"
+        )
+    if list(certificate.inputs) != measured.input_records():
+        raise EventLogError("inputs[] differs from the inputs measured in the event log")
+    if list(certificate.outputs) != measured.output_records():
+        raise EventLogError("outputs[] differs from the outputs measured in the event log")
+    return measured
+
+
+def _verify_platform(
+    certificate: Certificate, pcrs: Mapping[int, bytes], allow_dev_platform: bool
+) -> tuple[bool, str]:
+    kind = certificate.platform.kind
+    if kind == "local":
+        nonzero = [index for index in range(14) if pcrs[index] != bytes(32)]
+        if nonzero:
+            raise PlatformError(
+                f"local platform: PCRs {nonzero} are not in their reset state, so this "
+                "TPM was not a fresh local software TPM"
+            )
+        if certificate.boot_event_log is not None:
+            raise PlatformError("local platform: a boot event log is present but cannot apply")
+        if not allow_dev_platform:
+            raise PlatformError(
+                "local platform: no boot chain is attested (software TPM on the build host); "
+                "accept it explicitly with allow_dev_platform=True / --allow-dev-platform"
+            )
+        return False, DEV_PLATFORM_NOTE
+    if certificate.boot_event_log is None:
+        raise PlatformError(f"{kind} platform: the certificate has no boot event log")
+    log = parse_event_log(certificate.boot_event_log)
+    replayed = log.replay().get("sha256", {})
+    for index in BOOT_PCRS:
+        expected = replayed.get(index, bytes(32))
+        if not hmac.compare_digest(expected, pcrs[index]):
+            raise EventLogError(
+                f"the boot event log replays PCR {index} to {expected.hex()}, "
+                f"but the quote says {pcrs[index].hex()}"
+            )
+    raise PlatformError(
+        f"{kind} platform: the boot event log replays, but no reference-value set is "
+        f"available for {certificate.platform.reference_values!r} to judge it"
+    )
+
+
+def _check_expected_inputs(inputs: Sequence[InputRecord], expected: Mapping[str, str]) -> None:
+    for key, digest in expected.items():
+        wanted = digest.lower().removeprefix("sha256:")
+        candidates = [i for i in inputs if key in {i.name, i.uri, i.path}]
+        if not candidates:
+            raise ExpectationError(f"expected input {key!r} is not in the certificate")
+        if not any(wanted in i.digest.values() for i in candidates):
+            found = ", ".join(f"{k}:{v}" for i in candidates for k, v in i.digest.items())
+            raise ExpectationError(
+                f"expected input {key!r} has digest {wanted}, the certificate has {found}"
+            )
+
+
+def _check_artifact(outputs: Sequence[OutputRecord], path: Path) -> int:
+    try:
+        if path.is_dir():
+            found = {d.path: d for d in hash_tree(path)}
+            certified = {o.path: o for o in outputs}
+            if set(found) != set(certified):
+                missing = sorted(set(certified) - set(found))
+                extra = sorted(set(found) - set(certified))
+                raise ArtifactMismatchError(
+                    f"{path}: files differ from the certified outputs "
+                    f"(missing: {missing[:5]}, not certified: {extra[:5]})"
+                )
+            for name, digest in found.items():
+                if digest.sha256 != certified[name].digest["sha256"]:
+                    raise ArtifactMismatchError(
+                        f"{path / name}: SHA-256 {digest.sha256} differs from the certified "
+                        f"{certified[name].digest['sha256']}"
+                    )
+            return len(found)
+        digest, _size = sha256_file(path)
+    except OSError as exc:
+        raise ArtifactMismatchError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnsafePathError as exc:
+        raise ArtifactMismatchError(f"{path}: {exc}") from None
+    same_name = [o for o in outputs if o.path == path.name or o.path.endswith("/" + path.name)]
+    pool = same_name or list(outputs)
+    if not any(o.digest["sha256"] == digest for o in pool):
+        where = f"the certified {same_name[0].path}" if same_name else "any certified output"
+        raise ArtifactMismatchError(f"{path}: SHA-256 {digest} does not match {where}")
+    return 1
+
+
+def verify_artifact(certificate: Certificate, path: Path) -> int:
+    """Re-hash a model file or folder and check it against the outputs the log measured.
+
+    This checks the file against the event log's outputs, whose replay must give the
+    certificate's PCR 14/15 values; it does not check the quote or chain: call
+    ``verify(model=path, ...)`` for the whole verification.
+    """
+    try:
+        measured = _verify_event_log(certificate, certificate.attestation.quote.pcr_values())
+    except KeyError:
+        raise PcrSelectionError("attestation.quote.pcrs lacks PCR 14 or 15") from None
+    return _check_artifact(measured.output_records(), path)
+
+
+__all__ = [
+    "Check",
+    "VerificationError",
+    "VerificationReport",
+    "verify_artifact",
+    "verify_certificate",
+]
