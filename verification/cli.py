@@ -136,10 +136,13 @@ def inspect(
 
 
 def _register_builder_commands() -> None:
-    try:
-        from aicert.flows.cli import register
-    except ImportError:
-        return  # the bare verifier install: only verify/inspect
+    import importlib.util
+
+    # The bare verifier install ships the flows package but not its dependencies.
+    if importlib.util.find_spec("prefect") is None or importlib.util.find_spec("docker") is None:
+        return
+    from aicert.flows.cli import register
+
     register(app)
 
 

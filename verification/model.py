@@ -263,7 +263,7 @@ def load(path: str | os.PathLike[str]) -> Certificate:
 def json_schema() -> dict[str, Any]:
     schema = Certificate.model_json_schema(mode="validation")
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = "https://aicert.dev/schema/aicert-v1.schema.json"
+    schema["$id"] = "urn:aicert:schema:aicert-v1"
     return schema
 
 

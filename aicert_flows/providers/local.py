@@ -179,4 +179,4 @@ def _remove_run_containers(run_id: str) -> None:
 
 def platform_ca_certificate_path(home: Path | None = None) -> Path:
     """The local platform CA certificate a verifier passes as ``--trust-root``."""
-    return (home or aicert_home()) / "platform-ca" / "ca.pem"
+    return (home or aicert_home()) / "platform-ca" / "platform-ca.cert.pem"

@@ -1,0 +1,277 @@
+"""Verification step 2: the AK certificate chains to a trusted root.
+
+Path building, signature checks, validity periods, basic constraints and path lengths are
+done by ``cryptography``'s X.509 verifier (``cryptography.x509.verification``). Its default
+extension policies are the Web PKI's (CA/Browser Forum); a TPM attestation key certificate
+is not a Web PKI certificate, so the two policies below start from the Web PKI defaults and
+relax or replace only what differs for TPM AK certificates (TCG EK/AK profile, Azure vTPM):
+
+- the leaf has no subjectAltName, or one holding a directoryName with the TPM manufacturer,
+  model and version attributes (2.23.133.2.1/2/3), critical when the subject is empty;
+- the leaf's extendedKeyUsage, when present, is tcg-kp-AIKCertificate (2.23.133.8.3), not
+  TLS client or server authentication; Azure's intermediates carry the TCG key purposes too;
+- the leaf may lack an authorityKeyIdentifier (small platform CAs often omit it);
+- the leaf must allow digital signatures: the AK signs quotes.
+
+Trust anchors are explicit: the certificates the caller passes, plus self-signed certificates
+that travel in the evidence and whose SHA-256 fingerprint is pinned (how Microsoft's Azure
+vTPM root is trusted without shipping it). Any failure is a ``CertificateChainError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    Policy,
+    PolicyBuilder,
+    Store,
+)
+from cryptography.x509.verification import VerificationError as X509VerificationError
+
+from aicert.errors import CertificateChainError
+
+__all__ = [
+    "AZURE_VTPM_ROOT_2023_SHA256",
+    "PINNED_ROOT_FINGERPRINTS",
+    "TCG_KP_AIK_CERTIFICATE",
+    "ChainVerification",
+    "ak_ca_extension_policy",
+    "ak_leaf_extension_policy",
+    "fingerprint_sha256",
+    "leaf_public_key_matches",
+    "load_pem_certificates",
+    "verify_ak_chain",
+]
+
+# Microsoft's "Azure Virtual TPM Root Certificate Authority 2023" (valid 2023-06-01 to
+# 2048-06-01). Pinned by fingerprint: the certificate itself travels in the evidence chain.
+AZURE_VTPM_ROOT_2023_SHA256 = "e6c596b17f8ffefba5c300f714cfb1260c6028704ecf7becc4ab5018efb00e95"
+
+PINNED_ROOT_FINGERPRINTS: dict[str, str] = {"azure": AZURE_VTPM_ROOT_2023_SHA256}
+
+# TCG key purpose "tcg-kp-AIKCertificate": the certified key is a TPM attestation key.
+TCG_KP_AIK_CERTIFICATE = x509.ObjectIdentifier("2.23.133.8.3")
+
+_AK_KEY_PURPOSES = frozenset({TCG_KP_AIK_CERTIFICATE, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE})
+_SHA256_HEX = re.compile("[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class ChainVerification:
+    """A verified AK certificate chain, as built from the leaf to its trust anchor."""
+
+    leaf: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+    root_subject: str
+    root_fingerprint_sha256: str
+    # The latest notBefore and the earliest notAfter over the built chain: the chain as a
+    # whole is valid between these two instants.
+    not_before: datetime
+    not_after: datetime
+
+
+def fingerprint_sha256(certificate: x509.Certificate) -> str:
+    """SHA-256 over the certificate's DER encoding, lowercase hex."""
+    return hashlib.sha256(certificate.public_bytes(Encoding.DER)).hexdigest()
+
+
+def load_pem_certificates(data: str | bytes) -> list[x509.Certificate]:
+    """Every certificate in a PEM text; no certificate or a malformed one is an error."""
+    try:
+        pem_bytes = data.encode("ascii") if isinstance(data, str) else bytes(data)
+        certificates = x509.load_pem_x509_certificates(pem_bytes)
+    except (ValueError, TypeError) as error:  # UnicodeEncodeError is a ValueError
+        raise CertificateChainError(f"not a PEM certificate: {error}") from error
+    if not certificates:
+        raise CertificateChainError("no certificate in PEM data")
+    return certificates
+
+
+def leaf_public_key_matches(leaf: x509.Certificate, public_key: CertificatePublicKeyTypes) -> bool:
+    """Whether the certificate certifies exactly this key (SubjectPublicKeyInfo DER equal)."""
+    try:
+        certified = leaf.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        given = public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    except (ValueError, TypeError, UnsupportedAlgorithm, AttributeError):
+        return False
+    return certified == given
+
+
+def _ak_leaf_key_usage(
+    policy: Policy, certificate: x509.Certificate, usage: x509.KeyUsage | None
+) -> None:
+    # Hand-written: the library's policies can require keyUsage to be present but have no
+    # switch for "must assert digitalSignature". Absent keyUsage means unrestricted (RFC 5280).
+    if usage is None:
+        return
+    if not usage.digital_signature:
+        raise ValueError("AK certificate keyUsage does not allow digitalSignature")
+    # Same rule as the Web PKI end-entity validator this one replaces.
+    if usage.key_cert_sign:
+        raise ValueError("AK certificate keyUsage must not assert keyCertSign")
+
+
+def _ak_leaf_extended_key_usage(
+    policy: Policy, certificate: x509.Certificate, usage: x509.ExtendedKeyUsage | None
+) -> None:
+    # Hand-written: the library checks one fixed EKU (TLS client/server auth) and cannot be
+    # told to expect the TCG AK purpose instead.
+    if usage is None:
+        return
+    if _AK_KEY_PURPOSES.isdisjoint(usage):
+        purposes = ", ".join(oid.dotted_string for oid in usage)
+        raise ValueError(
+            f"AK certificate extendedKeyUsage ({purposes}) lacks tcg-kp-AIKCertificate "
+            f"({TCG_KP_AIK_CERTIFICATE.dotted_string})"
+        )
+
+
+def _ak_issuer_extended_key_usage(
+    policy: Policy, certificate: x509.Certificate, usage: x509.ExtendedKeyUsage | None
+) -> None:
+    # Hand-written for the same reason: EKU chaining as the Web PKI does it, but for the AK
+    # purpose. A CA whose EKU excludes AK certificates (e.g. a TLS-only CA) may not issue one.
+    # Azure's intermediates list 2.23.133.8.1 (EK) and 2.23.133.8.3 (AK).
+    if usage is None:
+        return
+    if _AK_KEY_PURPOSES.isdisjoint(usage):
+        purposes = ", ".join(oid.dotted_string for oid in usage)
+        raise ValueError(
+            f"issuing CA extendedKeyUsage ({purposes}) does not allow AK certificates "
+            f"({TCG_KP_AIK_CERTIFICATE.dotted_string})"
+        )
+
+
+def ak_ca_extension_policy() -> ExtensionPolicy:
+    """Web PKI CA policy (basicConstraints CA, keyCertSign, ...) with the TCG AK purpose."""
+    return ExtensionPolicy.webpki_defaults_ca().may_be_present(
+        x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _ak_issuer_extended_key_usage
+    )
+
+
+def ak_leaf_extension_policy() -> ExtensionPolicy:
+    """Web PKI end-entity policy relaxed for TPM AK certificates (see the module docstring).
+
+    Kept from the Web PKI: the leaf is not a CA (basicConstraints), carries no name
+    constraints, and any unknown critical extension is refused.
+    """
+    return (
+        ExtensionPolicy.webpki_defaults_ee()
+        .may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
+        .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _ak_leaf_extended_key_usage)
+        .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, _ak_leaf_key_usage)
+        .may_be_present(x509.AuthorityKeyIdentifier, Criticality.NON_CRITICAL, None)
+    )
+
+
+def _normalized_fingerprint(fingerprint: str) -> str:
+    normalized = fingerprint.replace(":", "").strip().lower()
+    if _SHA256_HEX.fullmatch(normalized) is None:
+        raise CertificateChainError(f"pinned root fingerprint is not SHA-256 hex: {fingerprint!r}")
+    return normalized
+
+
+def _is_self_signed(certificate: x509.Certificate) -> bool:
+    try:
+        # Checks issuer == subject and the signature with the certificate's own key.
+        certificate.verify_directly_issued_by(certificate)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def _load_one_certificate(pem: str | bytes, position: int) -> x509.Certificate:
+    certificates = load_pem_certificates(pem)
+    if len(certificates) != 1:
+        # One certificate per list entry keeps "entry 0 is the leaf" unambiguous.
+        raise CertificateChainError(
+            f"chain entry {position} holds {len(certificates)} certificates, expected exactly one"
+        )
+    return certificates[0]
+
+
+def _describe(certificate: x509.Certificate) -> str:
+    return certificate.subject.rfc4514_string() or "(empty subject)"
+
+
+def verify_ak_chain(
+    chain_pem: Sequence[str | bytes],
+    *,
+    trusted_roots: Sequence[x509.Certificate] = (),
+    pinned_root_fingerprints: Collection[str] = (),
+    at_time: datetime,
+) -> ChainVerification:
+    """Verify that the AK certificate ``chain_pem[0]`` chains to a trust anchor at ``at_time``.
+
+    ``chain_pem[1:]`` are intermediates and optionally the root, in any order. Trust anchors
+    are ``trusted_roots`` plus the self-signed certificates of ``chain_pem`` whose SHA-256
+    fingerprint is in ``pinned_root_fingerprints``; any other self-signed certificate in the
+    evidence is not trusted. ``at_time`` must be timezone-aware (ValueError otherwise).
+    Raises ``CertificateChainError`` naming the leaf and the reason on any failure.
+    """
+    if at_time.tzinfo is None or at_time.utcoffset() is None:
+        raise ValueError("at_time must be timezone-aware")
+    if isinstance(chain_pem, (str, bytes)):
+        # A bare string is a Sequence too; iterating it would yield characters.
+        raise CertificateChainError("chain_pem must be a list of PEM certificates, not one string")
+    if not chain_pem:
+        raise CertificateChainError("empty AK certificate chain")
+
+    evidence = [_load_one_certificate(pem, position) for position, pem in enumerate(chain_pem)]
+    leaf, others = evidence[0], evidence[1:]
+    leaf_name = _describe(leaf)
+
+    pinned = {_normalized_fingerprint(fp) for fp in pinned_root_fingerprints}
+    anchors: dict[str, x509.Certificate] = {
+        fingerprint_sha256(root): root for root in trusted_roots
+    }
+    for certificate in evidence:
+        fingerprint = fingerprint_sha256(certificate)
+        if fingerprint in pinned and _is_self_signed(certificate):
+            anchors[fingerprint] = certificate
+    if not anchors:
+        raise CertificateChainError(
+            f"AK certificate {leaf_name}: no trust anchor (no trusted root given and no pinned "
+            "self-signed root in the evidence chain)"
+        )
+
+    verifier = (
+        PolicyBuilder()
+        .store(Store(list(anchors.values())))
+        .time(at_time.astimezone(UTC))
+        .extension_policies(
+            ca_policy=ak_ca_extension_policy(), ee_policy=ak_leaf_extension_policy()
+        )
+        # The client verifier is the one that does not match a DNS/IP subject: an AK
+        # certificate names a VM or a TPM, not a host.
+        .build_client_verifier()
+    )
+    try:
+        built = tuple(verifier.verify(leaf, others).chain)
+    except X509VerificationError as error:
+        raise CertificateChainError(
+            f"AK certificate {leaf_name} does not chain to a trusted root at "
+            f"{at_time.isoformat()}: {error}"
+        ) from error
+
+    root = built[-1]
+    return ChainVerification(
+        leaf=leaf,
+        chain=built,
+        root_subject=_describe(root),
+        root_fingerprint_sha256=fingerprint_sha256(root),
+        not_before=max(certificate.not_valid_before_utc for certificate in built),
+        not_after=min(certificate.not_valid_after_utc for certificate in built),
+    )
