@@ -237,11 +237,13 @@ def run_training_container(
     log_path: Path | None = None,
     labels: Mapping[str, str] | None = None,
     pids_limit: int = DEFAULT_PIDS_LIMIT,
+    outputs_mount: str = WORKSPACE_OUTPUTS,
 ) -> ContainerResult:
     """Run ``command`` in ``image`` with the training sandbox; return how it ended.
 
     Mounts: ``source_dir`` at /workspace/src and ``resources_dir`` at /workspace/resources
-    (read-only), ``outputs_dir`` at /workspace/outputs (read-write, given to uid 1000).
+    (read-only), ``outputs_dir`` at ``outputs_mount`` (default /workspace/outputs; read-write,
+    given to uid 1000).
     ``gpus``: ``None`` or 0 for none, -1 for all, n for n GPUs. ``memory_limit`` is Docker's
     notation (``"4g"``); swap is not allowed beyond it. Each output line (stdout and stderr) goes
     to ``on_log_line`` as it is written and, when ``log_path`` is given, is appended to that file.
@@ -285,7 +287,7 @@ def run_training_container(
         "mounts": [
             Mount(WORKSPACE_SRC, str(source), type="bind", read_only=True),
             Mount(WORKSPACE_RESOURCES, str(resources), type="bind", read_only=True),
-            Mount(WORKSPACE_OUTPUTS, str(outputs), type="bind", read_only=False),
+            Mount(outputs_mount, str(outputs), type="bind", read_only=False),
         ],
         "network_mode": "none",
         "privileged": False,
