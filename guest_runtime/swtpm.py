@@ -424,6 +424,17 @@ class LocalSwtpm:
                 process.kill()
             process.wait(timeout=STOP_TIMEOUT_S)
 
+    def detach(self) -> int:
+        """Hand the running swtpm over to the caller, who now owns stopping it (by pid).
+
+        Without this, the swtpm ends when this object is garbage collected: right for a
+        context manager, wrong for a provider whose teardown runs later, maybe elsewhere.
+        """
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        return self.pid
+
     def stop(self) -> None:
         """Terminate the swtpm (SIGTERM, then SIGKILL after a timeout). Idempotent."""
         process, self._process, self._port = self._process, None, None

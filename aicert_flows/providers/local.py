@@ -16,13 +16,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from aicert.flows.providers.base import EnrolledKey, Machine, Provider
+from aicert.flows.providers.base import (
+    DEFAULT_AGENT_START_TIMEOUT_S,
+    EnrolledKey,
+    Machine,
+    Provider,
+)
 from aicert.flows.settings import aicert_home
 from aicert.guest_runtime.client import AgentClient
+
+if TYPE_CHECKING:
+    from aicert.guest_runtime.swtpm import LocalSwtpm
 
 
 def _free_port() -> int:
@@ -58,11 +67,28 @@ def _terminate(pid: int, marker: str, grace_s: float = 10.0) -> None:
         os.waitpid(pid, 0)
 
 
+def _tail_text(path: Path, max_bytes: int = 2000) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return "(no log)"
+    return data[-max_bytes:].decode(errors="replace").strip()
+
+
 class LocalProvider(Provider):
     kind = "local"
 
-    def __init__(self, home: Path | None = None) -> None:
+    def __init__(
+        self,
+        home: Path | None = None,
+        *,
+        agent_start_timeout_s: float = DEFAULT_AGENT_START_TIMEOUT_S,
+    ) -> None:
         self.home = (home or aicert_home()).resolve()
+        self.agent_start_timeout_s = agent_start_timeout_s
+        # LocalSwtpm kills its process when the object is garbage collected (or at exit), so
+        # the provider keeps each run's swtpm object until that run's teardown.
+        self._swtpms: dict[str, LocalSwtpm] = {}
 
     @property
     def ek_ca_dir(self) -> Path:
@@ -82,12 +108,13 @@ class LocalProvider(Provider):
         run_dir.mkdir(parents=True, exist_ok=True)
         tpm = LocalSwtpm.create(run_dir / "tpm", self.ek_ca_dir)
         tpm.start()
+        self._swtpms[run_id] = tpm
         machine = Machine(
             provider="local",
             run_id=run_id,
             agent_url="",
             state_dir=str(run_dir),
-            details={"swtpm_pid": tpm.pid, "tpm_state": str(run_dir / "tpm")},
+            details={"swtpm_pid": tpm.detach(), "tpm_state": str(run_dir / "tpm")},
         )
         try:
             port = _free_port()
@@ -146,12 +173,25 @@ class LocalProvider(Provider):
             trusted_root_pem=ca.certificate_pem,
         )
 
+    def machine_problem(self, machine: Machine) -> str | None:
+        agent_pid = machine.details.get("agent_pid")
+        if agent_pid and not _process_alive(int(agent_pid), "aicert.guest_runtime.server"):
+            log_tail = _tail_text(Path(machine.state_dir) / "agent.log")
+            return f"the guest agent (pid {agent_pid}) exited; agent.log ends with:\n{log_tail}"
+        swtpm_pid = machine.details.get("swtpm_pid")
+        if swtpm_pid and not _process_alive(int(swtpm_pid), "swtpm"):
+            return f"the software TPM (pid {swtpm_pid}) exited"
+        return None
+
     def teardown(self, machine: Machine) -> None:
         agent_pid = machine.details.get("agent_pid")
         if agent_pid:
             _terminate(int(agent_pid), "aicert.guest_runtime.server")
+        tpm = self._swtpms.pop(machine.run_id, None)
+        if tpm is not None:
+            tpm.stop()
         swtpm_pid = machine.details.get("swtpm_pid")
-        if swtpm_pid:
+        if swtpm_pid:  # another process's swtpm (a hook tearing down after a crash)
             _terminate(int(swtpm_pid), "swtpm")
         _remove_run_containers(machine.run_id)
 
@@ -159,20 +199,30 @@ class LocalProvider(Provider):
         return Path(machine.state_dir) / "work" / machine.run_id
 
 
-def _remove_run_containers(run_id: str) -> None:
-    """Remove any container left by the run (a crash between start and cleanup)."""
-    try:
-        import docker
+def run_container_labels(run_id: str) -> list[str]:
+    """The ``aicert.run`` label values a run's training container may carry: the run id, and
+    the container's name (``aicert-<run id>``), which guest_runtime.container puts there."""
+    return [f"aicert.run={run_id}", f"aicert.run=aicert-{run_id}"]
 
-        client = docker.from_env(timeout=30)
-    except Exception:
-        return
+
+def _remove_run_containers(run_id: str) -> None:
+    """Remove any container left by the run (a crash between start and cleanup).
+
+    Fails loudly when Docker cannot be asked: a teardown that silently leaves a training
+    container running is worse than a failed teardown that says so.
+    """
+    import docker
+
+    client = docker.from_env(timeout=30)
     try:
-        for container in client.containers.list(
-            all=True, filters={"label": f"aicert.run={run_id}"}
-        ):
-            with contextlib.suppress(Exception):
-                container.remove(force=True)
+        seen: set[str] = set()
+        for label in run_container_labels(run_id):
+            for container in client.containers.list(all=True, filters={"label": label}):
+                if container.id in seen:
+                    continue
+                seen.add(container.id)
+                with contextlib.suppress(docker.errors.NotFound):
+                    container.remove(force=True)
     finally:
         client.close()
 
