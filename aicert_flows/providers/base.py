@@ -41,8 +41,16 @@ class EnrolledKey(BaseModel):
     trusted_root_pem: str | None  # the root a verifier must trust (None: pinned in the SDK)
 
 
+DEFAULT_AGENT_START_TIMEOUT_S = 60.0
+
+
 class Provider(ABC):
+    """A platform. ``teardown`` must work from the ``Machine`` alone: it may run in another
+    process than ``provision`` (the crash hook, or a runner's cancellation hook)."""
+
     kind: PlatformKind
+    # How long the flow waits for a freshly provisioned machine's agent to answer.
+    agent_start_timeout_s: float = DEFAULT_AGENT_START_TIMEOUT_S
 
     @abstractmethod
     def provision(self, run_id: str) -> Machine:
@@ -51,6 +59,12 @@ class Provider(ABC):
     @abstractmethod
     def enroll_attestation_key(self, machine: Machine, client: AgentClient) -> EnrolledKey:
         """Have the machine's AK certified (credential activation against its EK)."""
+
+    def machine_problem(self, machine: Machine) -> str | None:
+        """Why the machine can no longer come up (e.g. its agent exited), or None.
+
+        Lets the flow fail at once with the reason instead of waiting out a timeout."""
+        return None
 
     def boot_evidence(self, machine: Machine) -> bytes | None:
         """The boot event log, when the platform measured a boot chain."""
