@@ -29,21 +29,31 @@ console = Console()
 error_console = Console(stderr=True)
 
 
+def _short(digest: str) -> str:
+    return digest[:16] + "…"
+
+
 def _io_table(report: aicert.VerificationReport) -> Table:
-    table = Table(title="What the certificate binds", show_lines=False)
-    for column in ("", "kind", "name", "version", "size", "sha256"):
+    table = Table(title="What the certificate binds (sha256 shortened: --json for all)")
+    for column in ("", "kind", "name", "version", "size"):
         table.add_column(column, overflow="fold")
+    table.add_column("sha256", no_wrap=True)
     for item in report.inputs:
+        version = item.version or ""
+        if item.kind == "source" and "sha1" in item.digest:
+            version = f"{version} @{item.digest['sha1'][:12]}".strip()
         table.add_row(
             "in",
             item.kind,
             item.name,
-            item.version or "",
+            version,
             "" if item.size is None else str(item.size),
-            item.digest["sha256"],
+            _short(item.digest["sha256"]),
         )
     for output in report.outputs:
-        table.add_row("out", "file", output.path, "", str(output.size), output.digest["sha256"])
+        table.add_row(
+            "out", "file", output.path, "", str(output.size), _short(output.digest["sha256"])
+        )
     return table
 
 
@@ -91,9 +101,10 @@ def verify(
         return
     console.print(f"[bold green]VERIFIED[/bold green] {certificate} (run {report.run_id})")
     for check in report.checks:
-        console.print(f"  [green]✓[/green] {check.name}: {check.detail}")
-    if not report.boot_chain_attested:
-        console.print(f"  [yellow]![/yellow] {report.platform_note}")
+        if check.name == "platform" and not report.boot_chain_attested:
+            console.print(f"  [yellow]![/yellow] {check.name}: {check.detail}")
+        else:
+            console.print(f"  [green]✓[/green] {check.name}: {check.detail}")
     console.print(_io_table(report))
 
 
@@ -126,9 +137,11 @@ def inspect(
     for column in ("", "kind", "name", "size", "sha256"):
         table.add_column(column, overflow="fold")
     for item in cert.inputs:
-        table.add_row("in", item.kind, item.name, str(item.size or ""), item.digest["sha256"])
+        table.add_row(
+            "in", item.kind, item.name, str(item.size or ""), _short(item.digest["sha256"])
+        )
     for output in cert.outputs:
-        table.add_row("out", "file", output.path, str(output.size), output.digest["sha256"])
+        table.add_row("out", "file", output.path, str(output.size), _short(output.digest["sha256"]))
     console.print(table)
     console.print(
         f"{len(cert.event_log)} events; AK chain of {len(cert.attestation.ak.certificate_chain)}"
