@@ -8,8 +8,6 @@ imported into Docker with ``docker import``.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import re
 import shutil
@@ -20,6 +18,8 @@ from pathlib import Path
 
 import docker
 import docker.errors
+
+from aicert.guest_runtime.hostutil import file_lock, run_streaming
 
 DEFAULT_BASE_IMAGE = "aicert/python-base:bookworm"
 DEBIAN_SUITE = "bookworm"
@@ -119,38 +119,9 @@ def _existing_image_id(client: docker.DockerClient, name: str) -> str | None:
     return str(image.id)
 
 
-@contextlib.contextmanager
-def _build_lock() -> Iterator[None]:
-    with open(BUILD_LOCK_PATH, "a+b") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
-def _run_streaming(argv: list[str], progress: ProgressCallback | None) -> None:
-    """Run ``argv``, passing each output line to ``progress``; raise on a non-zero exit."""
-    tail: list[str] = []
-    with subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"},
-    ) as proc:
-        assert proc.stdout is not None
-        for raw_line in proc.stdout:
-            line = raw_line.rstrip("\n")
-            tail = [*tail[-19:], line]
-            if progress is not None:
-                progress(line)
-        returncode = proc.wait()
-    if returncode != 0:
-        raise BaseImageError(
-            f"{argv[0]} exited with {returncode}; last output:\n" + "\n".join(tail)
-        )
+def _run(argv: list[str], progress: ProgressCallback | None) -> None:
+    env = {"DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"}
+    run_streaming(argv, progress, env=env, error=BaseImageError)
 
 
 def _add_training_user(rootfs: Path) -> None:
@@ -244,7 +215,7 @@ def build_base_image(
     ``force``. Root privileges are needed (debootstrap, chown to uid 1000).
     """
     client = _docker_client()
-    with _build_lock():
+    with file_lock(Path(BUILD_LOCK_PATH)):
         if not force:
             existing = _existing_image_id(client, name)
             if existing is not None:
@@ -254,7 +225,7 @@ def build_base_image(
         mirror = mirror or find_debian_mirror()
         rootfs = Path(tempfile.mkdtemp(prefix="aicert-rootfs-"))
         try:
-            _run_streaming(
+            _run(
                 [
                     "debootstrap",
                     "--variant=minbase",

@@ -8,14 +8,11 @@ issues an X.509 certificate for the AK. The verifier trusts this CA only when as
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import hmac
 import os
 import secrets
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -29,6 +26,8 @@ from cryptography.x509.oid import NameOID
 from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPMA_OBJECT
 from tpm2_pytss.types import TPMT_PUBLIC
 from tpm2_pytss.utils import make_credential
+
+from aicert.guest_runtime.hostutil import file_lock
 
 from .tpm import AK_REQUIRED_ATTRIBUTES
 
@@ -164,16 +163,6 @@ def check_ak_public(public: TPMT_PUBLIC) -> None:
         raise PlatformCAError(f"AK signing hash 0x{scheme_hash:04x} refused (SHA-256 or stronger)")
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with path.open("a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def _write_atomically(path: Path, data: bytes, mode: int) -> None:
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -201,7 +190,7 @@ class PlatformCA:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         key_path, cert_path = directory / CA_KEY_FILE, directory / CA_CERT_FILE
-        with _locked(directory / CA_LOCK_FILE):
+        with file_lock(directory / CA_LOCK_FILE):
             if key_path.exists() and cert_path.exists():
                 return cls._load(key_path, cert_path)
             if key_path.exists() or cert_path.exists():

@@ -8,7 +8,6 @@ serves it on loopback with ``swtpm socket`` and ``stop`` ends the process.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import signal
@@ -16,10 +15,11 @@ import socket
 import subprocess
 import time
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from aicert.guest_runtime.hostutil import file_lock
 
 SWTPM_SETUP_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 10.0
@@ -79,16 +79,6 @@ def _tail(path: Path) -> str:
             return handle.read().decode(errors="replace")
     except OSError:
         return ""
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with path.open("a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _pick_port_pair() -> int:
@@ -220,7 +210,7 @@ class LocalSwtpm:
             # its statedir; only the first creation of the CA needs ours.
             cls._run_setup(command, state_dir, ek_ca_dir)
         else:
-            with _file_lock(ek_ca_dir / LOCALCA_CREATION_LOCK):
+            with file_lock(ek_ca_dir / LOCALCA_CREATION_LOCK):
                 cls._write_localca_config(ek_ca_dir)
                 cls._run_setup(command, state_dir, ek_ca_dir)
 

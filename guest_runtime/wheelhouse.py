@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ import docker.errors
 import requests.exceptions
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
+from aicert.guest_runtime.hostutil import run_streaming
 from aicert.hashing import sha256_file
 
 ProgressCallback = Callable[[str], None]
@@ -73,24 +73,10 @@ def has_requirements(requirements: Path) -> bool:
 
 
 def _run_streaming(argv: list[str], progress: ProgressCallback | None) -> None:
-    tail: list[str] = []
-    with subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        env={**os.environ, "PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
-    ) as proc:
-        assert proc.stdout is not None
-        for raw_line in proc.stdout:
-            line = raw_line.rstrip("\n")
-            tail = [*tail[-29:], line]
-            if progress is not None:
-                progress(line)
-        returncode = proc.wait()
-    if returncode != 0:
-        raise WheelhouseError(f"pip download exited with {returncode}:\n" + "\n".join(tail))
+    env = {"PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    run_streaming(
+        argv, progress, env=env, error=WheelhouseError, tail_lines=30, what="pip download"
+    )
 
 
 def _wheel_info(path: Path) -> WheelInfo:

@@ -1,0 +1,54 @@
+"""Small host helpers shared by the guest runtime's modules (locks, streamed subprocesses)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import subprocess
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created if missing), across processes."""
+    with path.open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def run_streaming(
+    argv: list[str],
+    progress: Callable[[str], None] | None,
+    *,
+    env: Mapping[str, str] | None = None,
+    error: type[Exception] = RuntimeError,
+    tail_lines: int = 20,
+    what: str | None = None,
+) -> None:
+    """Run ``argv``, passing each output line to ``progress``; on a non-zero exit raise
+    ``error`` with the last ``tail_lines`` lines of output."""
+    tail: list[str] = []
+    with subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        env={**os.environ, **(env or {})},
+    ) as proc:
+        assert proc.stdout is not None
+        for raw_line in proc.stdout:
+            line = raw_line.rstrip("\n")
+            tail = [*tail[-(tail_lines - 1) :], line]
+            if progress is not None:
+                progress(line)
+        returncode = proc.wait()
+    if returncode != 0:
+        raise error(
+            f"{Path(argv[0]).name} exited with {returncode}; last output:\n" + "\n".join(tail)
+        )
