@@ -20,7 +20,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,7 +41,7 @@ from aicert.appevents import (
 )
 from aicert.guest_runtime import RUNTIME_VERSION
 from aicert.guest_runtime.config import RunConfig, parse_config
-from aicert.hashing import hash_tree, tree_sha256
+from aicert.hashing import UnsafePathError, hash_tree, tree_sha256
 from aicert.model import AppEvent
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,15 @@ class TrainingFailedError(AgentError):
     """The training job exited non-zero or timed out: no certificate for this run."""
 
 
+class DependencyError(AgentError):
+    """requirements.txt could not be resolved to wheels (with the machine's pip config)."""
+
+
+class UnsafeOutputError(AgentError):
+    """The outputs folder holds something that cannot be measured safely (a symlink out of it,
+    a special file): no certificate for this run."""
+
+
 Step = Literal["started", "ak", "inputs", "built", "training", "trained", "measured", "quoted"]
 _ORDER: tuple[Step, ...] = (
     "started",
@@ -86,6 +96,7 @@ _ORDER: tuple[Step, ...] = (
     "measured",
     "quoted",
 )
+_TRAINING_STARTED: tuple[Step, ...] = _ORDER[_ORDER.index("training") :]
 
 
 @dataclass
@@ -108,6 +119,9 @@ class RunState:
     log_lines: list[str] = field(default_factory=list)
     log_condition: threading.Condition = field(default_factory=threading.Condition)
     training_thread: threading.Thread | None = None
+    # Set when a measuring step failed part-way: PCR 14/15 may hold some of its events, so
+    # the run can never be certified and no later step may run (a retry would measure twice).
+    failure: str | None = None
 
     @property
     def resources_dir(self) -> Path:
@@ -149,16 +163,32 @@ class CertificationAgent:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _require(self, run_id: str, *allowed: Step) -> RunState:
+    def _require(self, run_id: str, *allowed: Step, observing: bool = False) -> RunState:
+        """The run, if ``run_id`` is at one of the ``allowed`` steps. ``observing`` (status and
+        logs) is allowed on a failed run too."""
         run = self.run
         if run is None or run.run_id != run_id:
             raise StepOrderError(f"no run {run_id!r} on this agent")
+        if run.failure is not None and not observing:
+            raise StepOrderError(
+                f"run {run_id} failed and cannot go on ({run.failure}); "
+                "start a new run on a fresh machine"
+            )
         if run.step not in allowed:
             raise StepOrderError(
                 f"run {run_id}: step not allowed now (the run is at {run.step!r}, "
                 f"expected one of {', '.join(allowed)})"
             )
         return run
+
+    @contextmanager
+    def _measuring_step(self, run: RunState) -> Iterator[None]:
+        """Any failure inside ends the run for good (see ``RunState.failure``)."""
+        try:
+            yield
+        except BaseException as exc:
+            run.failure = f"{type(exc).__name__}: {exc}"
+            raise
 
     def _measure(self, run: RunState, data: EventData) -> AppEvent:
         event = data.to_event()
@@ -178,32 +208,35 @@ class CertificationAgent:
             workspace = self.work_root / run_id
             if workspace.exists():
                 raise AgentError(f"run {run_id} already has a workspace at {workspace}")
-            for sub in ("resources", "outputs", "logs"):
-                (workspace / sub).mkdir(parents=True)
-            started = datetime.now(UTC)
-            run = RunState(run_id, nonce, config, workspace, started)
             pcrs = self.tpm.pcr_read([14, 15])  # type: ignore[attr-defined]
             if any(value != bytes(32) for value in pcrs.values()):
                 # A certificate replays the log from zeros: a TPM whose PCR 14/15 were
                 # already extended (a reused machine) cannot produce a valid one.
                 raise AgentError("PCR 14/15 are not in their reset state: reboot the machine")
+            for sub in ("resources", "outputs", "logs"):
+                (workspace / sub).mkdir(parents=True)
+            started = datetime.now(UTC)
+            run = RunState(run_id, nonce, config, workspace, started)
             self.run = run
-            self._measure(
-                run,
-                RuntimeEvent(
-                    runtime_version=RUNTIME_VERSION,
-                    run_id=run_id,
-                    nonce=nonce.hex(),
-                    platform=self.platform,
-                    started_at=started.isoformat(),
-                ),
-            )
-            self._measure(run, ConfigEvent(config=config.measured_form()))
+            with self._measuring_step(run):
+                self._measure(
+                    run,
+                    RuntimeEvent(
+                        runtime_version=RUNTIME_VERSION,
+                        run_id=run_id,
+                        nonce=nonce.hex(),
+                        platform=self.platform,
+                        started_at=started.isoformat(),
+                    ),
+                )
+                self._measure(run, ConfigEvent(config=config.measured_form()))
             return list(run.events)
 
     def _finished(self) -> bool:
         run = self.run
-        return run is not None and (run.step == "quoted" or run.training_error is not None)
+        return run is not None and (
+            run.step == "quoted" or run.training_error is not None or run.failure is not None
+        )
 
     # -- step 2: attestation key -------------------------------------------------------------
 
@@ -238,10 +271,11 @@ class CertificationAgent:
         with self._lock:
             run = self._require(run_id, "ak")
             first = len(run.events)
-            self._measure_base_image(run)
-            self._fetch_source(run)
-            for resource in run.config.resources:
-                self._fetch_resource(run, resource)
+            with self._measuring_step(run):
+                self._measure_base_image(run)
+                self._fetch_source(run)
+                for resource in run.config.resources:
+                    self._fetch_resource(run, resource)
             run.step = "inputs"
             return run.events[first:]
 
@@ -343,33 +377,46 @@ class CertificationAgent:
             assert run.source_dir is not None and run.base_image_id is not None
             requirements = run.source_dir / "requirements.txt"
             from aicert.guest_runtime.wheelhouse import (
+                WheelhouseError,
                 build_training_image,
                 has_requirements,
                 resolve_wheelhouse,
             )
 
-            if requirements.is_file() and has_requirements(requirements):
-                wheel_dir = run.workspace / "wheels"
-                wheels = resolve_wheelhouse(requirements, wheel_dir, progress=self.progress)
-                for wheel in wheels:
-                    self._measure(
-                        run,
-                        PackageEvent(
-                            name=wheel.name,
-                            version=wheel.version,
-                            filename=wheel.filename,
-                            sha256=wheel.sha256,
-                            size=wheel.size,
-                        ),
-                    )
-                tag = f"aicert/training:{run.run_id.lower()}"
-                image_id = build_training_image(
-                    run.base_image_id, wheel_dir, wheels, tag=tag, progress=self.progress
-                )
-                run.training_image_id = image_id
-                self._measure(run, ImageEvent(role="training", name=tag, image_id=image_id))
-            else:
-                run.training_image_id = run.base_image_id
+            with self._measuring_step(run):
+                if requirements.is_file() and has_requirements(requirements):
+                    wheel_dir = run.workspace / "wheels"
+                    try:
+                        wheels = resolve_wheelhouse(
+                            requirements,
+                            wheel_dir,
+                            python_version=run.config.python_version,
+                            progress=self.progress,
+                        )
+                    except WheelhouseError as exc:
+                        raise DependencyError(f"requirements.txt: {exc}") from exc
+                    for wheel in wheels:
+                        self._measure(
+                            run,
+                            PackageEvent(
+                                name=wheel.name,
+                                version=wheel.version,
+                                filename=wheel.filename,
+                                sha256=wheel.sha256,
+                                size=wheel.size,
+                            ),
+                        )
+                    tag = f"aicert/training:{run.run_id.lower()}"
+                    try:
+                        image_id = build_training_image(
+                            run.base_image_id, wheel_dir, wheels, tag=tag, progress=self.progress
+                        )
+                    except WheelhouseError as exc:  # the engine's failure, not the inputs'
+                        raise AgentError(f"training image: {exc}") from exc
+                    run.training_image_id = image_id
+                    self._measure(run, ImageEvent(role="training", name=tag, image_id=image_id))
+                else:
+                    run.training_image_id = run.base_image_id
             run.step = "built"
             return run.events[first:]
 
@@ -402,6 +449,7 @@ class CertificationAgent:
                 source_dir=run.source_dir,
                 resources_dir=run.resources_dir,
                 outputs_dir=run.outputs_dir,
+                outputs_mount=run.config.outputs,
                 cpu_limit=limits.cpus,
                 memory_limit=limits.memory,
                 pids_limit=limits.pids,
@@ -434,13 +482,13 @@ class CertificationAgent:
                 run.log_condition.notify_all()
 
     def training_status(self, run_id: str) -> dict[str, object]:
-        run = self._require(run_id, *_ORDER)
+        # Before training there is no status to give: "running" would keep a follower
+        # polling forever.
+        run = self._require(run_id, *_TRAINING_STARTED, observing=True)
         if run.step == "training":
             state = "running"
-        elif run.training_error is None and _ORDER.index(run.step) >= _ORDER.index("trained"):
-            state = "succeeded"
         else:
-            state = "failed" if run.training_error else "running"
+            state = "failed" if run.training_error is not None else "succeeded"
         return {
             "state": state,
             "exit_code": run.exit_code,
@@ -452,7 +500,7 @@ class CertificationAgent:
 
     def read_logs(self, run_id: str, offset: int, wait_s: float) -> tuple[list[str], int, bool]:
         """Lines from ``offset``; waits up to ``wait_s`` for new ones (long polling)."""
-        run = self._require(run_id, *_ORDER)
+        run = self._require(run_id, *_TRAINING_STARTED, observing=True)
         deadline = time.monotonic() + max(0.0, wait_s)
         with run.log_condition:
             while len(run.log_lines) <= offset and run.step == "training":
@@ -476,19 +524,29 @@ class CertificationAgent:
                 )
             first = len(run.events)
             self.progress(f"hashing outputs in {run.outputs_dir}")
-            for digest in hash_tree(run.outputs_dir):
+            with self._measuring_step(run):
+                try:
+                    # The whole tree is walked and checked before the first extend.
+                    digests = hash_tree(run.outputs_dir)
+                except UnsafePathError as exc:
+                    raise UnsafeOutputError(
+                        f"outputs: {exc}; no certificate is produced, outputs and logs are "
+                        f"kept in {run.workspace}"
+                    ) from exc
+                for digest in digests:
+                    self._measure(
+                        run,
+                        OutputFileEvent(path=digest.path, size=digest.size, sha256=digest.sha256),
+                    )
+                assert run.finished_at is not None and run.exit_code is not None
                 self._measure(
-                    run, OutputFileEvent(path=digest.path, size=digest.size, sha256=digest.sha256)
+                    run,
+                    ResultEvent(
+                        exit_code=run.exit_code,
+                        duration_ms=run.duration_ms or 0,
+                        finished_at=run.finished_at.isoformat(),
+                    ),
                 )
-            assert run.finished_at is not None and run.exit_code is not None
-            self._measure(
-                run,
-                ResultEvent(
-                    exit_code=run.exit_code,
-                    duration_ms=run.duration_ms or 0,
-                    finished_at=run.finished_at.isoformat(),
-                ),
-            )
             run.step = "measured"
             return run.events[first:]
 

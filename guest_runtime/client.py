@@ -41,7 +41,13 @@ class AgentCallError(RuntimeError):
 
     @property
     def is_input_error(self) -> bool:
-        return self.kind in {"ConfigError", "InputMismatchError", "SourceError", "DownloadError"}
+        return self.kind in {
+            "ConfigError",
+            "InputMismatchError",
+            "SourceError",
+            "DownloadError",
+            "DependencyError",
+        }
 
 
 class AgentUnreachableError(AgentCallError):

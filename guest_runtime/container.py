@@ -269,7 +269,8 @@ def run_training_container(
     except _DOCKER_FAILURES as exc:
         raise ContainerError(f"cannot inspect image {image}: {exc}") from exc
 
-    run_label = name or f"aicert-{uuid.uuid4().hex}"
+    # The caller's run label wins: teardown finds a run's containers by it.
+    run_label = (labels or {}).get(RUN_LABEL) or name or f"aicert-{uuid.uuid4().hex}"
     environment = {"HOME": CONTAINER_TMP, "PYTHONUNBUFFERED": "1", **(env or {})}
     device_requests = (
         [DeviceRequest(count=gpus, capabilities=[["gpu"]])]

@@ -49,6 +49,5 @@ def run_streaming(
                 progress(line)
         returncode = proc.wait()
     if returncode != 0:
-        raise error(
-            f"{Path(argv[0]).name} exited with {returncode}; last output:\n" + "\n".join(tail)
-        )
+        name = what or Path(argv[0]).name
+        raise error(f"{name} exited with {returncode}; last output:\n" + "\n".join(tail))

@@ -11,18 +11,21 @@ import argparse
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from aicert.guest_runtime import RUNTIME_VERSION
 from aicert.guest_runtime.agent import (
     AgentError,
     CertificationAgent,
+    DependencyError,
     InputMismatchError,
     StepOrderError,
     TrainingFailedError,
+    UnsafeOutputError,
 )
 from aicert.guest_runtime.api_models import (
     API_PREFIX,
@@ -45,7 +48,11 @@ _STATUS = {
     StepOrderError: 409,
     InputMismatchError: 422,
     TrainingFailedError: 422,
+    DependencyError: 422,
+    UnsafeOutputError: 422,
 }
+# Matched by name: the TPM module needs libtss2, which this module must import without.
+_UNAVAILABLE_KINDS = frozenset({"TpmUnreachableError"})
 
 
 def create_app(agent: CertificationAgent) -> FastAPI:
@@ -57,10 +64,21 @@ def create_app(agent: CertificationAgent) -> FastAPI:
         status = next((code for cls, code in _STATUS.items() if isinstance(exc, cls)), 500)
         return JSONResponse({"error": str(exc), "kind": type(exc).__name__}, status_code=status)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("agent request failed")
-        return JSONResponse({"error": str(exc), "kind": type(exc).__name__}, status_code=500)
+    # A middleware, not ``exception_handler(Exception)``: Starlette answers the latter and then
+    # re-raises, and uvicorn resets the connection, so the client's next request on that
+    # keep-alive connection failed with a ReadError (as if the agent were unreachable).
+    @app.middleware("http")
+    async def _unexpected(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        try:
+            return await call_next(request)
+        except Exception as exc:
+            log.exception("agent request failed")
+            kind = type(exc).__name__
+            # 503: the machine's TPM is gone; the orchestrator tears down rather than retries.
+            status = 503 if kind in _UNAVAILABLE_KINDS else 500
+            return JSONResponse({"error": str(exc), "kind": kind}, status_code=status)
 
     @app.get(f"{API_PREFIX}/health")
     def health() -> Health:
