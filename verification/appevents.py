@@ -14,12 +14,21 @@ is an error (fail closed): an input it cannot show would be an input nobody chec
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    ValidationError,
+)
 
 from aicert.canonical import canonical_sha256
 from aicert.errors import EventLogError
@@ -32,6 +41,22 @@ PCR_RESET_VALUE = bytes(32)
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Sha1Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{40}$")]
 RelativePath = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+
+
+def _aware_iso_timestamp(value: str) -> str:
+    # Kept as the measured string (its bytes are what was extended); checked here so that a
+    # verifier comparing it with the certificate's run times never meets an unparsable or
+    # naive timestamp (fromisoformat's ValueError would escape as a crash).
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("not an ISO 8601 timestamp") from None
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        raise ValueError("the timestamp has no timezone")
+    return value
+
+
+IsoTimestamp = Annotated[str, AfterValidator(_aware_iso_timestamp)]
 
 
 class EventData(BaseModel):
@@ -54,7 +79,7 @@ class RuntimeEvent(EventData):
     run_id: str
     nonce: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16,128}$")]
     platform: Literal["local", "qemu", "azure"]
-    started_at: str
+    started_at: IsoTimestamp
 
 
 class ChannelKeyEvent(EventData):
@@ -127,7 +152,7 @@ class ResultEvent(EventData):
     PCR = OUTPUTS_PCR
     exit_code: int
     duration_ms: Annotated[int, Field(ge=0)]
-    finished_at: str
+    finished_at: IsoTimestamp
 
 
 EVENT_TYPES: dict[str, type[EventData]] = {
@@ -147,8 +172,15 @@ EVENT_TYPES: dict[str, type[EventData]] = {
 
 
 def event_digest(event: AppEvent) -> bytes:
-    """SHA-256 over the RFC 8785 canonical JSON of the event: the value extended into its PCR."""
-    return canonical_sha256(event.model_dump(mode="json"))
+    """SHA-256 over the RFC 8785 canonical JSON of the event: the value extended into its PCR.
+
+    Raises ``EventLogError`` for an event RFC 8785 cannot represent (NaN, infinities,
+    integers beyond 2**53): JSON parsers accept them, so a certificate can carry them.
+    """
+    try:
+        return canonical_sha256(event.model_dump(mode="json"))
+    except ValueError as exc:
+        raise EventLogError(f"{event.type} event has no RFC 8785 form: {exc}") from None
 
 
 def extend(pcr_value: bytes, digest: bytes) -> bytes:
@@ -198,8 +230,37 @@ class MeasuredRun:
     result: ResultEvent
 
     @property
+    def started_at(self) -> datetime:
+        return datetime.fromisoformat(self.runtime.started_at)
+
+    @property
     def finished_at(self) -> datetime:
         return datetime.fromisoformat(self.result.finished_at)
+
+    @property
+    def project(self) -> str | None:
+        """The project name the builder derives from the measured config, None if it cannot.
+
+        Mirrors ``aicert.guest_runtime.config.RunConfig.project_name`` (the verifier cannot
+        import the builder); tests/verification_cert cross-checks the two.
+        """
+        config = self.config.config
+        name = config.get("name")
+        if isinstance(name, str) and name:
+            return name
+        source = config.get("source")
+        if not isinstance(source, dict):
+            return None
+        subdirectory, repo = source.get("subdirectory"), source.get("gitRepo")
+        if isinstance(subdirectory, str) and subdirectory:
+            base = subdirectory
+        elif isinstance(repo, str) and repo:
+            base = repo.rstrip("/")
+        else:
+            return None
+        base = base.rsplit("/", 1)[-1].removesuffix(".git")
+        slug = re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-")
+        return slug[:63] or "project"
 
     def input_records(self) -> list[InputRecord]:
         records = [

@@ -261,6 +261,9 @@ def _verify_event_log(certificate: Certificate, quoted: Mapping[int, bytes]) -> 
         name
         for name, claimed, actual in (
             ("run.id", run.id, measured.runtime.run_id),
+            # The project name and start time are shown to people: bind them too.
+            ("run.project", run.project, measured.project),
+            ("run.started_at", run.started_at, measured.started_at),
             ("run.provider", run.provider, measured.runtime.platform),
             ("run.exit_code", run.exit_code, measured.result.exit_code),
             ("run.duration_ms", run.duration_ms, measured.result.duration_ms),
