@@ -149,6 +149,7 @@ class CertificationAgent:
         platform: PlatformKind,
         work_root: Path,
         progress: ProgressCallback | None = None,
+        azure_intermediates: Path | None = None,
     ) -> None:
         # ``tpm`` is an aicert.guest_runtime.tpm.Tpm opened by the caller; kept untyped
         # here so this module imports without libtss2 for the orchestrator's type checks.
@@ -160,6 +161,8 @@ class CertificationAgent:
         self._lock = threading.RLock()
         self._ak: object | None = None
         self._ek: object | None = None
+        # Azure only: the intermediates of the pre-provisioned AK's chain, shipped in the image.
+        self.azure_intermediates = azure_intermediates
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -240,11 +243,24 @@ class CertificationAgent:
 
     # -- step 2: attestation key -------------------------------------------------------------
 
-    def key_material(self, run_id: str) -> dict[str, bytes | None]:
+    def key_material(self, run_id: str) -> dict[str, bytes | list[str] | None]:
         """EK certificate, EK and AK public areas: what the platform CA needs to activate."""
         with self._lock:
             run = self._require(run_id, "started", "ak")
             tpm = self.tpm
+            if self.platform == "azure":
+                # Azure pre-provisions the AK and has Microsoft's CA certify it: no activation.
+                from aicert.guest_runtime.azure_ak import (
+                    DEFAULT_INTERMEDIATES_PATH,
+                    read_azure_attestation_key,
+                )
+
+                azure = read_azure_attestation_key(
+                    tpm, self.azure_intermediates or DEFAULT_INTERMEDIATES_PATH
+                )
+                self._ak, self._ek = azure.ak, azure.ek
+                run.step = "ak"
+                return azure.key_material()
             if self._ek is None:
                 self._ek = tpm.create_ek()  # type: ignore[attr-defined]
             if self._ak is None:
@@ -260,6 +276,8 @@ class CertificationAgent:
     def activate_credential(self, run_id: str, credential_blob: bytes, secret: bytes) -> bytes:
         with self._lock:
             self._require(run_id, "ak")
+            if self.platform == "azure":
+                raise StepOrderError("the Azure AK is certified by Microsoft: nothing to activate")
             return self.tpm.activate_credential(  # type: ignore[attr-defined]
                 self._ak, credential_blob, secret
             )

@@ -158,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--work-root", type=Path, required=True)
+    parser.add_argument(
+        "--azure-intermediates",
+        type=Path,
+        default=None,
+        help="Azure AK chain intermediates (PEM; default /etc/aicert/azure-intermediates.pem)",
+    )
     args = parser.parse_args(argv)
 
     import uvicorn
@@ -167,7 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args.work_root.mkdir(parents=True, exist_ok=True)
     with Tpm(args.tcti) as tpm:
-        agent = CertificationAgent(tpm=tpm, platform=args.platform, work_root=args.work_root)
+        agent = CertificationAgent(
+            tpm=tpm,
+            platform=args.platform,
+            work_root=args.work_root,
+            azure_intermediates=args.azure_intermediates,
+        )
         config = uvicorn.Config(
             create_app(agent), host=args.host, port=args.port, log_level="warning"
         )
