@@ -78,5 +78,11 @@ def build_base(
 
 
 def register(app: typer.Typer) -> None:
+    import importlib.util
+
     app.command(name="run")(run)
     app.add_typer(image_app, name="image")
+    if importlib.util.find_spec("azure.mgmt.compute") is not None:
+        from aicert.flows.azure_cleanup import azure_app
+
+        app.add_typer(azure_app, name="azure", help="Azure provider maintenance.")

@@ -3,10 +3,15 @@
 Teardown runs in ``finally`` and again from the failure, crash and cancellation hooks
 (idempotent); ``transaction()`` + ``on_rollback`` is not used because, with a retried task
 inside, Prefect 3.9 rolls back on the first failed attempt even when the retry succeeds.
+
+The hooks find the machine through a record on disk (``$AICERT_HOME/active/<flow run id>.json``)
+rather than in memory: under a runner or worker, the ``on_cancellation`` and ``on_crashed``
+hooks run in the supervising process, not in the process that provisioned the machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -20,7 +25,9 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run as current_flow_run
+from pydantic import BaseModel, ConfigDict
 
 from aicert.flows.assemble import (
     assemble_certificate,
@@ -30,12 +37,13 @@ from aicert.flows.assemble import (
     summary_markdown,
     summary_table,
 )
-from aicert.flows.providers import get_provider
+from aicert.flows.providers import get_provider, provider_for_machine
 from aicert.flows.providers.base import EnrolledKey, Machine, Provider
 from aicert.flows.settings import aicert_home
 from aicert.guest_runtime.api_models import Evidence
 from aicert.model import write_atomic
 from aicert.tasks import (
+    TrainingFailed,
     build_image,
     collect_quote,
     establish_attestation_key,
@@ -49,43 +57,110 @@ from aicert.tasks import (
     wait_for_agent,
 )
 
-# Machines of the flow runs in this process, for the crash/cancellation hooks.
-_ACTIVE: dict[str, tuple[Provider, Machine]] = {}
+CERTIFICATE_CREATED = "aicert.certificate.created"
+CERTIFICATE_FAILED = "aicert.certificate.failed"
+DEFAULT_CONFIG_PATH = "aicert.yaml"
 
 
-def _active_record(run_id: str) -> Path:
-    return aicert_home() / "active" / f"{run_id}.json"
+class ActiveRun(BaseModel):
+    """What a hook needs to clean up after a flow run that did not finish normally."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    flow_run_id: str
+    run_id: str
+    project: str
+    machine: Machine | None = None
+    torn_down: bool = False
 
 
-def _register(flow_run_id: str, provider: Provider, machine: Machine) -> None:
-    _ACTIVE[flow_run_id] = (provider, machine)
-    record = _active_record(machine.run_id)
-    write_atomic(record, machine.model_dump_json().encode())
+def _active_record(flow_run_id: str) -> Path:
+    return aicert_home() / "active" / f"{flow_run_id}.json"
 
 
-def _teardown_registered(flow_run_id: str) -> None:
-    entry = _ACTIVE.pop(flow_run_id, None)
-    if entry is None:
-        return
-    provider, machine = entry
-    provider.teardown(machine)
-    _active_record(machine.run_id).unlink(missing_ok=True)
+def _save_record(record: ActiveRun) -> None:
+    write_atomic(_active_record(record.flow_run_id), record.model_dump_json().encode())
+
+
+def _load_record(flow_run_id: str) -> ActiveRun | None:
+    try:
+        return ActiveRun.model_validate_json(_active_record(flow_run_id).read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def _discard_record(flow_run_id: str) -> None:
+    _active_record(flow_run_id).unlink(missing_ok=True)
+
+
+def _after_unsuccessful_run(flow_run: Any, state: Any) -> None:
+    """Shared by the failure, crash and cancellation hooks: teardown, then the event.
+
+    The event's resource is ``aicert.run.<run id>``, or ``aicert.flow-run.<flow run id>``
+    when the run failed before it got a run id (an invalid configuration).
+    """
+    flow_run_id = str(flow_run.id)
+    record = _load_record(flow_run_id)
+    teardown_error: str | None = None
+    if record is not None and record.machine is not None and not record.torn_down:
+        try:
+            provider_for_machine(record.machine).teardown(record.machine)
+            record.torn_down = True
+            _save_record(record)
+        except Exception as exc:  # still report the failed run; the record stays
+            teardown_error = f"{type(exc).__name__}: {exc}"
+    resource_id = (
+        f"aicert.run.{record.run_id}" if record is not None else f"aicert.flow-run.{flow_run_id}"
+    )
+    emit_event(
+        event=CERTIFICATE_FAILED,
+        resource={
+            "prefect.resource.id": resource_id,
+            "prefect.resource.name": record.project if record else str(flow_run.name),
+        },
+        related=[
+            {
+                "prefect.resource.id": f"prefect.flow-run.{flow_run_id}",
+                "prefect.resource.role": "flow-run",
+                "prefect.resource.name": str(flow_run.name),
+            }
+        ],
+        payload={
+            "run_id": record.run_id if record else None,
+            "project": record.project if record else None,
+            "flow_run_id": flow_run_id,
+            "state": str(state.type.value),
+            "message": str(state.message or "")[:2000],
+            "teardown_error": teardown_error,
+        },
+    )
+    if teardown_error is not None:
+        raise RuntimeError(
+            f"teardown of run {record.run_id if record else '?'} failed: {teardown_error}; "
+            f"its record stays at {_active_record(flow_run_id)}"
+        )
+    _discard_record(flow_run_id)
 
 
 def _on_failure(flow: Any, flow_run: Any, state: Any) -> None:
-    _teardown_registered(str(flow_run.id))
-    emit_event(
-        event="aicert.certificate.failed",
-        resource={
-            "prefect.resource.id": f"aicert.run.{flow_run.parameters.get('run_id') or flow_run.id}",
-            "prefect.resource.name": str(flow_run.name),
-        },
-        payload={"state": str(state.type.value), "message": str(state.message or "")[:2000]},
-    )
+    _after_unsuccessful_run(flow_run, state)
 
 
-def _on_crash_or_cancel(flow: Any, flow_run: Any, state: Any) -> None:
-    _teardown_registered(str(flow_run.id))
+def _on_crashed(flow: Any, flow_run: Any, state: Any) -> None:
+    _after_unsuccessful_run(flow_run, state)
+
+
+def _on_cancellation(flow: Any, flow_run: Any, state: Any) -> None:
+    _after_unsuccessful_run(flow_run, state)
+
+
+def resolve_platform(provider: str, platform_block: str | None) -> Provider:
+    """The provider named by ``provider``, or configured by the saved ``platform_block``."""
+    if platform_block is None:
+        return get_provider(provider)
+    from aicert.flows.blocks import load_platform_block
+
+    return load_platform_block(platform_block).provider()
 
 
 def artifact_key(project: str, kind: str) -> str:
@@ -131,6 +206,14 @@ def store_certificate(
     logger = get_run_logger()
     data = Path(certificate_path).read_bytes()
     digest = certificate_digest(data)
+    # Verified again from the very bytes about to be published (fail closed: nothing is
+    # written anywhere unless they verify); the report also feeds the artifacts.
+    certificate = aicert.Certificate.from_json_bytes(data, source=certificate_path)
+    platform_ca = Path(certificate_path).with_name("platform-ca.pem")
+    verification = certificate.verify(
+        trusted_roots=[platform_ca] if platform_ca.exists() else [],
+        allow_dev_platform=certificate.platform.kind == "local",
+    )
     published = certificate_path
     if output_bom:
         published = str(write_atomic(Path(output_bom).resolve(), data))
@@ -143,13 +226,6 @@ def store_certificate(
     if "://" not in storage_url:
         storage_url = Path(storage_url).resolve().as_uri()
 
-    certificate = aicert.load(certificate_path)
-    verification = certificate.verify(
-        trusted_roots=[Path(certificate_path).with_name("platform-ca.pem")]
-        if Path(certificate_path).with_name("platform-ca.pem").exists()
-        else [],
-        allow_dev_platform=certificate.platform.kind == "local",
-    )
     create_markdown_artifact(
         key=artifact_key(project, "certificate"),
         markdown=summary_markdown(certificate, verification, published),
@@ -187,40 +263,61 @@ def store_certificate(
 @flow(
     name="certify-training",
     on_failure=[_on_failure],
-    on_crashed=[_on_crash_or_cancel],
-    on_cancellation=[_on_crash_or_cancel],
+    on_crashed=[_on_crashed],
+    on_cancellation=[_on_cancellation],
     log_prints=True,
 )
 def certify_training(
-    config_path: str = "aicert.yaml",
+    config_path: str | None = None,
     provider: str = "local",
     output_bom: str | None = None,
     outputs_dir: str | None = None,
+    config_block: str | None = None,
+    platform_block: str | None = None,
 ) -> dict[str, Any]:
     """Certify a training run: the flow behind ``aicert run`` and the deployments.
+
+    The configuration comes from ``config_path`` (default ``aicert.yaml``) or from a saved
+    ``AicertRunConfig`` block named ``config_block``; the platform from ``provider`` or, when
+    given, from a saved platform block (``platform_block``: a ``LocalPlatform`` name or
+    ``<block-type-slug>/<name>``), which then takes precedence.
 
     Returns the run id, the certificate's path and SHA-256, and the verification report.
     """
     logger = get_run_logger()
-    config = load_run_config(config_path)
+    if config_path is None and config_block is None:
+        config_path = DEFAULT_CONFIG_PATH
+    config = load_run_config(config_path, config_block)
+    platform = resolve_platform(provider, platform_block)
     project = config.project_name()
     run_id = new_run_id(project)
     nonce = new_nonce()
-    platform = get_provider(provider)
     logger.info("certifying %s as run %s on the %s platform", project, run_id, platform.kind)
 
+    record = ActiveRun(flow_run_id=str(current_flow_run.id), run_id=run_id, project=project)
+    _save_record(record)
     machine: Machine | None = None
-    flow_run_id = str(current_flow_run.id or run_id)
+    early_teardown: PrefectFuture[None] | None = None
+    succeeded = False
     try:
         machine = provision_machine(platform, run_id)
-        _register(flow_run_id, platform, machine)
-        wait_for_agent(machine)
+        record.machine = machine
+        _save_record(record)
+        wait_for_agent(platform, machine, timeout_s=platform.agent_start_timeout_s)
         enrolled = establish_attestation_key(platform, machine, run_id, nonce, config)
         measure_inputs(machine, run_id, project)
         build_image(machine, run_id, project)
-        run_training(machine, run_id, project)
+        local_outputs = platform.outputs_path(machine)
+        try:
+            run_training(machine, run_id, project)
+        except TrainingFailed:
+            if local_outputs is not None:
+                logger.error("no certificate; outputs and training log kept in %s", local_outputs)
+            raise
         measure_outputs(machine, run_id, project)
         evidence = collect_quote(machine, run_id)
+        # The machine has done its part: tear it down while the certificate is assembled.
+        early_teardown = teardown_machine.submit(platform, machine)
         certificate_path = assemble_and_write(
             evidence,
             enrolled,
@@ -236,7 +333,6 @@ def certify_training(
             allow_dev_platform=platform.kind == "local",
         )
         published = store_certificate(certificate_path, report, project, output_bom)
-        local_outputs = platform.outputs_path(machine)
         if outputs_dir and local_outputs is not None:
             destination = Path(outputs_dir).resolve()
             shutil.copytree(local_outputs / "outputs", destination, dirs_exist_ok=True)
@@ -249,9 +345,17 @@ def certify_training(
             "report": report,
         }
         logger.info("certificate %s verified: %s", published["path"], json.dumps(report["checks"]))
+        succeeded = True
         return result
     finally:
         if machine is not None:
-            teardown_machine(platform, machine)
-            _ACTIVE.pop(flow_run_id, None)
-            _active_record(machine.run_id).unlink(missing_ok=True)
+            # If this raises, the record stays and the failure hook tears down again.
+            if early_teardown is not None:
+                early_teardown.result()
+            else:
+                teardown_machine(platform, machine)
+            record.torn_down = True
+            with contextlib.suppress(OSError):
+                _save_record(record)
+        if succeeded:
+            _discard_record(record.flow_run_id)

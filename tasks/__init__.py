@@ -1,6 +1,7 @@
 """Prefect tasks of AICert: one per certification step, plus verification for downstream flows."""
 
 from aicert.tasks.certification import (
+    MachineFailed,
     TrainingFailed,
     build_image,
     collect_quote,
@@ -16,6 +17,7 @@ from aicert.tasks.certification import (
 from aicert.tasks.verification import verify_certificate
 
 __all__ = [
+    "MachineFailed",
     "TrainingFailed",
     "build_image",
     "collect_quote",

@@ -8,6 +8,7 @@ retries happen inside the agent (downloads) or only when the agent was never rea
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,20 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from aicert.flows.providers.base import EnrolledKey, Machine, Provider
+from aicert.flows.providers.base import (
+    DEFAULT_AGENT_START_TIMEOUT_S,
+    EnrolledKey,
+    Machine,
+    Provider,
+)
 from aicert.guest_runtime.api_models import Evidence, Health, TrainingStatus
 from aicert.guest_runtime.client import AgentClient, AgentUnreachableError
-from aicert.guest_runtime.config import RunConfig, load_config, resolve_local_source
+from aicert.guest_runtime.config import (
+    ConfigError,
+    RunConfig,
+    load_config,
+    resolve_local_source,
+)
 from aicert.model import AppEvent
 
 
@@ -45,7 +56,19 @@ def _log_events(events: list[AppEvent]) -> None:
 
 
 @task(name="load-config", cache_policy=NO_CACHE)
-def load_run_config(config_path: str) -> RunConfig:
+def load_run_config(config_path: str | None = None, config_block: str | None = None) -> RunConfig:
+    """Validate the run configuration from a file or a saved ``AicertRunConfig`` block.
+
+    A relative local ``gitRepo`` is resolved against the file's folder (or the block's
+    ``base_dir``). Raises ``ConfigError`` naming the field; nothing is retried.
+    """
+    if (config_path is None) == (config_block is None):
+        raise ConfigError(["give exactly one of config_path and config_block"], "flow parameters")
+    if config_block is not None:
+        from aicert.flows.blocks import AicertRunConfig
+
+        return AicertRunConfig.load(config_block).load_config()
+    assert config_path is not None
     path = Path(config_path)
     config = load_config(path)
     return resolve_local_source(config, path.resolve().parent)
@@ -64,15 +87,45 @@ def provision_machine(provider: Provider, run_id: str) -> Machine:
     return machine
 
 
+class MachineFailed(RuntimeError):
+    """The provisioned machine cannot come up (its agent or TPM exited); retrying won't help."""
+
+
+def _unless_machine_failed(task: Any, task_run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except MachineFailed:
+        return False
+    except Exception:
+        return True
+    return False
+
+
 @task(
     name="wait-for-agent",
     cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[1, 5],
+    retries=1,
+    retry_delay_seconds=[2],
+    retry_condition_fn=_unless_machine_failed,
 )
-def wait_for_agent(machine: Machine, timeout_s: float = 60.0) -> Health:
+def wait_for_agent(
+    provider: Provider, machine: Machine, timeout_s: float = DEFAULT_AGENT_START_TIMEOUT_S
+) -> Health:
+    """Wait until the machine's agent answers; fail at once when the provider reports that
+    the machine died (rather than after the whole timeout)."""
+    deadline = time.monotonic() + timeout_s
     with _client(machine) as client:
-        health = client.wait_until_ready(timeout_s=timeout_s)
+        while True:
+            try:
+                health = client.health(timeout_s=min(5.0, timeout_s))
+                break
+            except AgentUnreachableError:
+                problem = provider.machine_problem(machine)
+                if problem is not None:
+                    raise MachineFailed(problem) from None
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
     get_run_logger().info("agent %s ready on %s", health.runtime_version, health.platform)
     return health
 

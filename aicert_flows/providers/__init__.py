@@ -11,6 +11,11 @@ PROVIDERS: dict[str, type[Provider]] = {"local": LocalProvider}
 def get_provider(name: str | Provider) -> Provider:
     if isinstance(name, Provider):
         return name
+    if name == "azure":
+        raise ValueError(
+            "provider: azure needs its settings: save an AzurePlatform block and pass "
+            "platform_block='aicert-azure-platform/<name>'"
+        )
     try:
         return PROVIDERS[name]()
     except KeyError:
@@ -18,4 +23,21 @@ def get_provider(name: str | Provider) -> Provider:
         raise ValueError(f"provider: unknown platform {name!r} (available: {known})") from None
 
 
-__all__ = ["PROVIDERS", "EnrolledKey", "LocalProvider", "Machine", "Provider", "get_provider"]
+def provider_for_machine(machine: Machine) -> Provider:
+    """A provider able to tear ``machine`` down in a process that did not provision it."""
+    if machine.provider == "azure":
+        from aicert.flows.providers.azure import AzureProvider
+
+        return AzureProvider.for_machine(machine)
+    return get_provider(machine.provider)
+
+
+__all__ = [
+    "PROVIDERS",
+    "EnrolledKey",
+    "LocalProvider",
+    "Machine",
+    "Provider",
+    "get_provider",
+    "provider_for_machine",
+]

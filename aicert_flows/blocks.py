@@ -1,0 +1,186 @@
+"""Prefect blocks of AICert: a stored run configuration and the platforms' settings.
+
+``AicertRunConfig`` keeps an ``aicert.yaml`` on the Prefect server, so a deployment can run
+``certify-training`` with ``config_block=<name>`` instead of a file on the worker.
+``LocalPlatform`` holds the ``local`` provider's settings; the flow takes its name as
+``platform_block``. Both are registered through the ``prefect.collections`` entry point
+(``prefect block register -m aicert.flows``). This module imports no TPM or Docker library:
+the Prefect server imports it at start-up to register the block types.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from prefect.blocks.core import Block
+from pydantic import Field
+
+if TYPE_CHECKING:
+    from aicert.flows.providers.base import Provider
+    from aicert.flows.providers.local import LocalProvider
+    from aicert.guest_runtime.config import RunConfig
+
+DOCUMENTATION_URL = "https://aicert.mithrilsecurity.io/en/latest"
+MAX_CONFIG_YAML_BYTES = 256 * 1024
+
+
+class AicertRunConfig(Block):
+    """The run configuration of a certified training (the ``aicert.yaml`` text).
+
+    Its ``load_config()`` validates it exactly as ``aicert run --config`` does, so a typo is
+    reported with the field's name before anything is provisioned.
+    """
+
+    _block_type_name = "AICert Run Config"
+    _block_type_slug = "aicert-run-config"
+    _documentation_url = DOCUMENTATION_URL
+    _description = (
+        "The configuration of an AICert certified training run: source repository, "
+        "resources, image, limits (the aicert.yaml text)."
+    )
+    _code_example = """
+    from aicert.flows.blocks import AicertRunConfig
+
+    run_config = AicertRunConfig.load("BLOCK_NAME")
+    config = run_config.load_config()
+    """
+
+    config_yaml: str = Field(
+        ...,
+        title="aicert.yaml",
+        description="The run configuration as YAML text, in the format of aicert.yaml.",
+        json_schema_extra={"format": "text"},  # a multi-line editor in the UI
+    )
+    base_dir: str | None = Field(
+        default=None,
+        title="Base folder",
+        description=(
+            "Folder that a relative local source.gitRepo path is resolved against "
+            "(on the machine that runs the flow)."
+        ),
+    )
+
+    def load_config(self) -> RunConfig:
+        """The validated configuration; raises ``ConfigError`` naming the field (and line)."""
+        import yaml
+
+        from aicert.guest_runtime.config import ConfigError, parse_config, resolve_local_source
+
+        source = f"block {self._block_document_name or self.get_block_type_slug()}"
+        if len(self.config_yaml.encode()) > MAX_CONFIG_YAML_BYTES:
+            raise ConfigError([f"config_yaml: larger than {MAX_CONFIG_YAML_BYTES} bytes"], source)
+        try:
+            data: Any = yaml.safe_load(self.config_yaml)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}:" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise ConfigError([f"config_yaml:{where} invalid YAML: {problem}"], source) from None
+        if not isinstance(data, dict):
+            raise ConfigError(["config_yaml: the top level must be a mapping of fields"], source)
+        config = parse_config(data, text=self.config_yaml, source=source)
+        if (
+            _is_local_path(config.source.git_repo)
+            and not Path(config.source.git_repo).is_absolute()
+        ):
+            if self.base_dir is None:
+                raise ConfigError(
+                    [
+                        f"source.gitRepo: {config.source.git_repo!r} is a relative local path; "
+                        "set base_dir on the block or give an absolute path or a URL"
+                    ],
+                    source,
+                )
+            return resolve_local_source(config, Path(self.base_dir).expanduser())
+        return config
+
+
+def _is_local_path(repo: str) -> bool:
+    # The rule of guest_runtime.config.resolve_local_source: a URL scheme or an scp-like
+    # "user@host:" address is remote, anything else is a path on the flow's machine.
+    return not (re.match(r"^[a-z][a-z0-9+.-]*://", repo) or re.match(r"^[\w.-]+@[\w.-]+:", repo))
+
+
+class PlatformBlock(Block, ABC):
+    """Settings of a platform; ``provider()`` gives the flow its provider. (An interface:
+    Prefect does not register block classes that list ``ABC`` among their bases.)"""
+
+    _block_schema_capabilities: ClassVar[list[str]] = ["aicert-platform"]
+
+    @abstractmethod
+    def provider(self) -> Provider:
+        """A provider configured with these settings."""
+
+
+class LocalPlatform(PlatformBlock):
+    """Settings of the ``local`` AICert platform: a software TPM and the host's Docker engine.
+
+    It attests what the AICert agent measured but no boot chain, so its certificates verify
+    only when the verifier allows the development platform.
+    """
+
+    _block_type_name = "AICert Local Platform"
+    _block_type_slug = "aicert-local-platform"
+    _documentation_url = DOCUMENTATION_URL
+    _description = (
+        "Settings of the AICert local platform (a software TPM started per run and the "
+        "host's Docker engine)."
+    )
+    _code_example = """
+    from aicert.flows.blocks import LocalPlatform
+
+    local_platform = LocalPlatform.load("BLOCK_NAME")
+    provider = local_platform.provider()
+    """
+
+    home: str | None = Field(
+        default=None,
+        title="AICert home",
+        description=(
+            "Folder for the CAs, per-run TPM state, workspaces and logs; "
+            "empty means $AICERT_HOME or ~/.aicert."
+        ),
+    )
+    agent_start_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        title="Agent start timeout (seconds)",
+        description="How long to wait for a run's guest agent to answer after it was started.",
+    )
+
+    keep_spare_tpm: bool = Field(
+        default=True,
+        title="Keep a spare TPM",
+        description=(
+            "Manufacture the next run's software TPM in the background while a run trains "
+            "(saves about a second of provisioning per run)."
+        ),
+    )
+
+    def provider(self) -> LocalProvider:
+        from aicert.flows.providers.local import LocalProvider
+
+        home = Path(self.home).expanduser() if self.home else None
+        return LocalProvider(
+            home,
+            agent_start_timeout_s=self.agent_start_timeout_seconds,
+            keep_spare_tpm=self.keep_spare_tpm,
+        )
+
+
+def load_platform_block(name: str) -> PlatformBlock:
+    """Load a platform block by ``<type-slug>/<name>``, or a ``LocalPlatform`` by bare name."""
+    block = Block.load(name) if "/" in name else LocalPlatform.load(name)
+    if not isinstance(block, PlatformBlock):
+        raise TypeError(f"platform_block: {name!r} is a {type(block).__name__}, not a platform")
+    return block
+
+
+try:  # Prefect finds a block type only once its class is imported.
+    from aicert.flows.providers.azure import AzurePlatform  # noqa: F401
+except ImportError:  # the [azure] extra is not installed
+    pass
