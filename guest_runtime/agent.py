@@ -424,7 +424,7 @@ class CertificationAgent:
                                 size=wheel.size,
                             ),
                         )
-                    tag = f"aicert/training:{run.run_id.lower()}"
+                    tag = training_image_tag(run.run_id)
                     try:
                         image_id = build_training_image(
                             run.base_image_id, wheel_dir, wheels, tag=tag, progress=self.progress
@@ -589,6 +589,11 @@ class CertificationAgent:
                 "exit_code": run.exit_code,
                 "duration_ms": run.duration_ms or 0,
             }
+
+
+def training_image_tag(run_id: str) -> str:
+    """The tag of a run's training image; teardown removes it once the run is over."""
+    return f"aicert/training:{run_id.lower()}"
 
 
 def download(

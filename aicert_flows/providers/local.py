@@ -361,6 +361,8 @@ def _remove_run_containers(run_id: str) -> None:
     """
     import docker
 
+    from aicert.guest_runtime.agent import training_image_tag
+
     client = docker.from_env(timeout=30)
     try:
         seen: set[str] = set()
@@ -371,6 +373,10 @@ def _remove_run_containers(run_id: str) -> None:
                 seen.add(container.id)
                 with contextlib.suppress(docker.errors.NotFound):
                     container.remove(force=True)
+        # The run's training image is only needed while it runs (the certificate records
+        # its ID): drop the run's tag so images do not pile up, run after run.
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            client.images.remove(training_image_tag(run_id), noprune=False)
     finally:
         client.close()
 
