@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -41,7 +42,7 @@ from aicert.appevents import (
 )
 from aicert.guest_runtime import RUNTIME_VERSION
 from aicert.guest_runtime.config import RunConfig, parse_config
-from aicert.hashing import UnsafePathError, hash_tree, tree_sha256
+from aicert.hashing import FileDigest, UnsafePathError, hash_tree, tree_sha256
 from aicert.model import AppEvent
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,47 @@ _ORDER: tuple[Step, ...] = (
     "quoted",
 )
 _TRAINING_STARTED: tuple[Step, ...] = _ORDER[_ORDER.index("training") :]
+
+
+@dataclass
+class WorkProgress:
+    """What the agent is doing right now, for progress displays (hashing, downloads)."""
+
+    phase: str = "idle"
+    done_bytes: int = 0
+    total_bytes: int | None = None
+    message: str = ""
+
+    def begin(self, phase: str, total_bytes: int | None) -> None:
+        self.phase, self.done_bytes, self.total_bytes = phase, 0, total_bytes
+
+    def advance(self, count: int) -> None:
+        self.done_bytes += count
+
+    def end(self) -> None:
+        self.phase, self.total_bytes = "idle", None
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "phase": self.phase,
+            "done_bytes": self.done_bytes,
+            "total_bytes": self.total_bytes,
+            "message": self.message,
+        }
+
+
+def tree_size(root: Path) -> int:
+    """Bytes in the regular files under ``root`` (symlinks not followed): a progress total."""
+    total = 0
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                info = os.lstat(os.path.join(folder, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                total += info.st_size
+    return total
 
 
 @dataclass
@@ -156,7 +198,14 @@ class CertificationAgent:
         self.tpm = tpm
         self.platform = platform
         self.work_root = work_root
-        self.progress = progress or (lambda message: log.info("%s", message))
+        self.work = WorkProgress()
+        report = progress or (lambda message: log.info("%s", message))
+
+        def progress_and_remember(message: str) -> None:
+            self.work.message = message
+            report(message)
+
+        self.progress = progress_and_remember
         self.run: RunState | None = None
         self._lock = threading.RLock()
         self._ak: object | None = None
@@ -165,6 +214,13 @@ class CertificationAgent:
         self.azure_intermediates = azure_intermediates
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _hash_tree_with_progress(self, root: Path, phase: str) -> list[FileDigest]:
+        self.work.begin(phase, tree_size(root))
+        try:
+            return hash_tree(root, progress=self.work.advance)
+        finally:
+            self.work.end()
 
     def _require(self, run_id: str, *allowed: Step, observing: bool = False) -> RunState:
         """The run, if ``run_id`` is at one of the ``allowed`` steps. ``observing`` (status and
@@ -352,7 +408,7 @@ class CertificationAgent:
             source_dir = (checkout / source.subdirectory).resolve()
             if not source_dir.is_relative_to(checkout.resolve()) or not source_dir.is_dir():
                 raise SourceError(f"source.subdirectory: {source.subdirectory!r} is not a folder")
-        digests = hash_tree(source_dir)
+        digests = self._hash_tree_with_progress(source_dir, "hashing source")
         run.source_dir = source_dir
         self._measure(
             run,
@@ -376,7 +432,17 @@ class CertificationAgent:
         if not target.is_relative_to(run.resources_dir.resolve()):
             raise AgentError(f"resources: destinationPath {destination!r} leaves the folder")
         target.parent.mkdir(parents=True, exist_ok=True)
-        digest, size = download(url, target, progress=self.progress)
+        self.work.begin(f"downloading {destination}", None)
+        try:
+            digest, size = download(
+                url,
+                target,
+                progress=self.progress,
+                on_bytes=self.work.advance,
+                on_total=lambda total: setattr(self.work, "total_bytes", total),
+            )
+        finally:
+            self.work.end()
         if pinned is not None and digest != pinned:
             raise InputMismatchError(
                 f"resources[{destination}]: sha256 of {url} is {digest}, "
@@ -545,7 +611,7 @@ class CertificationAgent:
             with self._measuring_step(run):
                 try:
                     # The whole tree is walked and checked before the first extend.
-                    digests = hash_tree(run.outputs_dir)
+                    digests = self._hash_tree_with_progress(run.outputs_dir, "hashing outputs")
                 except UnsafePathError as exc:
                     raise UnsafeOutputError(
                         f"outputs: {exc}; no certificate is produced, outputs and logs are "
@@ -603,6 +669,8 @@ def download(
     progress: ProgressCallback | None = None,
     attempts: int = DOWNLOAD_ATTEMPTS,
     timeout_s: float = 60.0,
+    on_bytes: Callable[[int], None] | None = None,
+    on_total: Callable[[int | None], None] | None = None,
 ) -> tuple[str, int]:
     """Stream ``url`` to ``target`` while hashing it; retry transient failures with backoff.
 
@@ -618,12 +686,16 @@ def download(
             request = urllib.request.Request(url, headers={"User-Agent": "aicert"})  # noqa: S310
             with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
                 total = int(response.headers.get("Content-Length") or 0) or None
+                if on_total is not None:
+                    on_total(total)
                 with partial.open("wb") as handle:
                     last_report = 0.0
                     while chunk := response.read(DOWNLOAD_CHUNK):
                         digest.update(chunk)
                         handle.write(chunk)
                         size += len(chunk)
+                        if on_bytes is not None:
+                            on_bytes(len(chunk))
                         now = time.monotonic()
                         if progress and now - last_report > 1.0:
                             last_report = now

@@ -83,3 +83,12 @@ class Evidence(_Model):
 class ProblemDetail(_Model):
     error: str
     kind: str
+
+
+class ProgressReport(_Model):
+    """What the agent is doing now: ``phase`` is "idle" between long operations."""
+
+    phase: str
+    done_bytes: int
+    total_bytes: int | None
+    message: str

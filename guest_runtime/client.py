@@ -18,6 +18,7 @@ from aicert.guest_runtime.api_models import (
     Health,
     KeyMaterial,
     LogChunk,
+    ProgressReport,
     StartRunRequest,
     TrainingStatus,
 )
@@ -118,6 +119,9 @@ class AgentClient:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(interval_s)
+
+    def progress(self, timeout_s: float = 5.0) -> ProgressReport:
+        return self._call("GET", "/progress", ProgressReport, timeout_s=timeout_s)
 
     def start_run(self, run_id: str, nonce: bytes, config: dict[str, Any]) -> list[AppEvent]:
         body = StartRunRequest(run_id=run_id, nonce=nonce, config=config)

@@ -36,6 +36,7 @@ from aicert.guest_runtime.api_models import (
     Health,
     KeyMaterial,
     LogChunk,
+    ProgressReport,
     StartRunRequest,
     TrainingStatus,
 )
@@ -87,6 +88,10 @@ def create_app(agent: CertificationAgent) -> FastAPI:
         return Health(
             status="ok", runtime_version=RUNTIME_VERSION, platform=agent.platform, busy_run_id=busy
         )
+
+    @app.get(f"{API_PREFIX}/progress")
+    def progress() -> ProgressReport:
+        return ProgressReport(**agent.work.snapshot())
 
     @app.post(f"{API_PREFIX}/runs")
     def start_run(request: StartRunRequest) -> EventsResponse:

@@ -8,11 +8,15 @@ retries happen inside the agent (downloads) or only when the agent was never rea
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
@@ -23,7 +27,7 @@ from aicert.flows.providers.base import (
     Provider,
 )
 from aicert.guest_runtime.api_models import Evidence, Health, TrainingStatus
-from aicert.guest_runtime.client import AgentClient, AgentUnreachableError
+from aicert.guest_runtime.client import AgentCallError, AgentClient, AgentUnreachableError
 from aicert.guest_runtime.config import (
     ConfigError,
     RunConfig,
@@ -46,6 +50,67 @@ def _only_if_unreachable(task: Any, task_run: Any, state: Any) -> bool:
 
 def _client(machine: Machine, timeout_s: float = 900.0) -> AgentClient:
     return AgentClient(machine.agent_url, timeout_s=timeout_s)
+
+
+T = TypeVar("T")
+
+# Below this many bytes a step is over before a progress bar would mean anything.
+DEFAULT_PROGRESS_MIN_BYTES = 64 * 1024 * 1024
+
+
+def _progress_settings() -> tuple[int, float]:
+    minimum = int(os.environ.get("AICERT_PROGRESS_MIN_BYTES", DEFAULT_PROGRESS_MIN_BYTES))
+    return minimum, float(os.environ.get("AICERT_PROGRESS_POLL_S", "0.5"))
+
+
+def _call_with_progress(machine: Machine, artifact_key: str, call: Callable[[], T]) -> T:
+    """Run a long agent call, showing its hashing/download progress as a Prefect progress
+    artifact (and in the logs) while it runs; return the call's result."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # re-raised in the task's thread below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=target, name=f"agent-call-{artifact_key}", daemon=True)
+    worker.start()
+    logger = get_run_logger()
+    min_bytes, poll_s = _progress_settings()
+    artifact_id = None
+    last_logged = 0.0
+    with _client(machine, timeout_s=5.0) as poller:
+        while True:
+            worker.join(poll_s)
+            if not worker.is_alive():
+                break
+            try:
+                report = poller.progress()
+            except AgentCallError:
+                continue  # the call itself reports what went wrong
+            if not report.total_bytes or report.total_bytes < min_bytes:
+                continue
+            percent = min(100.0, 100.0 * report.done_bytes / report.total_bytes)
+            if artifact_id is None:
+                artifact_id = create_progress_artifact(
+                    progress=percent, key=artifact_key, description=report.phase
+                )
+            else:
+                update_progress_artifact(artifact_id, percent, description=report.phase)
+            if time.monotonic() - last_logged > 5.0:
+                last_logged = time.monotonic()
+                logger.info(
+                    "%s: %.0f%% of %.1f MB",
+                    report.phase,
+                    percent,
+                    report.total_bytes / 1e6,
+                )
+    if "error" in outcome:
+        raise outcome["error"]
+    if artifact_id is not None:
+        update_progress_artifact(artifact_id, 100.0)
+    return outcome["value"]
 
 
 def _log_events(events: list[AppEvent]) -> None:
@@ -159,7 +224,9 @@ def establish_attestation_key(
 )
 def measure_inputs(machine: Machine, run_id: str, project: str) -> list[AppEvent]:
     with _client(machine) as client:
-        events = client.measure_inputs(run_id)
+        events = _call_with_progress(
+            machine, f"aicert-{project}-hashing-inputs", lambda: client.measure_inputs(run_id)
+        )
     _log_events(events)
     return events
 
@@ -207,7 +274,9 @@ class TrainingFailed(RuntimeError):
 )
 def measure_outputs(machine: Machine, run_id: str, project: str) -> list[AppEvent]:
     with _client(machine) as client:
-        events = client.measure_outputs(run_id)
+        events = _call_with_progress(
+            machine, f"aicert-{project}-hashing-outputs", lambda: client.measure_outputs(run_id)
+        )
     _log_events(events)
     return events
 
