@@ -155,7 +155,7 @@ def test_prefect_finds_the_blocks_through_the_collections_entry_point() -> None:
     assert completed.returncode == 0, completed.stderr
     assert (
         completed.stdout.strip().splitlines()[-1]
-        == "['aicert-local-platform', 'aicert-run-config']"
+        == "['aicert-azure-platform', 'aicert-local-platform', 'aicert-run-config']"
     )
 
 
