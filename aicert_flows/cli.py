@@ -80,6 +80,10 @@ def build_base(
 def register(app: typer.Typer) -> None:
     import importlib.util
 
+    from aicert.flows.qemu_image import build_guest_command
+
+    image_app.command("build-guest")(build_guest_command)
+
     app.command(name="run")(run)
     app.add_typer(image_app, name="image")
     if importlib.util.find_spec("azure.mgmt.compute") is not None:

@@ -12,7 +12,11 @@ SUDO=""
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
-APT_PACKAGES=(swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config docker.io debootstrap git make)
+APT_PACKAGES=(
+  swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config   # the software TPM and its tools
+  docker.io debootstrap git make                        # containers, the base image
+  qemu-system-x86 ovmf mmdebstrap binutils              # measured boot (qemu provider)
+)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -44,6 +44,7 @@ from aicert.guest_runtime import RUNTIME_VERSION
 from aicert.guest_runtime.config import RunConfig, parse_config
 from aicert.hashing import FileDigest, UnsafePathError, hash_tree, tree_sha256
 from aicert.model import AppEvent
+from aicert.reference_values import platform_quote_nonce
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +338,29 @@ class CertificationAgent:
             return self.tpm.activate_credential(  # type: ignore[attr-defined]
                 self._ak, credential_blob, secret
             )
+
+    def platform_quote(
+        self, run_id: str, challenge: bytes, boot_event_log: bytes | None = None
+    ) -> dict[str, object]:
+        """Quote PCR 0-15 with the run's AK over the orchestrator's challenge.
+
+        Asked once the AK exists and before inputs are sent, so the orchestrator can check the
+        boot chain first. The extraData is ``platform_quote_nonce(challenge)``, never the run
+        nonce: this quote cannot be passed off as the run's final quote."""
+        with self._lock:
+            self._require(run_id, *_ORDER[_ORDER.index("ak") :])
+            if not 16 <= len(challenge) <= 64:
+                raise AgentError("the platform quote challenge must be 16 to 64 bytes")
+            quote = self.tpm.quote(  # type: ignore[attr-defined]
+                self._ak, QUOTED_PCRS, platform_quote_nonce(challenge)
+            )
+            return {
+                "attest": quote.attest,
+                "signature": quote.signature,
+                "pcrs": {str(i): value.hex() for i, value in sorted(quote.pcrs.items())},
+                "ak_public": self._ak.public_bytes,  # type: ignore[attr-defined]
+                "boot_event_log": boot_event_log,
+            }
 
     # -- step 3: inputs ------------------------------------------------------------------------
 

@@ -80,6 +80,21 @@ class Evidence(_Model):
     duration_ms: int
 
 
+class PlatformQuoteRequest(_Model):
+    challenge: Base64Bytes(64)  # 16 to 64 bytes, checked by the agent
+
+
+class PlatformEvidence(_Model):
+    """A quote of PCR 0-15 over the orchestrator's challenge, before the workload: the boot
+    chain (and what PCR 14 holds so far) is checked before anything is sent to the machine."""
+
+    attest: Base64Bytes(4096)
+    signature: Base64Bytes(2048)
+    pcrs: dict[str, str]
+    ak_public: Base64Bytes(2048)
+    boot_event_log: Base64Bytes(16 * 1024 * 1024) | None = None
+
+
 class ProblemDetail(_Model):
     error: str
     kind: str

@@ -18,6 +18,8 @@ from aicert.guest_runtime.api_models import (
     Health,
     KeyMaterial,
     LogChunk,
+    PlatformEvidence,
+    PlatformQuoteRequest,
     ProgressReport,
     StartRunRequest,
     TrainingStatus,
@@ -133,6 +135,11 @@ class AgentClient:
     def activate_credential(self, run_id: str, credential_blob: bytes, secret: bytes) -> bytes:
         body = ActivateRequest(credential_blob=credential_blob, encrypted_secret=secret)
         return self._call("POST", f"/runs/{run_id}/ak/activate", ActivateResponse, body=body).secret
+
+    def platform_quote(self, run_id: str, challenge: bytes) -> PlatformEvidence:
+        """A quote of PCR 0-15 and the boot event log, asked before sending the workload."""
+        body = PlatformQuoteRequest(challenge=challenge)
+        return self._call("POST", f"/runs/{run_id}/platform-quote", PlatformEvidence, body=body)
 
     def measure_inputs(self, run_id: str) -> list[AppEvent]:
         return self._call("POST", f"/runs/{run_id}/inputs", EventsResponse).events

@@ -36,6 +36,8 @@ from aicert.guest_runtime.api_models import (
     Health,
     KeyMaterial,
     LogChunk,
+    PlatformEvidence,
+    PlatformQuoteRequest,
     ProgressReport,
     StartRunRequest,
     TrainingStatus,
@@ -107,6 +109,12 @@ def create_app(agent: CertificationAgent) -> FastAPI:
             run_id, request.credential_blob, request.encrypted_secret
         )
         return ActivateResponse(secret=secret)
+
+    @app.post(f"{API_PREFIX}/runs/{{run_id}}/platform-quote")
+    def platform_quote(run_id: str, request: PlatformQuoteRequest) -> PlatformEvidence:
+        return PlatformEvidence(
+            **agent.platform_quote(run_id, request.challenge, boot_event_log=_read_boot_event_log())
+        )
 
     @app.post(f"{API_PREFIX}/runs/{{run_id}}/inputs")
     def measure_inputs(run_id: str) -> EventsResponse:

@@ -17,6 +17,7 @@ from rich.table import Table
 
 import aicert
 from aicert.errors import MalformedCertificateError, VerificationError
+from aicert.reference_values import load_reference_values
 
 app = typer.Typer(
     name="aicert",
@@ -75,6 +76,13 @@ def verify(
         bool,
         typer.Option(help="Accept a local-platform certificate (no boot chain attested)."),
     ] = False,
+    reference_values: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--reference-values",
+            help="A reference-value set (reference-values.json) judging a qemu boot chain.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Verify a certificate offline; exit 0 only when every check passed."""
@@ -86,7 +94,9 @@ def verify(
             raise typer.Exit(2)
         expected[name] = digest
     try:
+        references = [load_reference_values(path) for path in reference_values or []]
         report = aicert.load(certificate).verify(
+            reference_values=references,
             trusted_roots=list(trust_root or []),
             expected_inputs=expected or None,
             allow_dev_platform=allow_dev_platform,

@@ -38,6 +38,7 @@ from aicert.errors import (
 from aicert.hashing import UnsafePathError, hash_tree, sha256_file
 from aicert.model import Certificate, InputRecord, OutputRecord
 from aicert.quote import verify_quote
+from aicert.reference_values import ReferenceValueSet, check_boot_log
 from aicert.tcg_eventlog import parse_event_log
 from aicert.tpm_structures import parse_tpmt_public
 
@@ -130,6 +131,7 @@ def verify_certificate(
     at_time: datetime | None = None,
     allow_dev_platform: bool = False,
     model: str | os.PathLike[str] | None = None,
+    reference_values: ReferenceValueSet | Iterable[ReferenceValueSet] | None = None,
 ) -> VerificationReport:
     """Verify everything the certificate claims; raise on the first failed check.
 
@@ -138,7 +140,8 @@ def verify_certificate(
     expected SHA-256 (or git commit SHA-1 for a source). ``at_time``: when to judge the AK
     chain's validity (default: the measured end of the run). ``allow_dev_platform``: accept a
     ``local`` certificate, which attests no boot chain. ``model``: a file or folder that must
-    match the certified outputs.
+    match the certified outputs. ``reference_values``: the reference-value sets (one, or
+    several to choose from by the id the certificate names) that judge a qemu boot chain.
     """
     checks: list[Check] = []
     attestation = certificate.attestation
@@ -206,7 +209,9 @@ def verify_certificate(
         raise EventLogError("run.finished_at differs from the measured result event")
 
     # 7. Platform.
-    boot_attested, platform_note = _verify_platform(certificate, claimed_pcrs, allow_dev_platform)
+    boot_attested, platform_note = _verify_platform(
+        certificate, claimed_pcrs, allow_dev_platform, reference_values
+    )
     checks.append(Check("platform", platform_note))
 
     inputs = tuple(measured.input_records())
@@ -287,7 +292,10 @@ def _verify_event_log(certificate: Certificate, quoted: Mapping[int, bytes]) -> 
 
 
 def _verify_platform(
-    certificate: Certificate, pcrs: Mapping[int, bytes], allow_dev_platform: bool
+    certificate: Certificate,
+    pcrs: Mapping[int, bytes],
+    allow_dev_platform: bool,
+    reference_values: ReferenceValueSet | Iterable[ReferenceValueSet] | None = None,
 ) -> tuple[bool, str]:
     kind = certificate.platform.kind
     if kind == "local":
@@ -316,9 +324,32 @@ def _verify_platform(
                 f"the boot event log replays PCR {index} to {expected.hex()}, "
                 f"but the quote says {pcrs[index].hex()}"
             )
+    reference = _select_reference_values(certificate, reference_values)
+    # Names the component that differs: kernel command line, initrd, kernel, firmware (PCR n).
+    return True, check_boot_log(log, pcrs, reference).note
+
+
+def _select_reference_values(
+    certificate: Certificate,
+    given: ReferenceValueSet | Iterable[ReferenceValueSet] | None,
+) -> ReferenceValueSet:
+    """The caller's reference-value set with the id the certificate names (the id only
+    selects: the boot log is then judged against the caller's values, not the certificate's)."""
+    kind = certificate.platform.kind
+    claimed = certificate.platform.reference_values
+    candidates = [given] if isinstance(given, ReferenceValueSet) else list(given or ())
+    if not candidates:
+        raise PlatformError(
+            f"{kind} platform: the boot event log replays, but no reference-value set was "
+            f"given to judge it (the certificate names {claimed!r}; pass reference_values= "
+            "or --reference-values)"
+        )
+    for reference in candidates:
+        if reference.id == claimed and reference.platform == kind:
+            return reference
     raise PlatformError(
-        f"{kind} platform: the boot event log replays, but no reference-value set is "
-        f"available for {certificate.platform.reference_values!r} to judge it"
+        f"{kind} platform: the certificate names reference values {claimed!r}, and none of "
+        f"the given sets ({', '.join(r.id for r in candidates)}) is that one"
     )
 
 
