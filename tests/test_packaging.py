@@ -22,6 +22,7 @@ VERIFIER_MODULES = [
     "aicert.hashing",
     "aicert.model",
     "aicert.quote",
+    "aicert.reference_values",
     "aicert.schema",
     "aicert.tcg_eventlog",
     "aicert.tpm_structures",
