@@ -41,6 +41,7 @@ from aicert.flows.providers import get_provider, provider_for_machine
 from aicert.flows.providers.base import EnrolledKey, Machine, Provider
 from aicert.flows.settings import aicert_home
 from aicert.guest_runtime.api_models import Evidence
+from aicert.guest_runtime.config import RunConfig, parse_config
 from aicert.model import write_atomic
 from aicert.tasks import (
     TrainingFailed,
@@ -163,6 +164,14 @@ def resolve_platform(provider: str, platform_block: str | None) -> Provider:
     return load_platform_block(platform_block).provider()
 
 
+def pin_source_commit(config: RunConfig, commit: str) -> RunConfig:
+    """The configuration with its source pinned to ``commit`` (an event's pushed commit),
+    validated again like a configured one; the pinned form is what gets measured."""
+    data = config.model_dump(by_alias=True)
+    data["source"].update(commit=commit, tag=None, branch=None)
+    return parse_config(data, source="flow parameter source_commit")
+
+
 def artifact_key(project: str, kind: str) -> str:
     """Stable artifact keys (Prefect requires ``^[a-z0-9-]*$``)."""
     return f"aicert-{project}-{kind}"[:100]
@@ -197,8 +206,13 @@ def store_certificate(
     report: dict[str, Any],
     project: str,
     output_bom: str | None,
+    outputs_path: str | None = None,
 ) -> dict[str, Any]:
-    """Publish: the file at ``output_bom`` (atomically), result storage, artifacts, event."""
+    """Publish: the file at ``output_bom`` (atomically), result storage, artifacts, event.
+
+    ``outputs_path``: the run's outputs folder on this host, when the platform keeps one; the
+    event carries it so that a downstream flow (verify-and-promote) can re-hash the model.
+    """
     from prefect.results import get_default_result_storage
 
     import aicert
@@ -255,6 +269,7 @@ def store_certificate(
             "certificate_path": published,
             "storage_url": storage_url,
             "platform": report["platform"],
+            "outputs_path": outputs_path,
         },
     )
     return {"path": published, "sha256": digest, "storage_url": storage_url}
@@ -274,13 +289,16 @@ def certify_training(
     outputs_dir: str | None = None,
     config_block: str | None = None,
     platform_block: str | None = None,
+    source_commit: str | None = None,
 ) -> dict[str, Any]:
     """Certify a training run: the flow behind ``aicert run`` and the deployments.
 
     The configuration comes from ``config_path`` (default ``aicert.yaml``) or from a saved
     ``AicertRunConfig`` block named ``config_block``; the platform from ``provider`` or, when
     given, from a saved platform block (``platform_block``: a ``LocalPlatform`` name or
-    ``<block-type-slug>/<name>``), which then takes precedence.
+    ``<block-type-slug>/<name>``), which then takes precedence. ``source_commit`` pins the
+    source to that commit instead of the configured tag/branch/commit (an event trigger passes
+    the pushed commit).
 
     Returns the run id, the certificate's path and SHA-256, and the verification report.
     """
@@ -288,6 +306,8 @@ def certify_training(
     if config_path is None and config_block is None:
         config_path = DEFAULT_CONFIG_PATH
     config = load_run_config(config_path, config_block)
+    if source_commit:
+        config = pin_source_commit(config, source_commit)
     platform = resolve_platform(provider, platform_block)
     project = config.project_name()
     run_id = new_run_id(project)
@@ -332,7 +352,13 @@ def certify_training(
             trusted_roots=trusted,
             allow_dev_platform=platform.kind == "local",
         )
-        published = store_certificate(certificate_path, report, project, output_bom)
+        published = store_certificate(
+            certificate_path,
+            report,
+            project,
+            output_bom,
+            str(local_outputs / "outputs") if local_outputs is not None else None,
+        )
         if outputs_dir and local_outputs is not None:
             destination = Path(outputs_dir).resolve()
             shutil.copytree(local_outputs / "outputs", destination, dirs_exist_ok=True)

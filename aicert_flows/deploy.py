@@ -1,0 +1,224 @@
+"""The AICert deployments, in Python: ``python -m aicert.flows.deploy serve|apply|drain``.
+
+- ``certify-training``: an example nightly cron schedule (created *inactive*: turn it on in
+  the UI or with ``prefect deployment schedule resume``), and an event trigger on
+  ``aicert.source.updated`` whose payload names the configuration (``config_path`` or
+  ``config_block``) and, optionally, the pushed ``commit`` to pin the source to;
+- ``verify-and-promote``: triggered by ``aicert.certificate.created``, its parameters taken
+  from the event's payload.
+
+``apply`` registers both on a process work pool (created when missing) for a worker to run;
+``serve`` runs them in this process instead (no work pool, no worker); ``drain`` cancels the
+pool's flow runs in flight and waits for them to end (``stack.sh down`` runs it first).
+``deployments/prefect.yaml`` declares the same two deployments for ``prefect deploy --all``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.events import DeploymentEventTrigger
+from prefect.schedules import Cron
+
+from aicert.flows.flows import certify_training
+from aicert.flows.promote import verify_and_promote
+
+DEFAULT_WORK_POOL = "aicert"
+CERTIFY_DEPLOYMENT = "certify-training"
+PROMOTE_DEPLOYMENT = "verify-and-promote"
+SOURCE_UPDATED = "aicert.source.updated"
+CERTIFICATE_CREATED = "aicert.certificate.created"
+EXAMPLE_CRON = "0 3 * * *"
+# Relative to the worker's working folder (the repository root, see ``working_dir``).
+EXAMPLE_CONFIG = "examples/aicert.yaml"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _from_payload(field: str) -> str:
+    # A single-expression template keeps the value's JSON type; ``default(none)`` makes an
+    # absent field a null parameter instead of a failed rendering.
+    return "{{ event.payload." + field + " | default(none) }}"
+
+
+def source_updated_trigger() -> DeploymentEventTrigger:
+    """Run ``certify-training`` when code or data change (``aicert.source.updated``)."""
+    return DeploymentEventTrigger(
+        name="certify-on-source-update",
+        description="Certify again when a training project's source or data changed.",
+        expect={SOURCE_UPDATED},
+        match={"prefect.resource.id": "aicert.source.*"},
+        parameters={
+            "config_path": _from_payload("config_path"),
+            "config_block": _from_payload("config_block"),
+            "source_commit": _from_payload("commit"),
+        },
+    )
+
+
+PROMOTE_PARAMETERS_FROM_EVENT = (
+    "certificate_path",
+    "storage_url",
+    "certificate_sha256",
+    "run_id",
+    "project",
+    "outputs_path",
+)
+
+
+def certificate_created_trigger() -> DeploymentEventTrigger:
+    """Run ``verify-and-promote`` for every new certificate (``aicert.certificate.created``)."""
+    return DeploymentEventTrigger(
+        name="promote-on-certificate",
+        description="Verify each new certificate and its model; publish it to the registry.",
+        expect={CERTIFICATE_CREATED},
+        match={"prefect.resource.id": "aicert.run.*"},
+        parameters={name: _from_payload(name) for name in PROMOTE_PARAMETERS_FROM_EVENT},
+    )
+
+
+def build_deployments(
+    work_pool: str | None, *, allow_dev_platform: bool = True, working_dir: Path = REPO_ROOT
+) -> list[RunnerDeployment]:
+    """The two deployments, on ``work_pool`` (None: for ``serve``). ``allow_dev_platform``
+    (on for the local stack) lets verify-and-promote accept ``local`` certificates, which
+    attest no boot chain."""
+    # A worker starts each flow run in working_dir, so relative paths (the example config)
+    # resolve against the repository; the flows are imported from the installed package.
+    job_variables = {"working_dir": str(working_dir)} if work_pool else None
+    certify = certify_training.to_deployment(
+        name=CERTIFY_DEPLOYMENT,
+        description="Certify a training run (example: the bundled flowers project).",
+        tags=["aicert"],
+        parameters={"config_path": EXAMPLE_CONFIG},
+        schedules=[Cron(EXAMPLE_CRON, timezone="UTC", active=False)],
+        triggers=[source_updated_trigger()],
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        work_pool_name=work_pool,
+        job_variables=job_variables,
+    )
+    promote = verify_and_promote.to_deployment(
+        name=PROMOTE_DEPLOYMENT,
+        description="Verify a new certificate and its model files, then publish the model.",
+        tags=["aicert"],
+        parameters={"allow_dev_platform": allow_dev_platform},
+        triggers=[certificate_created_trigger()],
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        work_pool_name=work_pool,
+        job_variables=job_variables,
+    )
+    return [certify, promote]
+
+
+def ensure_process_work_pool(name: str) -> None:
+    """Create the process work pool ``name`` unless it exists."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+        except ObjectAlreadyExists:
+            pass
+
+
+def apply(work_pool: str, *, allow_dev_platform: bool = True) -> dict[str, str]:
+    """Register the deployments on ``work_pool``; returns deployment name -> id."""
+    ensure_process_work_pool(work_pool)
+    return {
+        deployment.full_name: str(deployment.apply())
+        for deployment in build_deployments(work_pool, allow_dev_platform=allow_dev_platform)
+    }
+
+
+def serve(*, allow_dev_platform: bool = True) -> None:
+    """Run the deployments from this process until interrupted."""
+    from prefect import serve as prefect_serve
+
+    os.chdir(REPO_ROOT)  # the runner starts flow runs here, like the worker's working_dir
+    prefect_serve(*build_deployments(None, allow_dev_platform=allow_dev_platform))
+
+
+IN_FLIGHT = ("PENDING", "RUNNING", "CANCELLING")
+
+
+def drain(work_pool: str, *, timeout_s: float = 120.0) -> list[str]:
+    """Cancel the flow runs in flight on ``work_pool`` and wait (bounded) until they end.
+
+    A worker's flow runs live in their own process sessions, so stopping the worker would
+    orphan them; cancelled, they run their cancellation hooks (teardown of the machine).
+    Returns the names of the runs still in flight when ``timeout_s`` ran out.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelling
+
+    in_flight = FlowRunFilter(
+        state=FlowRunFilterState(
+            type=FlowRunFilterStateType(any_=[StateType(name) for name in IN_FLIGHT])
+        )
+    )
+    on_pool = WorkPoolFilter(name=WorkPoolFilterName(any_=[work_pool]))
+    with get_client(sync_client=True) as client:
+        for run in client.read_flow_runs(flow_run_filter=in_flight, work_pool_filter=on_pool):
+            if run.state_type != StateType.CANCELLING:
+                client.set_flow_run_state(
+                    run.id, Cancelling(message="the AICert stack is going down"), force=True
+                )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = client.read_flow_runs(flow_run_filter=in_flight, work_pool_filter=on_pool)
+            if not left or time.monotonic() >= deadline:
+                return [run.name for run in left]
+            time.sleep(1.0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m aicert.flows.deploy",
+        description="Create the certify-training and verify-and-promote deployments.",
+    )
+    parser.add_argument("command", choices=["serve", "apply", "drain"])
+    parser.add_argument(
+        "--pool",
+        default=os.environ.get("AICERT_WORK_POOL", DEFAULT_WORK_POOL),
+        help="process work pool for apply (default: $AICERT_WORK_POOL or 'aicert')",
+    )
+    parser.add_argument(
+        "--no-dev-platform",
+        action="store_true",
+        help="verify-and-promote refuses local-platform certificates (no boot chain)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="drain: seconds to wait for the runs"
+    )
+    args = parser.parse_args(argv)
+    allow_dev = not args.no_dev_platform
+    if args.command == "drain":
+        left = drain(args.pool, timeout_s=args.timeout)
+        for name in left:
+            print(f"flow run {name} is still in flight after {args.timeout:.0f} s")
+        return 1 if left else 0
+    if args.command == "serve":
+        serve(allow_dev_platform=allow_dev)
+        return 0
+    for name, deployment_id in apply(args.pool, allow_dev_platform=allow_dev).items():
+        print(f"applied {name} ({deployment_id}) on work pool {args.pool}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

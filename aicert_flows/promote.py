@@ -1,0 +1,334 @@
+"""The ``verify-and-promote`` flow: verification in a downstream flow, before the model is used.
+
+Triggered by ``aicert.certificate.created`` (see ``aicert.flows.deploy``), it publishes a model
+only when its certificate verifies and the model files are the certified ones:
+
+1. stage: the certificate (from the event's path, else its storage URL; its SHA-256 must be
+   the one the event announced) and a copy of the run's outputs go into a staging folder
+   inside the registry;
+2. verify: the verification task checks the staged certificate (chain, quote, event log,
+   platform, the caller's expected inputs) and re-hashes the staged model against it, so what
+   gets published is exactly what was verified (no window between checking and copying);
+3. publish: the staging folder is renamed to ``<registry>/<project>/<run_id>/`` (``model/``,
+   ``certificate.json``, ``verification.json``) in one atomic rename, then
+   ``aicert.model.promoted`` is emitted.
+
+Any failure emits ``aicert.model.rejected`` (the error's type and message) and fails the run
+with that very error (a verifier error keeps its ``aicert.errors`` type); nothing reaches the
+registry. The event is only a hint of where to look: the project and run id written to the
+registry are the verified certificate's, never the event's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+from prefect.runtime import flow_run as current_flow_run
+
+import aicert
+from aicert.flows.settings import aicert_home
+from aicert.model import MAX_CERTIFICATE_BYTES, write_atomic
+from aicert.tasks import verify_certificate
+
+MODEL_PROMOTED = "aicert.model.promoted"
+MODEL_REJECTED = "aicert.model.rejected"
+STAGING_FOLDER = ".staging"
+MODEL_FOLDER = "model"
+CERTIFICATE_FILE = "certificate.json"
+REPORT_FILE = "verification.json"
+MAX_EVENT_OUTPUTS = 100  # event payloads stay small; the certificate lists them all
+
+# Names that become registry path components: no separator, no leading dot (so no "..").
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+class PromotionError(RuntimeError):
+    """The model was not promoted, for a reason other than a failed verification."""
+
+
+class CertificateUnavailableError(PromotionError):
+    """Neither the certificate's path nor its storage URL could be read."""
+
+
+class CertificateDigestError(PromotionError):
+    """The certificate's bytes are not the ones the event announced (SHA-256 differs)."""
+
+
+class RunMismatchError(PromotionError):
+    """The event names another run or project than the verified certificate."""
+
+
+class RegistryConflictError(PromotionError):
+    """The registry already holds this run, promoted with a different certificate."""
+
+
+def default_registry() -> Path:
+    """``$AICERT_REGISTRY``, else ``$AICERT_HOME/registry``."""
+    configured = os.environ.get("AICERT_REGISTRY")
+    return Path(configured).expanduser() if configured else aicert_home() / "registry"
+
+
+def default_trusted_roots() -> list[str]:
+    """This host's AICert platform CA (the local platform's root), when it exists."""
+    from aicert.flows.providers.local import platform_ca_certificate_path
+
+    root = platform_ca_certificate_path()
+    return [str(root)] if root.is_file() else []
+
+
+def local_outputs_path(run_id: str) -> Path:
+    """Where the ``local`` platform keeps a run's outputs (the run's workspace)."""
+    return aicert_home() / "runs" / run_id / "work" / run_id / "outputs"
+
+
+def promotion_artifact_key(project: str) -> str:
+    """``aicert-<project>-promotion``, reduced to what Prefect accepts (``^[a-z0-9-]*$``)."""
+    return re.sub(r"[^a-z0-9-]", "-", f"aicert-{project.lower()}-promotion")[:100]
+
+
+def _safe_name(value: str, what: str) -> str:
+    if not _SAFE_NAME.fullmatch(value):
+        raise PromotionError(f"{what} {value!r} cannot name a registry folder")
+    return value
+
+
+def _read_capped(open_file: Any, source: str) -> bytes:
+    data: bytes = open_file.read(MAX_CERTIFICATE_BYTES + 1)
+    if len(data) > MAX_CERTIFICATE_BYTES:
+        raise CertificateUnavailableError(
+            f"{source}: larger than the {MAX_CERTIFICATE_BYTES}-byte certificate limit"
+        )
+    return data
+
+
+def read_certificate_bytes(certificate_path: str | None, storage_url: str | None) -> bytes:
+    """The certificate from its path, else from its storage URL (any fsspec URL: ``file://``,
+    or ``s3://`` and the like where the filesystem's package is installed)."""
+    problems: list[str] = []
+    if certificate_path:
+        try:
+            with Path(certificate_path).open("rb") as handle:
+                return _read_capped(handle, certificate_path)
+        except OSError as exc:
+            problems.append(f"{certificate_path}: {exc.strerror or exc}")
+    if storage_url:
+        import fsspec  # a Prefect dependency; reads the result storage's URL schemes
+
+        try:
+            with fsspec.open(storage_url, "rb") as handle:
+                return _read_capped(handle, storage_url)
+        except (OSError, ValueError, ImportError) as exc:
+            problems.append(f"{storage_url}: {exc}")
+    if not problems:
+        raise CertificateUnavailableError("no certificate_path or storage_url was given")
+    raise CertificateUnavailableError("cannot read the certificate: " + "; ".join(problems))
+
+
+@task(name="stage-certificate", cache_policy=NO_CACHE)
+def stage_certificate(
+    staging: str,
+    certificate_path: str | None,
+    storage_url: str | None,
+    certificate_sha256: str | None,
+) -> str:
+    """Copy the certificate into the staging folder; check it is the announced one."""
+    data = read_certificate_bytes(certificate_path, storage_url)
+    digest = hashlib.sha256(data).hexdigest()
+    if certificate_sha256 and digest != certificate_sha256.lower():
+        raise CertificateDigestError(
+            f"the certificate's SHA-256 is {digest}, the event announced {certificate_sha256}"
+        )
+    staged = write_atomic(Path(staging) / CERTIFICATE_FILE, data)
+    get_run_logger().info("staged certificate %s (SHA-256 %s)", staged, digest)
+    return str(staged)
+
+
+@task(name="stage-model", cache_policy=NO_CACHE)
+def stage_model(staging: str, outputs_path: str) -> str:
+    """Copy the run's outputs into the staging folder. Symlinks are copied as links, so the
+    verifier sees (and refuses) any that leave the folder instead of following them."""
+    source = Path(outputs_path)
+    if not source.is_dir():
+        raise PromotionError(f"the run's outputs folder {source} does not exist")
+    destination = Path(staging) / MODEL_FOLDER
+    shutil.copytree(source, destination, symlinks=True)
+    get_run_logger().info("staged the outputs of %s", source)
+    return str(destination)
+
+
+@task(name="publish-model", cache_policy=NO_CACHE)
+def publish_model(staging: str, destination: str, report: dict[str, Any]) -> str:
+    """Rename the verified staging folder to its registry place, atomically."""
+    staged = Path(staging)
+    target = Path(destination)
+    write_atomic(staged / REPORT_FILE, _report_json(report))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # rename(2) refuses a non-empty target: a run is never overwritten, and two
+        # concurrent promotions of one run cannot interleave their files.
+        staged.rename(target)
+    except OSError:
+        if not target.exists():
+            raise
+        existing = hashlib.sha256((target / CERTIFICATE_FILE).read_bytes()).hexdigest()
+        staged_digest = hashlib.sha256((staged / CERTIFICATE_FILE).read_bytes()).hexdigest()
+        if existing != staged_digest:
+            raise RegistryConflictError(
+                f"{target} already holds run {report['run_id']} with another certificate "
+                f"(SHA-256 {existing})"
+            ) from None
+        get_run_logger().info("%s was already promoted with this certificate", target)
+    return str(target)
+
+
+def _report_json(report: Mapping[str, Any]) -> bytes:
+    return (json.dumps(report, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _emit(event: str, run_id: str | None, project: str | None, payload: dict[str, Any]) -> None:
+    flow_run_id = str(current_flow_run.id) if current_flow_run.id else None
+    related: list[dict[str, str]] = []
+    if flow_run_id:
+        related.append(
+            {
+                "prefect.resource.id": f"prefect.flow-run.{flow_run_id}",
+                "prefect.resource.role": "flow-run",
+                "prefect.resource.name": str(current_flow_run.name),
+            }
+        )
+    emit_event(
+        event=event,
+        resource={
+            "prefect.resource.id": f"aicert.run.{run_id or 'unknown'}",
+            "prefect.resource.name": project or "unknown",
+        },
+        related=related,
+        payload={**payload, "flow_run_id": flow_run_id},
+    )
+
+
+@flow(name="verify-and-promote", log_prints=True)
+def verify_and_promote(
+    certificate_path: str | None = None,
+    storage_url: str | None = None,
+    certificate_sha256: str | None = None,
+    run_id: str | None = None,
+    project: str | None = None,
+    outputs_path: str | None = None,
+    registry: str | None = None,
+    trusted_roots: list[str] | None = None,
+    expected_inputs: dict[str, str] | None = None,
+    allow_dev_platform: bool = False,
+) -> dict[str, Any]:
+    """Verify a certificate and its model files, then publish them to the registry.
+
+    The first six parameters come from the ``aicert.certificate.created`` event's payload.
+    ``outputs_path``: the run's outputs folder (default: the local platform's workspace of
+    the run under ``$AICERT_HOME``). ``registry``: default ``$AICERT_REGISTRY`` or
+    ``$AICERT_HOME/registry``. ``trusted_roots``: PEM files of trusted platform CAs (default:
+    this host's AICert platform CA; Azure's roots are pinned in the verifier).
+    ``allow_dev_platform`` accepts ``local`` certificates, which attest no boot chain.
+
+    Returns the promoted run's id, project, registry folder and certificate digest.
+    """
+    logger = get_run_logger()
+    registry_root = Path(registry).expanduser() if registry else default_registry()
+    staging = registry_root / STAGING_FOLDER / uuid.uuid4().hex
+    try:
+        staging.mkdir(parents=True)
+        staged_certificate = stage_certificate(
+            str(staging), certificate_path, storage_url, certificate_sha256
+        )
+        located_run = run_id or aicert.load(staged_certificate).run.id
+        outputs = outputs_path or str(local_outputs_path(_safe_name(located_run, "run id")))
+        staged_model = stage_model(str(staging), outputs)
+        report = verify_certificate(
+            staged_certificate,
+            trusted_roots=default_trusted_roots() if trusted_roots is None else trusted_roots,
+            expected_inputs=expected_inputs,
+            allow_dev_platform=allow_dev_platform,
+            model_path=staged_model,
+        )
+        if run_id and report["run_id"] != run_id:
+            raise RunMismatchError(
+                f"the event names run {run_id}, the certificate is of run {report['run_id']}"
+            )
+        if project and report["project"] != project:
+            raise RunMismatchError(
+                f"the event names project {project}, the certificate's is {report['project']}"
+            )
+        destination = (
+            registry_root
+            / _safe_name(report["project"], "project")
+            / _safe_name(report["run_id"], "run id")
+        )
+        published = publish_model(str(staging), str(destination), report)
+    except Exception as exc:
+        _emit(
+            MODEL_REJECTED,
+            run_id,
+            project,
+            {
+                "run_id": run_id,
+                "project": project,
+                "certificate_path": certificate_path,
+                "storage_url": storage_url,
+                "error_type": type(exc).__name__,
+                "error_message": str(exc)[:2000],
+            },
+        )
+        logger.error("model of run %s rejected: %s: %s", run_id, type(exc).__name__, exc)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    digest = hashlib.sha256((Path(published) / CERTIFICATE_FILE).read_bytes()).hexdigest()
+    outputs_list = [
+        {"path": o["path"], "size": o["size"], "sha256": o["digest"]["sha256"]}
+        for o in report["outputs"][:MAX_EVENT_OUTPUTS]
+    ]
+    _emit(
+        MODEL_PROMOTED,
+        report["run_id"],
+        report["project"],
+        {
+            "run_id": report["run_id"],
+            "project": report["project"],
+            "certificate_sha256": digest,
+            "registry_path": published,
+            "model_path": str(Path(published) / MODEL_FOLDER),
+            "platform": report["platform"],
+            "outputs_count": len(report["outputs"]),
+            "outputs": outputs_list,
+        },
+    )
+    create_markdown_artifact(
+        key=promotion_artifact_key(report["project"]),
+        markdown=(
+            f"# Promoted `{report['run_id']}`\n\n"
+            f"- registry folder: `{published}`\n"
+            f"- certificate SHA-256: `{digest}`\n"
+            f"- platform: {report['platform']} ({report['platform_note']})\n"
+            f"- {len(report['outputs'])} model file(s) re-hashed against the certificate\n"
+        ),
+        description=f"Model of run {report['run_id']}, verified and promoted",
+    )
+    logger.info("promoted run %s to %s", report["run_id"], published)
+    return {
+        "run_id": report["run_id"],
+        "project": report["project"],
+        "registry_path": published,
+        "certificate_sha256": digest,
+    }

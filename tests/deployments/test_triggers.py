@@ -1,0 +1,236 @@
+"""Event-driven deployments on the real stack (SQLite backend): ``aicert.source.updated`` starts
+``certify-training`` through the worker, ``aicert.certificate.created`` starts
+``verify-and-promote``, which publishes the verified model or rejects a forged certificate.
+The PostgreSQL backend runs the same scenario in test_postgres.py."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+import pytest
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+import aicert
+from aicert.errors import ArtifactMismatchError, PlatformError
+from aicert.flows.deploy import build_deployments
+from aicert.flows.flows import artifact_key
+from aicert.flows.promote import (
+    CertificateDigestError,
+    RunMismatchError,
+    verify_and_promote,
+)
+
+from .conftest import (
+    Promotion,
+    Stack,
+    check_promoted,
+    check_tampered_certificate_rejected,
+    registry_snapshot,
+    task_run_names,
+)
+
+
+def test_source_event_runs_certify_training_through_the_worker(promotion: Promotion) -> None:
+    run = promotion.certify_run
+    assert run.state is not None and run.state.is_completed(), run.state
+    # The trigger templated the event's payload into the parameters.
+    assert run.parameters == {
+        "config_path": str(promotion.config_path),
+        "config_block": None,
+        "source_commit": promotion.commit,
+    }
+    assert run.created_by is not None and run.created_by.type == "AUTOMATION"
+    assert run.work_pool_name == "aicert"
+    with promotion.stack.client() as client:
+        assert client.read_deployment(run.deployment_id).name == "certify-training"
+        names = task_run_names(client, run.id)
+    for step in ("measure-inputs", "run-training", "measure-outputs"):
+        assert f"{step}-{promotion.project}" in names, names
+
+
+def test_certificate_binds_the_pushed_commit(promotion: Promotion) -> None:
+    payload = promotion.created_event.payload
+    report = aicert.load(payload["certificate_path"]).verify(
+        trusted_roots=[promotion.stack.platform_ca],
+        allow_dev_platform=True,
+        model=payload["outputs_path"],
+    )
+    sources = [i for i in report.inputs if i.kind == "source"]
+    assert len(sources) == 1 and sources[0].digest["sha1"] == promotion.commit
+    assert payload["outputs_path"] == str(
+        promotion.stack.home / "runs" / promotion.run_id / "work" / promotion.run_id / "outputs"
+    )
+
+
+def test_artifacts_are_readable_through_the_api(promotion: Promotion) -> None:
+    with promotion.stack.client() as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[promotion.certify_run.id])
+            )
+        )
+    by_key = {a.key: a for a in artifacts}
+    keys = {
+        artifact_key(promotion.project, kind) for kind in ("certificate", "bom", "certificate-file")
+    }
+    assert keys <= set(by_key), sorted(k for k in by_key if k)
+    assert promotion.run_id in str(by_key[artifact_key(promotion.project, "certificate")].data)
+    link = str(by_key[artifact_key(promotion.project, "certificate-file")].data)
+    match = re.fullmatch(r"\[(?P<text>[^\]]*)\]\((?P<url>[^)]+)\)", link)
+    assert match is not None, link
+    stored = Path(url2pathname(urlsplit(match["url"]).path))
+    assert (
+        stored.read_bytes()
+        == Path(promotion.created_event.payload["certificate_path"]).read_bytes()
+    )
+
+
+def test_certificate_created_starts_verify_and_promote(promotion: Promotion) -> None:
+    run = promotion.promote_run
+    payload = promotion.created_event.payload
+    assert run.created_by is not None and run.created_by.type == "AUTOMATION"
+    for name in ("certificate_path", "storage_url", "certificate_sha256", "run_id", "outputs_path"):
+        assert run.parameters[name] == payload[name], name
+    assert run.parameters["allow_dev_platform"] is True  # the deployment's own parameter
+    with promotion.stack.client() as client:
+        names = task_run_names(client, run.id)
+    assert [n for n in names if n.startswith("verify-certificate")], names
+    check_promoted(promotion)
+
+
+def test_tampered_certificate_is_rejected(promotion: Promotion, tmp_path: Path) -> None:
+    check_tampered_certificate_rejected(promotion, tmp_path)
+
+
+def test_prefect_yaml_declares_the_python_deployments(sqlite_stack: Stack) -> None:
+    """The SQLite stack applied deployments/prefect.yaml; the Python entry point's
+    deployments must be the same (parameters, schedule, triggers, pool, entrypoint)."""
+    with sqlite_stack.client() as client:
+        for expected in build_deployments("aicert"):
+            applied = client.read_deployment_by_name(expected.full_name)
+            assert applied.entrypoint == expected.entrypoint
+            assert applied.parameters == expected.parameters
+            assert applied.work_pool_name == "aicert"
+            assert applied.tags == expected.tags
+            assert [
+                (s.schedule.cron, s.schedule.timezone, s.active)  # type: ignore[union-attr]
+                for s in applied.schedules
+            ] == [
+                (s.schedule.cron, s.schedule.timezone, s.active)  # type: ignore[union-attr]
+                for s in expected.schedules
+            ]
+            automations = client.read_resource_related_automations(
+                f"prefect.deployment.{applied.id}"
+            )
+            got = {
+                a.name: (
+                    a.trigger.expect,  # type: ignore[union-attr]
+                    a.trigger.match.model_dump(),  # type: ignore[union-attr]
+                    a.actions[0].parameters,  # type: ignore[union-attr]
+                )
+                for a in automations
+            }
+            want = {
+                t.name: (t.expect, t.match.model_dump(), t.parameters)  # type: ignore[union-attr]
+                for t in expected.triggers
+            }
+            assert got == want
+
+
+# -- refusals, in this process against the stack's server -------------------------------------
+
+
+Promote = Callable[..., dict[str, object]]
+
+
+@pytest.fixture
+def promote_here(
+    promotion: Promotion, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Promote, Path]:
+    """Call verify_and_promote in this process, on the stack's AICERT_HOME, into a fresh
+    registry; the event's payload is the default argument set."""
+    monkeypatch.setenv("AICERT_HOME", str(promotion.stack.home))
+    registry = tmp_path / "registry"
+    payload = dict(promotion.created_event.payload)
+    arguments = {
+        key: payload[key]
+        for key in (
+            "certificate_path",
+            "storage_url",
+            "certificate_sha256",
+            "run_id",
+            "project",
+            "outputs_path",
+        )
+    }
+
+    def promote(**overrides: object) -> dict[str, object]:
+        with promotion.stack.client():  # PREFECT_API_URL -> the stack
+            return verify_and_promote(
+                **{**arguments, "registry": str(registry), "allow_dev_platform": True, **overrides}
+            )
+
+    return promote, registry
+
+
+def _published(registry: Path) -> dict[str, str]:
+    return {k: v for k, v in registry_snapshot(registry).items() if not k.startswith(".staging")}
+
+
+def test_announced_digest_must_match(promote_here: tuple[Promote, Path]) -> None:
+    promote, registry = promote_here
+    with pytest.raises(CertificateDigestError):
+        promote(certificate_sha256="0" * 64)
+    assert registry_snapshot(registry) == {}
+
+
+def test_event_naming_another_run_is_refused(promote_here: tuple[Promote, Path]) -> None:
+    promote, registry = promote_here
+    with pytest.raises(RunMismatchError):
+        promote(run_id="someone-else-20260101T000000Z-00000000")
+    assert registry_snapshot(registry) == {}
+
+
+def test_local_certificate_needs_allow_dev_platform(promote_here: tuple[Promote, Path]) -> None:
+    promote, registry = promote_here
+    with pytest.raises(PlatformError):
+        promote(allow_dev_platform=False)
+    assert registry_snapshot(registry) == {}
+
+
+def test_changed_model_file_is_refused(
+    promote_here: tuple[Promote, Path], promotion: Promotion, tmp_path: Path
+) -> None:
+    promote, registry = promote_here
+    outputs = tmp_path / "outputs"
+    shutil.copytree(promotion.created_event.payload["outputs_path"], outputs)
+    (outputs / "model.json").write_text('{"a": 0, "b": 0}')
+    with pytest.raises(ArtifactMismatchError):
+        promote(outputs_path=str(outputs))
+    assert registry_snapshot(registry) == {}
+
+
+def test_storage_url_alone_promotes_and_promoting_twice_is_idempotent(
+    promote_here: tuple[Promote, Path], promotion: Promotion
+) -> None:
+    promote, registry = promote_here
+    first = promote(certificate_path=None)
+    assert first["registry_path"] == str(registry / promotion.project / promotion.run_id)
+    published = _published(registry)
+    assert set(published) == {
+        f"{promotion.project}/{promotion.run_id}/{name}"
+        for name in (
+            "certificate.json",
+            "verification.json",
+            "model/model.json",
+            "model/metrics/loss.txt",
+        )
+    }
+    second = promote(certificate_path="/nonexistent/certificate.json")
+    assert second == first
+    assert _published(registry) == published
