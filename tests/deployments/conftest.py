@@ -48,6 +48,7 @@ from aicert.guest_runtime.base_image import ensure_base_image
 from tests.flows.conftest import (
     TRAIN_SCRIPT,
     events_named,
+    flush_prefect_workers,
     git_head,
     make_git_repo,
     processes_mentioning,
@@ -92,7 +93,13 @@ class Stack:
             temporary_settings({PREFECT_API_URL: self.api_url}),
             get_client(sync_client=True) as client,
         ):
-            yield client
+            try:
+                yield client
+            finally:
+                # Prefect's events and log workers are per-process singletons bound to the
+                # API they started with: flows run here would leave them sending the next
+                # test module's task states and events to this stack. Drain and stop them.
+                flush_prefect_workers()
 
     @property
     def platform_ca(self) -> Path:

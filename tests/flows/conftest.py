@@ -80,6 +80,9 @@ def prefect_api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         prefect_test_harness(server_startup_timeout=90),
         temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}),
     ):
+        # Events and logs go through per-process workers bound to the API they started
+        # with; ones started earlier in this session (another server) must not be reused.
+        flush_prefect_workers()
         yield str(PREFECT_API_URL.value())
 
 
