@@ -23,15 +23,13 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
-
 from aicert.flows.providers.base import (
     DEFAULT_AGENT_START_TIMEOUT_S,
     EnrolledKey,
     Machine,
     Provider,
 )
+from aicert.flows.providers.enrollment import enroll_with_platform_ca
 from aicert.flows.settings import aicert_home
 from aicert.guest_runtime.client import AgentClient
 
@@ -285,32 +283,7 @@ class LocalProvider(Provider):
             raise
 
     def enroll_attestation_key(self, machine: Machine, client: AgentClient) -> EnrolledKey:
-        from aicert.guest_runtime.platform_ca import PlatformCA
-
-        ca = PlatformCA.load_or_create(self.platform_ca_dir)
-        material = client.key_material(machine.run_id)
-        if material.ek_certificate is None:
-            raise RuntimeError("the TPM has no EK certificate: it cannot be enrolled")
-        from aicert.guest_runtime.swtpm import LOCALCA_ISSUER_CERT
-
-        verified_ek = ca.verify_ek_certificate(
-            material.ek_certificate, self.ek_ca_dir / LOCALCA_ISSUER_CERT
-        )
-        challenge = ca.begin_activation(verified_ek, material.ek_public, material.ak_public)
-        secret = client.activate_credential(
-            machine.run_id, challenge.credential_blob, challenge.encrypted_secret
-        )
-        ak_certificate = ca.complete_activation(challenge, secret)
-        ek_pem = (
-            x509.load_der_x509_certificate(material.ek_certificate)
-            .public_bytes(Encoding.PEM)
-            .decode("ascii")
-        )
-        return EnrolledKey(
-            ak_certificate_chain=[ak_certificate, ca.certificate_pem],
-            ek_certificate_pem=ek_pem,
-            trusted_root_pem=ca.certificate_pem,
-        )
+        return enroll_with_platform_ca(self.ek_ca_dir, self.platform_ca_dir, machine, client)
 
     def machine_problem(self, machine: Machine) -> str | None:
         agent_pid = machine.details.get("agent_pid")

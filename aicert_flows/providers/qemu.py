@@ -32,11 +32,11 @@ from typing import Literal
 
 import httpx
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from aicert.chain import leaf_public_key_matches
 from aicert.errors import AkMismatchError
 from aicert.flows.providers.base import EnrolledKey, Machine, Provider
+from aicert.flows.providers.enrollment import enroll_with_platform_ca
 from aicert.flows.qemu_image import (
     AGENT_PORT,
     GuestImage,
@@ -171,37 +171,6 @@ def kvm_usable() -> bool:
             except subprocess.TimeoutExpired:
                 _kvm_usable = True  # still running: the vCPU was set up (run() killed it)
     return _kvm_usable
-
-
-def enroll_with_platform_ca(
-    ek_ca_dir: Path, platform_ca_dir: Path, machine: Machine, client: AgentClient
-) -> EnrolledKey:
-    """Certify the machine's AK with the project's platform CA: the EK certificate must come
-    from the project's EK CA, and credential activation proves the AK lives in that TPM.
-    (The local provider does the same for its swtpm.)"""
-    from aicert.guest_runtime.platform_ca import PlatformCA
-    from aicert.guest_runtime.swtpm import LOCALCA_ISSUER_CERT
-
-    ca = PlatformCA.load_or_create(platform_ca_dir)
-    material = client.key_material(machine.run_id)
-    if material.ek_certificate is None:
-        raise QemuProviderError("the vTPM has no EK certificate: it cannot be enrolled")
-    verified_ek = ca.verify_ek_certificate(material.ek_certificate, ek_ca_dir / LOCALCA_ISSUER_CERT)
-    challenge = ca.begin_activation(verified_ek, material.ek_public, material.ak_public)
-    secret = client.activate_credential(
-        machine.run_id, challenge.credential_blob, challenge.encrypted_secret
-    )
-    ak_certificate = ca.complete_activation(challenge, secret)
-    ek_pem = (
-        x509.load_der_x509_certificate(material.ek_certificate)
-        .public_bytes(Encoding.PEM)
-        .decode("ascii")
-    )
-    return EnrolledKey(
-        ak_certificate_chain=[ak_certificate, ca.certificate_pem],
-        ek_certificate_pem=ek_pem,
-        trusted_root_pem=ca.certificate_pem,
-    )
 
 
 class QemuProvider(Provider):
