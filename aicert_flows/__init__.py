@@ -1,12 +1,13 @@
 """AICert's Prefect integration: the ``certify-training`` flow, providers, blocks, builder CLI.
 
 This package is the ``prefect.collections`` entry point, so Prefect imports it to find the
-block types (``AicertRunConfig``, ``LocalPlatform``): a server registers them at start-up and
-``prefect block register -m aicert.flows`` registers them on demand. But ``aicert.flows.cli``
-lives here too and ``aicert verify`` must not pay about a second and a half for importing
-Prefect. So the blocks are defined at import only when Prefect is already loaded (it is
-whenever Prefect itself imports this package); otherwise they are imported on first access
-(PEP 562), and ``dir()`` lists them so that ``inspect.getmembers`` still finds them.
+block types (``AicertRunConfig``, ``LocalPlatform``, ``QemuPlatform``): a server registers
+them at start-up and ``prefect block register -m aicert.flows`` registers them on demand.
+But ``aicert.flows.cli`` lives here too and ``aicert verify`` must not pay about a second
+and a half for importing Prefect. So the blocks are defined at import only when Prefect is
+already loaded (it is whenever Prefect itself imports this package); otherwise they are
+imported on first access (PEP 562), and ``dir()`` lists them so that
+``inspect.getmembers`` still finds them.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-_BLOCKS = ("AicertRunConfig", "LocalPlatform")
+_BLOCKS = ("AicertRunConfig", "LocalPlatform", "QemuPlatform")
 
 if "prefect" in sys.modules:
-    from aicert.flows.blocks import AicertRunConfig, LocalPlatform
+    from aicert.flows.blocks import AicertRunConfig, LocalPlatform, QemuPlatform
 
 
 def __getattr__(name: str) -> Any:
@@ -32,4 +33,4 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_BLOCKS})
 
 
-__all__ = ["AicertRunConfig", "LocalPlatform"]
+__all__ = ["AicertRunConfig", "LocalPlatform", "QemuPlatform"]

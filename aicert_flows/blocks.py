@@ -2,10 +2,11 @@
 
 ``AicertRunConfig`` keeps an ``aicert.yaml`` on the Prefect server, so a deployment can run
 ``certify-training`` with ``config_block=<name>`` instead of a file on the worker.
-``LocalPlatform`` holds the ``local`` provider's settings; the flow takes its name as
-``platform_block``. Both are registered through the ``prefect.collections`` entry point
-(``prefect block register -m aicert.flows``). This module imports no TPM or Docker library:
-the Prefect server imports it at start-up to register the block types.
+``LocalPlatform``, ``QemuPlatform`` (and ``AzurePlatform``) hold a provider's settings; the
+flow takes a saved one's name as ``platform_block``. They are registered through the
+``prefect.collections`` entry point (``prefect block register -m aicert.flows``). This
+module imports no TPM or Docker library: the Prefect server imports it at start-up to
+register the block types.
 """
 
 from __future__ import annotations
@@ -13,10 +14,20 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from prefect.blocks.core import Block
 from pydantic import Field
+
+from aicert.flows.providers.qemu import (
+    DEFAULT_BOOT_TIMEOUT_S as DEFAULT_QEMU_BOOT_TIMEOUT_S,
+)
+from aicert.flows.providers.qemu import (
+    DEFAULT_MEMORY_MIB as DEFAULT_QEMU_MEMORY_MIB,
+)
+from aicert.flows.providers.qemu import (
+    DEFAULT_SMP as DEFAULT_QEMU_SMP,
+)
 
 if TYPE_CHECKING:
     from aicert.flows.providers.base import Provider
@@ -169,6 +180,76 @@ class LocalPlatform(PlatformBlock):
             home,
             agent_start_timeout_s=self.agent_start_timeout_seconds,
             keep_spare_tpm=self.keep_spare_tpm,
+        )
+
+
+class QemuPlatform(PlatformBlock):
+    """Settings of the ``qemu`` AICert platform: a VM booted with OVMF and a swtpm vTPM from
+    the reproducible guest image, so firmware, kernel, initrd and command line are measured
+    and checked against the image's reference values."""
+
+    _block_type_name = "AICert Qemu Platform"
+    _block_type_slug = "aicert-qemu-platform"
+    _documentation_url = DOCUMENTATION_URL
+    _description = (
+        "Settings of the AICert qemu platform (OVMF + swtpm vTPM, the guest image built by "
+        "`aicert image build-guest`, measured boot checked against its reference values)."
+    )
+    _code_example = """
+    from aicert.flows.blocks import QemuPlatform
+
+    qemu_platform = QemuPlatform.load("BLOCK_NAME")
+    provider = qemu_platform.provider()
+    """
+
+    home: str | None = Field(
+        default=None,
+        title="AICert home",
+        description="Folder for the CAs, guest images and runs; empty means $AICERT_HOME.",
+    )
+    image: str | None = Field(
+        default=None,
+        title="Guest image",
+        description="Image id (qemu-...), folder or manifest; empty means the last one built.",
+    )
+    accel: Literal["auto", "tcg", "kvm"] = Field(
+        default="auto",
+        title="Accelerator",
+        description="auto: KVM when it works on this host, else software emulation (tcg).",
+    )
+    memory_mib: int = Field(
+        default=DEFAULT_QEMU_MEMORY_MIB,
+        ge=512,
+        le=1024 * 1024,
+        title="Memory (MiB)",
+        description="Guest memory; the image's reference values were observed with one size.",
+    )
+    cpus: int = Field(
+        default=DEFAULT_QEMU_SMP,
+        ge=1,
+        le=256,
+        title="Virtual CPUs",
+        description="Guest CPUs; like memory, part of the VM shape the reference values hold for.",
+    )
+    boot_timeout_seconds: float = Field(
+        default=DEFAULT_QEMU_BOOT_TIMEOUT_S,
+        gt=0,
+        le=3600,
+        title="Boot timeout (seconds)",
+        description="A VM whose agent does not answer by then is torn down and reported.",
+    )
+
+    def provider(self) -> Provider:
+        from aicert.flows.providers.qemu import QemuProvider
+
+        home = Path(self.home).expanduser() if self.home else None
+        return QemuProvider(
+            self.image,
+            home,
+            accel=self.accel,
+            memory_mib=self.memory_mib,
+            smp=self.cpus,
+            boot_timeout_s=self.boot_timeout_seconds,
         )
 
 

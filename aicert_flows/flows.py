@@ -45,7 +45,9 @@ from aicert.guest_runtime.config import RunConfig, parse_config
 from aicert.model import write_atomic
 from aicert.tasks import (
     TrainingFailed,
+    attest_machine_before_run,
     build_image,
+    collect_outputs,
     collect_quote,
     establish_attestation_key,
     load_run_config,
@@ -53,6 +55,8 @@ from aicert.tasks import (
     measure_outputs,
     provision_machine,
     run_training,
+    stage_inputs,
+    start_run,
     teardown_machine,
     verify_certificate,
     wait_for_agent,
@@ -207,6 +211,7 @@ def store_certificate(
     project: str,
     output_bom: str | None,
     outputs_path: str | None = None,
+    reference_values: Any | None = None,
 ) -> dict[str, Any]:
     """Publish: the file at ``output_bom`` (atomically), result storage, artifacts, event.
 
@@ -227,6 +232,7 @@ def store_certificate(
     verification = certificate.verify(
         trusted_roots=[platform_ca] if platform_ca.exists() else [],
         allow_dev_platform=certificate.platform.kind == "local",
+        reference_values=reference_values,
     )
     published = certificate_path
     if output_bom:
@@ -320,22 +326,35 @@ def certify_training(
     early_teardown: PrefectFuture[None] | None = None
     succeeded = False
     try:
+        stage_inputs(platform, run_id, config)
         machine = provision_machine(platform, run_id)
         record.machine = machine
         _save_record(record)
-        wait_for_agent(platform, machine, timeout_s=platform.agent_start_timeout_s)
-        enrolled = establish_attestation_key(platform, machine, run_id, nonce, config)
+        machine = wait_for_agent(platform, machine, timeout_s=platform.agent_start_timeout_s)
+        record.machine = machine
+        _save_record(record)
+        enrolled = establish_attestation_key(platform, machine)
+        attest_machine_before_run(platform, machine, enrolled)
+        start_run(machine, run_id, nonce, config)
         measure_inputs(machine, run_id, project)
         build_image(machine, run_id, project)
         local_outputs = platform.outputs_path(machine)
         try:
             run_training(machine, run_id, project)
         except TrainingFailed:
-            if local_outputs is not None:
-                logger.error("no certificate; outputs and training log kept in %s", local_outputs)
+            if local_outputs is None:
+                local_outputs = Path(
+                    collect_outputs(machine, run_id, str(Path(machine.state_dir) / "workspace"))
+                )
+            logger.error("no certificate; outputs and training log kept in %s", local_outputs)
             raise
         measure_outputs(machine, run_id, project)
         evidence = collect_quote(machine, run_id)
+        if local_outputs is None:
+            # The machine keeps its files: fetch them before it is torn down.
+            local_outputs = Path(
+                collect_outputs(machine, run_id, str(Path(machine.state_dir) / "workspace"))
+            )
         # The machine has done its part: tear it down while the certificate is assembled.
         early_teardown = teardown_machine.submit(platform, machine)
         certificate_path = assemble_and_write(
@@ -351,15 +370,18 @@ def certify_training(
             certificate_path,
             trusted_roots=trusted,
             allow_dev_platform=platform.kind == "local",
+            model_path=str(local_outputs / "outputs"),
+            reference_values=platform.boot_reference(),
         )
         published = store_certificate(
             certificate_path,
             report,
             project,
             output_bom,
-            str(local_outputs / "outputs") if local_outputs is not None else None,
+            str(local_outputs / "outputs"),
+            platform.boot_reference(),
         )
-        if outputs_dir and local_outputs is not None:
+        if outputs_dir:
             destination = Path(outputs_dir).resolve()
             shutil.copytree(local_outputs / "outputs", destination, dirs_exist_ok=True)
             logger.info("outputs copied to %s", destination)
@@ -367,7 +389,7 @@ def certify_training(
             "run_id": run_id,
             "project": project,
             "certificate": published,
-            "workspace": str(local_outputs) if local_outputs else None,
+            "workspace": str(local_outputs),
             "report": report,
         }
         logger.info("certificate %s verified: %s", published["path"], json.dumps(report["checks"]))

@@ -40,6 +40,7 @@ from prefect.runtime import flow_run as current_flow_run
 import aicert
 from aicert.flows.settings import aicert_home
 from aicert.model import MAX_CERTIFICATE_BYTES, write_atomic
+from aicert.reference_values import load_reference_values
 from aicert.tasks import verify_certificate
 
 MODEL_PROMOTED = "aicert.model.promoted"
@@ -86,6 +87,13 @@ def default_trusted_roots() -> list[str]:
 
     root = platform_ca_certificate_path()
     return [str(root)] if root.is_file() else []
+
+
+def default_reference_values() -> list[str]:
+    """The reference values of the guest images built on this host (qemu platform)."""
+    from aicert.flows.qemu_image import IMAGE_MANIFEST, guest_images_dir
+
+    return [str(path) for path in sorted(guest_images_dir().glob(f"*/{IMAGE_MANIFEST}"))]
 
 
 def local_outputs_path(run_id: str) -> Path:
@@ -231,6 +239,7 @@ def verify_and_promote(
     trusted_roots: list[str] | None = None,
     expected_inputs: dict[str, str] | None = None,
     allow_dev_platform: bool = False,
+    reference_values: list[str] | None = None,
 ) -> dict[str, Any]:
     """Verify a certificate and its model files, then publish them to the registry.
 
@@ -240,6 +249,8 @@ def verify_and_promote(
     ``$AICERT_HOME/registry``. ``trusted_roots``: PEM files of trusted platform CAs (default:
     this host's AICert platform CA; Azure's roots are pinned in the verifier).
     ``allow_dev_platform`` accepts ``local`` certificates, which attest no boot chain.
+    ``reference_values``: reference-value files a measured boot must match (default: those
+    of the guest images built on this host).
 
     Returns the promoted run's id, project, registry folder and certificate digest.
     """
@@ -260,6 +271,12 @@ def verify_and_promote(
             expected_inputs=expected_inputs,
             allow_dev_platform=allow_dev_platform,
             model_path=staged_model,
+            reference_values=[
+                load_reference_values(path)
+                for path in (
+                    default_reference_values() if reference_values is None else reference_values
+                )
+            ],
         )
         if run_id and report["run_id"] != run_id:
             raise RunMismatchError(

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 import threading
 import time
 import urllib.error
@@ -29,6 +28,9 @@ from pathlib import Path
 from typing import Literal
 
 from aicert.appevents import (
+    INPUTS_PCR,
+    OUTPUTS_PCR,
+    ChannelKeyEvent,
     ConfigEvent,
     EventData,
     ImageEvent,
@@ -39,10 +41,12 @@ from aicert.appevents import (
     RuntimeEvent,
     SourceEvent,
     event_digest,
+    extend,
 )
-from aicert.guest_runtime import RUNTIME_VERSION
+from aicert.guest_runtime import RUNTIME_VERSION, gitsource
 from aicert.guest_runtime.config import RunConfig, parse_config
-from aicert.hashing import FileDigest, UnsafePathError, hash_tree, tree_sha256
+from aicert.guest_runtime.staged_inputs import UnpackedInputs
+from aicert.hashing import FileDigest, UnsafePathError, hash_tree, sha256_file, tree_sha256
 from aicert.model import AppEvent
 from aicert.reference_values import platform_quote_nonce
 
@@ -66,7 +70,7 @@ class InputMismatchError(AgentError):
     """A pinned input digest does not match what was fetched: the run stops before training."""
 
 
-class SourceError(AgentError):
+class SourceError(AgentError, gitsource.SourceError):
     """The git source cannot be fetched or the requested ref does not exist."""
 
 
@@ -87,10 +91,9 @@ class UnsafeOutputError(AgentError):
     a special file): no certificate for this run."""
 
 
-Step = Literal["started", "ak", "inputs", "built", "training", "trained", "measured", "quoted"]
+Step = Literal["started", "inputs", "built", "training", "trained", "measured", "quoted"]
 _ORDER: tuple[Step, ...] = (
     "started",
-    "ak",
     "inputs",
     "built",
     "training",
@@ -162,6 +165,7 @@ class RunState:
     log_lines: list[str] = field(default_factory=list)
     log_condition: threading.Condition = field(default_factory=threading.Condition)
     training_thread: threading.Thread | None = None
+    staged: UnpackedInputs | None = None
     # Set when a measuring step failed part-way: PCR 14/15 may hold some of its events, so
     # the run can never be certified and no later step may run (a retry would measure twice).
     failure: str | None = None
@@ -193,6 +197,7 @@ class CertificationAgent:
         work_root: Path,
         progress: ProgressCallback | None = None,
         azure_intermediates: Path | None = None,
+        staged_inputs: Path | None = None,
     ) -> None:
         # ``tpm`` is an aicert.guest_runtime.tpm.Tpm opened by the caller; kept untyped
         # here so this module imports without libtss2 for the orchestrator's type checks.
@@ -211,8 +216,13 @@ class CertificationAgent:
         self._lock = threading.RLock()
         self._ak: object | None = None
         self._ek: object | None = None
+        # Remote platforms: the agent's TLS key, measured into PCR 14 before serving.
+        self.channel_event: AppEvent | None = None
         # Azure only: the intermediates of the pre-provisioned AK's chain, shipped in the image.
         self.azure_intermediates = azure_intermediates
+        # qemu: the tar (a raw disk) with inputs the orchestrator fetched for this VM, which
+        # has no network; None: the agent fetches them itself.
+        self.staged_inputs = staged_inputs
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -256,54 +266,16 @@ class CertificationAgent:
         run.events.append(event)
         return event
 
-    # -- step 1: start ---------------------------------------------------------------------
+    # -- the machine: attestation key and platform quote (before any run) ---------------------
 
-    def start_run(self, run_id: str, nonce: bytes, config_data: dict) -> list[AppEvent]:
+    def key_material(self) -> dict[str, bytes | list[str] | None]:
+        """EK certificate, EK and AK public areas: what the platform CA needs to activate.
+
+        The AK belongs to the machine, not to a run: it is established (and the machine
+        attested with it) before the orchestrator sends a run. Asking again returns the same
+        key (a retried enrollment); once a run started, the key is fixed."""
         with self._lock:
-            if self.run is not None and self.run.step not in ("quoted",) and not self._finished():
-                raise StepOrderError(f"the agent is busy with run {self.run.run_id}")
-            if len(nonce) < 16:
-                raise AgentError("the nonce must be at least 16 bytes")
-            config = parse_config(config_data, source="config")
-            workspace = self.work_root / run_id
-            if workspace.exists():
-                raise AgentError(f"run {run_id} already has a workspace at {workspace}")
-            pcrs = self.tpm.pcr_read([14, 15])  # type: ignore[attr-defined]
-            if any(value != bytes(32) for value in pcrs.values()):
-                # A certificate replays the log from zeros: a TPM whose PCR 14/15 were
-                # already extended (a reused machine) cannot produce a valid one.
-                raise AgentError("PCR 14/15 are not in their reset state: reboot the machine")
-            for sub in ("resources", "outputs", "logs"):
-                (workspace / sub).mkdir(parents=True)
-            started = datetime.now(UTC)
-            run = RunState(run_id, nonce, config, workspace, started)
-            self.run = run
-            with self._measuring_step(run):
-                self._measure(
-                    run,
-                    RuntimeEvent(
-                        runtime_version=RUNTIME_VERSION,
-                        run_id=run_id,
-                        nonce=nonce.hex(),
-                        platform=self.platform,
-                        started_at=started.isoformat(),
-                    ),
-                )
-                self._measure(run, ConfigEvent(config=config.measured_form()))
-            return list(run.events)
-
-    def _finished(self) -> bool:
-        run = self.run
-        return run is not None and (
-            run.step == "quoted" or run.training_error is not None or run.failure is not None
-        )
-
-    # -- step 2: attestation key -------------------------------------------------------------
-
-    def key_material(self, run_id: str) -> dict[str, bytes | list[str] | None]:
-        """EK certificate, EK and AK public areas: what the platform CA needs to activate."""
-        with self._lock:
-            run = self._require(run_id, "started", "ak")
+            self._refuse_during_run("the attestation key")
             tpm = self.tpm
             if self.platform == "azure":
                 # Azure pre-provisions the AK and has Microsoft's CA certify it: no activation.
@@ -316,13 +288,11 @@ class CertificationAgent:
                     tpm, self.azure_intermediates or DEFAULT_INTERMEDIATES_PATH
                 )
                 self._ak, self._ek = azure.ak, azure.ek
-                run.step = "ak"
                 return azure.key_material()
             if self._ek is None:
                 self._ek = tpm.create_ek()  # type: ignore[attr-defined]
             if self._ak is None:
                 self._ak = tpm.create_ak()  # type: ignore[attr-defined]
-            run.step = "ak"
             return {
                 "ek_certificate": tpm.ek_certificate(),  # type: ignore[attr-defined]
                 "ek_public": self._ek.public_bytes,  # type: ignore[attr-defined]
@@ -330,25 +300,36 @@ class CertificationAgent:
                 "ak_name": self._ak.name,  # type: ignore[attr-defined]
             }
 
-    def activate_credential(self, run_id: str, credential_blob: bytes, secret: bytes) -> bytes:
+    def activate_credential(self, credential_blob: bytes, secret: bytes) -> bytes:
         with self._lock:
-            self._require(run_id, "ak")
+            self._refuse_during_run("credential activation")
+            if self._ak is None:
+                raise StepOrderError("no attestation key yet: ask for the key material first")
             if self.platform == "azure":
                 raise StepOrderError("the Azure AK is certified by Microsoft: nothing to activate")
             return self.tpm.activate_credential(  # type: ignore[attr-defined]
                 self._ak, credential_blob, secret
             )
 
-    def platform_quote(
-        self, run_id: str, challenge: bytes, boot_event_log: bytes | None = None
-    ) -> dict[str, object]:
-        """Quote PCR 0-15 with the run's AK over the orchestrator's challenge.
+    def _refuse_during_run(self, what: str) -> None:
+        if self.run is not None:
+            raise StepOrderError(
+                f"{what} belongs to the machine and is fixed once a run started "
+                f"(run {self.run.run_id})"
+            )
 
-        Asked once the AK exists and before inputs are sent, so the orchestrator can check the
-        boot chain first. The extraData is ``platform_quote_nonce(challenge)``, never the run
-        nonce: this quote cannot be passed off as the run's final quote."""
+    def platform_quote(
+        self, challenge: bytes, boot_event_log: bytes | None = None
+    ) -> dict[str, object]:
+        """Quote PCR 0-15 with the machine's AK over the orchestrator's challenge.
+
+        Asked once the AK is certified and before the run is sent, so the orchestrator can
+        check the boot chain and the channel key first. The extraData is
+        ``platform_quote_nonce(challenge)``, never a run nonce: this quote cannot be passed
+        off as a run's final quote."""
         with self._lock:
-            self._require(run_id, *_ORDER[_ORDER.index("ak") :])
+            if self._ak is None:
+                raise StepOrderError("no attestation key yet: ask for the key material first")
             if not 16 <= len(challenge) <= 64:
                 raise AgentError("the platform quote challenge must be 16 to 64 bytes")
             quote = self.tpm.quote(  # type: ignore[attr-defined]
@@ -360,16 +341,89 @@ class CertificationAgent:
                 "pcrs": {str(i): value.hex() for i, value in sorted(quote.pcrs.items())},
                 "ak_public": self._ak.public_bytes,  # type: ignore[attr-defined]
                 "boot_event_log": boot_event_log,
+                "channel_key": (
+                    self.channel_event.data if self.channel_event is not None else None
+                ),
             }
+
+    def measure_channel_key(self, event: ChannelKeyEvent) -> None:
+        """Extend PCR 14 with the agent's channel (TLS) key, before it serves anything: the
+        first PCR 14 event of the machine, so a platform quote binds the key to the TPM."""
+        with self._lock:
+            if self.channel_event is not None or self.run is not None:
+                raise StepOrderError("the channel key is measured once, before any run")
+            if self.tpm.pcr_read([INPUTS_PCR])[INPUTS_PCR] != bytes(32):  # type: ignore[attr-defined]
+                raise AgentError("PCR 14 is not in its reset state: reboot the machine")
+            measured = event.to_event()
+            self.tpm.pcr_extend(measured.pcr, event_digest(measured))  # type: ignore[attr-defined]
+            self.channel_event = measured
+
+    # -- step 1: start ---------------------------------------------------------------------
+
+    def start_run(self, run_id: str, nonce: bytes, config_data: dict) -> list[AppEvent]:
+        with self._lock:
+            if self.run is not None:
+                raise StepOrderError(
+                    f"this machine already ran {self.run.run_id}: a run needs a fresh machine"
+                    if self._finished()
+                    else f"the agent is busy with run {self.run.run_id}"
+                )
+            if len(nonce) < 16:
+                raise AgentError("the nonce must be at least 16 bytes")
+            config = parse_config(config_data, source="config")
+            if self._ak is None:
+                raise StepOrderError(
+                    "no attestation key yet: the machine's AK is established before a run"
+                )
+            workspace = self.work_root / run_id
+            if workspace.exists():
+                raise AgentError(f"run {run_id} already has a workspace at {workspace}")
+            pcrs = self.tpm.pcr_read([INPUTS_PCR, OUTPUTS_PCR])  # type: ignore[attr-defined]
+            expected_inputs = bytes(32)
+            if self.channel_event is not None:
+                expected_inputs = extend(expected_inputs, event_digest(self.channel_event))
+            if pcrs[INPUTS_PCR] != expected_inputs or pcrs[OUTPUTS_PCR] != bytes(32):
+                # A certificate replays the log from zeros: a TPM whose PCR 14/15 were
+                # already extended (a reused machine) cannot produce a valid one.
+                raise AgentError("PCR 14/15 are not in their reset state: reboot the machine")
+            for sub in ("resources", "outputs", "logs"):
+                (workspace / sub).mkdir(parents=True)
+            started = datetime.now(UTC)
+            run = RunState(run_id, nonce, config, workspace, started)
+            if self.channel_event is not None:
+                run.events.append(self.channel_event)
+            self.run = run
+            first = len(run.events)
+            with self._measuring_step(run):
+                self._measure(
+                    run,
+                    RuntimeEvent(
+                        runtime_version=RUNTIME_VERSION,
+                        run_id=run_id,
+                        nonce=nonce.hex(),
+                        platform=self.platform,
+                        started_at=started.isoformat(),
+                    ),
+                )
+                self._measure(run, ConfigEvent(config=config.measured_form()))
+            return run.events[first:]
+
+    def _finished(self) -> bool:
+        run = self.run
+        return run is not None and (
+            run.step == "quoted" or run.training_error is not None or run.failure is not None
+        )
 
     # -- step 3: inputs ------------------------------------------------------------------------
 
     def measure_inputs(self, run_id: str) -> list[AppEvent]:
         """Base image, source and resources into PCR 14, in that order."""
         with self._lock:
-            run = self._require(run_id, "ak")
+            run = self._require(run_id, "started")
             first = len(run.events)
             with self._measuring_step(run):
+                if self.staged_inputs is not None:
+                    self._unpack_staged_inputs(run)
                 self._measure_base_image(run)
                 self._fetch_source(run)
                 for resource in run.config.resources:
@@ -395,38 +449,61 @@ class CertificationAgent:
         run.base_image_id = image.id
         self._measure(run, ImageEvent(role="base", name=run.config.image, image_id=image.id))
 
+    def _unpack_staged_inputs(self, run: RunState) -> None:
+        import docker
+
+        from aicert.guest_runtime.staged_inputs import StagedInputsError, unpack_staged_inputs
+
+        assert self.staged_inputs is not None
+        client = docker.from_env(timeout=600)
+        size = _device_size(self.staged_inputs)
+        self.progress(f"reading staged inputs from {self.staged_inputs} ({size / 1e6:.1f} MB)")
+
+        def load_image(chunks: Iterator[bytes]) -> list[str]:
+            try:
+                images = client.images.load(chunks)
+            except docker.errors.DockerException as exc:
+                raise AgentError(f"image: the staged image does not load: {exc}") from exc
+            return [tag for image in images for tag in image.tags]
+
+        self.work.begin("reading staged inputs", size)
+        try:
+            run.staged = unpack_staged_inputs(
+                self.staged_inputs,
+                run.workspace / "staged",
+                load_image,
+                on_bytes=self.work.advance,
+            )
+        except StagedInputsError as exc:
+            raise InputMismatchError(str(exc)) from exc
+        finally:
+            self.work.end()
+            client.close()
+        self.progress(f"staged inputs read; image loaded as {', '.join(run.staged.loaded_images)}")
+
+    def _staged_checkout(self, run: RunState) -> tuple[Path, str]:
+        """The staged source tree and its commit, which the tree is shown to be."""
+        from aicert.guest_runtime.staged_inputs import StagedInputsError, verified_commit
+
+        assert run.staged is not None
+        tree, commit_file = run.staged.source_tree, run.staged.source_commit
+        if not tree.is_dir() or not commit_file.is_file():
+            raise SourceError("source: the staged inputs carry no source tree and commit")
+        try:
+            return tree, verified_commit(commit_file.read_bytes(), tree)
+        except StagedInputsError as exc:
+            raise SourceError(str(exc)) from exc
+
     def _fetch_source(self, run: RunState) -> None:
         source = run.config.source
-        checkout = run.workspace / "checkout"
-        self.progress(f"fetching source {source.git_repo} ({source.ref or 'default branch'})")
-        env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "/bin/false"}
-
-        def git(*args: str, cwd: Path | None = None) -> str:
-            completed = subprocess.run(
-                ["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-            )
-            if completed.returncode != 0:
-                detail = (completed.stderr or completed.stdout).strip().splitlines()[-3:]
-                raise SourceError(f"source: git {args[0]} failed: {' '.join(detail)}")
-            return completed.stdout.strip()
-
-        clone = ["clone", "--quiet", "--no-hardlinks"]
-        if source.branch or source.tag:
-            clone += ["--branch", source.branch or source.tag or ""]
-        git(*clone, "--", source.git_repo, str(checkout))
-        if source.commit:
-            git(
-                "-c",
-                "advice.detachedHead=false",
-                "checkout",
-                "--quiet",
-                source.commit,
-                cwd=checkout,
-            )
-        commit = git("rev-parse", "--verify", "HEAD^{commit}", cwd=checkout)
-        if source.commit and not commit.startswith(source.commit):
-            raise SourceError(f"source.commit: {source.commit} resolved to {commit}")
-        shutil.rmtree(checkout / ".git")
+        if run.staged is not None:
+            checkout, commit = self._staged_checkout(run)
+            if source.commit and not commit.startswith(source.commit):
+                raise SourceError(
+                    f"source.commit: {source.commit} but the staged commit is {commit}"
+                )
+        else:
+            checkout, commit = self._clone_source(run)
         source_dir = checkout
         if source.subdirectory:
             source_dir = (checkout / source.subdirectory).resolve()
@@ -448,6 +525,17 @@ class CertificationAgent:
             ),
         )
 
+    def _clone_source(self, run: RunState) -> tuple[Path, str]:
+        source = run.config.source
+        checkout = run.workspace / "checkout"
+        self.progress(f"fetching source {source.git_repo} ({source.ref or 'default branch'})")
+        try:
+            commit = gitsource.clone_source(source, checkout)
+        except gitsource.SourceError as exc:
+            raise SourceError(str(exc)) from None
+        shutil.rmtree(checkout / ".git")
+        return checkout, commit
+
     def _fetch_resource(self, run: RunState, resource: object) -> None:
         url: str = resource.url  # type: ignore[attr-defined]
         destination: str = resource.destination_path  # type: ignore[attr-defined]
@@ -456,17 +544,28 @@ class CertificationAgent:
         if not target.is_relative_to(run.resources_dir.resolve()):
             raise AgentError(f"resources: destinationPath {destination!r} leaves the folder")
         target.parent.mkdir(parents=True, exist_ok=True)
-        self.work.begin(f"downloading {destination}", None)
-        try:
-            digest, size = download(
-                url,
-                target,
-                progress=self.progress,
-                on_bytes=self.work.advance,
-                on_total=lambda total: setattr(self.work, "total_bytes", total),
-            )
-        finally:
-            self.work.end()
+        if run.staged is not None:
+            staged = run.staged.resource(destination)
+            if not staged.is_file() or staged.is_symlink():
+                raise DownloadError(f"resources[{destination}]: not in the staged inputs")
+            os.replace(staged, target)
+            self.work.begin(f"hashing {destination}", target.stat().st_size)
+            try:
+                digest, size = sha256_file(target, progress=self.work.advance)
+            finally:
+                self.work.end()
+        else:
+            self.work.begin(f"downloading {destination}", None)
+            try:
+                digest, size = download(
+                    url,
+                    target,
+                    progress=self.progress,
+                    on_bytes=self.work.advance,
+                    on_total=lambda total: setattr(self.work, "total_bytes", total),
+                )
+            finally:
+                self.work.end()
         if pinned is not None and digest != pinned:
             raise InputMismatchError(
                 f"resources[{destination}]: sha256 of {url} is {digest}, "
@@ -489,18 +588,23 @@ class CertificationAgent:
                 build_training_image,
                 has_requirements,
                 resolve_wheelhouse,
+                staged_wheelhouse,
             )
 
             with self._measuring_step(run):
                 if requirements.is_file() and has_requirements(requirements):
                     wheel_dir = run.workspace / "wheels"
                     try:
-                        wheels = resolve_wheelhouse(
-                            requirements,
-                            wheel_dir,
-                            python_version=run.config.python_version,
-                            progress=self.progress,
-                        )
+                        if run.staged is not None:
+                            wheel_dir = run.staged.wheels
+                            wheels = staged_wheelhouse(wheel_dir)
+                        else:
+                            wheels = resolve_wheelhouse(
+                                requirements,
+                                wheel_dir,
+                                python_version=run.config.python_version,
+                                progress=self.progress,
+                            )
                     except WheelhouseError as exc:
                         raise DependencyError(f"requirements.txt: {exc}") from exc
                     for wheel in wheels:
@@ -620,6 +724,16 @@ class CertificationAgent:
             finished = run.step != "training"
         return lines, offset + len(lines), finished and offset + len(lines) >= len(run.log_lines)
 
+    def outputs_archive(self, run_id: str) -> Iterator[bytes]:
+        """The run's ``outputs/`` and ``logs/`` as a tar stream, once training is over
+        (also after a failed training: its outputs and logs are kept for the builder)."""
+        from aicert.guest_runtime.archive import stream_tar
+
+        run = self._require(run_id, *_TRAINING_STARTED, observing=True)
+        if run.step == "training":
+            raise StepOrderError(f"run {run_id}: training is still running")
+        return stream_tar({"outputs": run.outputs_dir, "logs": run.log_path.parent})
+
     # -- step 6: outputs -------------------------------------------------------------------------
 
     def measure_outputs(self, run_id: str) -> list[AppEvent]:
@@ -679,6 +793,12 @@ class CertificationAgent:
                 "exit_code": run.exit_code,
                 "duration_ms": run.duration_ms or 0,
             }
+
+
+def _device_size(path: Path) -> int:
+    """Bytes in a file or block device (st_size is 0 for a device)."""
+    with path.open("rb") as handle:
+        return handle.seek(0, os.SEEK_END)
 
 
 def training_image_tag(run_id: str) -> str:

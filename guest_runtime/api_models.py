@@ -93,6 +93,8 @@ class PlatformEvidence(_Model):
     pcrs: dict[str, str]
     ak_public: Base64Bytes(2048)
     boot_event_log: Base64Bytes(16 * 1024 * 1024) | None = None
+    # The data of the agent's measured channel-key event (remote platforms), if any.
+    channel_key: dict[str, Any] | None = None
 
 
 class ProblemDetail(_Model):

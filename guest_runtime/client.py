@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import ssl
+import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -24,6 +28,7 @@ from aicert.guest_runtime.api_models import (
     StartRunRequest,
     TrainingStatus,
 )
+from aicert.guest_runtime.channel import pinned_context
 from aicert.model import AppEvent
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -57,10 +62,50 @@ class AgentUnreachableError(AgentCallError):
     """No answer from the agent (not started yet, crashed, or the network is down)."""
 
 
+class _IterReader(io.RawIOBase):
+    """A read-only file over an iterator of byte chunks (tarfile's stream mode reads one)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            try:
+                self._pending = next(self._chunks)
+            except StopIteration:
+                return 0
+        count = min(len(buffer), len(self._pending))
+        buffer[:count] = self._pending[:count]
+        self._pending = self._pending[count:]
+        return count
+
+
 class AgentClient:
-    def __init__(self, base_url: str, *, timeout_s: float = 600.0) -> None:
+    """``server_certificate_pem``: for an ``https://`` agent, the channel certificate pinned
+    on first contact (``aicert.guest_runtime.channel``); nothing else is accepted."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float = 600.0,
+        server_certificate_pem: str | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url + API_PREFIX, timeout=timeout_s)
+        verify: ssl.SSLContext | bool = True
+        if self.base_url.startswith("https://"):
+            if server_certificate_pem is None:
+                raise ValueError(
+                    f"{self.base_url}: an https agent needs its pinned channel certificate"
+                )
+            verify = pinned_context(server_certificate_pem)
+        self._http = httpx.Client(
+            base_url=self.base_url + API_PREFIX, timeout=timeout_s, verify=verify
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -129,17 +174,19 @@ class AgentClient:
         body = StartRunRequest(run_id=run_id, nonce=nonce, config=config)
         return self._call("POST", "/runs", EventsResponse, body=body).events
 
-    def key_material(self, run_id: str) -> KeyMaterial:
-        return self._call("POST", f"/runs/{run_id}/ak", KeyMaterial)
+    def key_material(self) -> KeyMaterial:
+        """The machine's EK certificate and EK/AK public areas (the AK is made on first ask)."""
+        return self._call("POST", "/ak", KeyMaterial)
 
-    def activate_credential(self, run_id: str, credential_blob: bytes, secret: bytes) -> bytes:
+    def activate_credential(self, credential_blob: bytes, secret: bytes) -> bytes:
         body = ActivateRequest(credential_blob=credential_blob, encrypted_secret=secret)
-        return self._call("POST", f"/runs/{run_id}/ak/activate", ActivateResponse, body=body).secret
+        return self._call("POST", "/ak/activate", ActivateResponse, body=body).secret
 
-    def platform_quote(self, run_id: str, challenge: bytes) -> PlatformEvidence:
-        """A quote of PCR 0-15 and the boot event log, asked before sending the workload."""
+    def platform_quote(self, challenge: bytes) -> PlatformEvidence:
+        """A quote of PCR 0-15 with the boot event log and the measured channel key, asked
+        before the run is sent."""
         body = PlatformQuoteRequest(challenge=challenge)
-        return self._call("POST", f"/runs/{run_id}/platform-quote", PlatformEvidence, body=body)
+        return self._call("POST", "/platform-quote", PlatformEvidence, body=body)
 
     def measure_inputs(self, run_id: str) -> list[AppEvent]:
         return self._call("POST", f"/runs/{run_id}/inputs", EventsResponse).events
@@ -179,6 +226,37 @@ class AgentClient:
 
     def measure_outputs(self, run_id: str) -> list[AppEvent]:
         return self._call("POST", f"/runs/{run_id}/outputs", EventsResponse).events
+
+    def download_archive(self, run_id: str, destination: Path) -> list[str]:
+        """Fetch the run's ``outputs/`` and ``logs/`` into ``destination``; returns the file
+        names. Extracted with tarfile's ``data`` filter: nothing lands outside it."""
+        operation = f"GET /runs/{run_id}/archive"
+        destination.mkdir(parents=True, exist_ok=True)
+        names: list[str] = []
+        try:
+            with self._http.stream("GET", f"/runs/{run_id}/archive") as response:
+                if response.status_code >= 400:
+                    response.read()
+                    problem = response.json() if response.content else {}
+                    raise AgentCallError(
+                        operation,
+                        problem.get("kind", "HTTPError"),
+                        problem.get("error", response.text[:500]),
+                        response.status_code,
+                    )
+                reader = _IterReader(response.iter_raw())
+                with tarfile.open(fileobj=reader, mode="r|") as archive:
+                    for member in archive:
+                        archive.extract(member, destination, filter="data")
+                        if member.isfile():
+                            names.append(member.name)
+        except httpx.TransportError as exc:
+            raise AgentUnreachableError(
+                operation, type(exc).__name__, f"agent at {self.base_url} unreachable: {exc}", None
+            ) from exc
+        except (tarfile.TarError, OSError) as exc:
+            raise AgentCallError(operation, type(exc).__name__, str(exc), None) from exc
+        return names
 
     def quote(self, run_id: str) -> Evidence:
         return self._call("POST", f"/runs/{run_id}/quote", Evidence)

@@ -8,6 +8,7 @@ the orchestrator can tell a training failure (no retry) from a platform failure 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -15,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from aicert.guest_runtime import RUNTIME_VERSION
 from aicert.guest_runtime.agent import (
@@ -58,7 +59,10 @@ _STATUS = {
 _UNAVAILABLE_KINDS = frozenset({"TpmUnreachableError"})
 
 
-def create_app(agent: CertificationAgent) -> FastAPI:
+def create_app(agent: CertificationAgent, boot_event_log: Path | None = None) -> FastAPI:
+    """``boot_event_log``: where this machine's kernel exposes the TCG boot event log
+    (default: securityfs)."""
+    log_path = boot_event_log or BOOT_EVENT_LOG
     app = FastAPI(title="AICert guest agent", version=RUNTIME_VERSION)
 
     @app.exception_handler(AgentError)
@@ -99,21 +103,19 @@ def create_app(agent: CertificationAgent) -> FastAPI:
     def start_run(request: StartRunRequest) -> EventsResponse:
         return EventsResponse(events=agent.start_run(request.run_id, request.nonce, request.config))
 
-    @app.post(f"{API_PREFIX}/runs/{{run_id}}/ak")
-    def key_material(run_id: str) -> KeyMaterial:
-        return KeyMaterial(**agent.key_material(run_id))
+    @app.post(f"{API_PREFIX}/ak")
+    def key_material() -> KeyMaterial:
+        return KeyMaterial(**agent.key_material())
 
-    @app.post(f"{API_PREFIX}/runs/{{run_id}}/ak/activate")
-    def activate(run_id: str, request: ActivateRequest) -> ActivateResponse:
-        secret = agent.activate_credential(
-            run_id, request.credential_blob, request.encrypted_secret
-        )
+    @app.post(f"{API_PREFIX}/ak/activate")
+    def activate(request: ActivateRequest) -> ActivateResponse:
+        secret = agent.activate_credential(request.credential_blob, request.encrypted_secret)
         return ActivateResponse(secret=secret)
 
-    @app.post(f"{API_PREFIX}/runs/{{run_id}}/platform-quote")
-    def platform_quote(run_id: str, request: PlatformQuoteRequest) -> PlatformEvidence:
+    @app.post(f"{API_PREFIX}/platform-quote")
+    def platform_quote(request: PlatformQuoteRequest) -> PlatformEvidence:
         return PlatformEvidence(
-            **agent.platform_quote(run_id, request.challenge, boot_event_log=_read_boot_event_log())
+            **agent.platform_quote(request.challenge, boot_event_log=_read_boot_event_log(log_path))
         )
 
     @app.post(f"{API_PREFIX}/runs/{{run_id}}/inputs")
@@ -146,9 +148,13 @@ def create_app(agent: CertificationAgent) -> FastAPI:
     def measure_outputs(run_id: str) -> EventsResponse:
         return EventsResponse(events=agent.measure_outputs(run_id))
 
+    @app.get(f"{API_PREFIX}/runs/{{run_id}}/archive")
+    def archive(run_id: str) -> StreamingResponse:
+        return StreamingResponse(agent.outputs_archive(run_id), media_type="application/x-tar")
+
     @app.post(f"{API_PREFIX}/runs/{{run_id}}/quote")
     def quote(run_id: str) -> Evidence:
-        return Evidence(**agent.quote(run_id, boot_event_log=_read_boot_event_log()))
+        return Evidence(**agent.quote(run_id, boot_event_log=_read_boot_event_log(log_path)))
 
     return app
 
@@ -156,10 +162,10 @@ def create_app(agent: CertificationAgent) -> FastAPI:
 BOOT_EVENT_LOG = Path("/sys/kernel/security/tpm0/binary_bios_measurements")
 
 
-def _read_boot_event_log() -> bytes | None:
+def _read_boot_event_log(path: Path = BOOT_EVENT_LOG) -> bytes | None:
     # Only a machine that booted with a TPM has one; the local platform does not.
     try:
-        return BOOT_EVENT_LOG.read_bytes()
+        return path.read_bytes()
     except OSError:
         return None
 
@@ -177,10 +183,29 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="Azure AK chain intermediates (PEM; default /etc/aicert/azure-intermediates.pem)",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve HTTPS with a fresh key measured into PCR 14 first (remote platforms)",
+    )
+    parser.add_argument(
+        "--staged-inputs",
+        type=Path,
+        default=None,
+        help="a tar (file or block device) with the run's inputs, staged by the orchestrator",
+    )
+    parser.add_argument(
+        "--boot-event-log",
+        type=Path,
+        default=None,
+        help=f"the TCG boot event log to return with quotes (default {BOOT_EVENT_LOG})",
+    )
     args = parser.parse_args(argv)
 
     import uvicorn
 
+    from aicert.appevents import ChannelKeyEvent
+    from aicert.guest_runtime.channel import ChannelFiles, new_channel_identity
     from aicert.guest_runtime.tpm import Tpm
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -191,13 +216,26 @@ def main(argv: list[str] | None = None) -> int:
             platform=args.platform,
             work_root=args.work_root,
             azure_intermediates=args.azure_intermediates,
+            staged_inputs=args.staged_inputs,
         )
-        config = uvicorn.Config(
-            create_app(agent), host=args.host, port=args.port, log_level="warning"
-        )
-        server = uvicorn.Server(config)
-        signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
-        server.run()
+        with contextlib.ExitStack() as stack:
+            tls: dict[str, str] = {}
+            if args.tls:
+                identity = new_channel_identity()
+                # Measured before the socket opens: nothing is served under an unmeasured key.
+                agent.measure_channel_key(ChannelKeyEvent.for_certificate(identity.certificate_pem))
+                files = stack.enter_context(ChannelFiles(identity))
+                tls = {"ssl_certfile": str(files.certificate), "ssl_keyfile": str(files.key)}
+            config = uvicorn.Config(
+                create_app(agent, args.boot_event_log),
+                host=args.host,
+                port=args.port,
+                log_level="warning",
+                **tls,
+            )
+            server = uvicorn.Server(config)
+            signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
+            server.run()
     return 0
 
 

@@ -90,6 +90,15 @@ def _wheel_info(path: Path) -> WheelInfo:
     )
 
 
+def staged_wheelhouse(folder: Path) -> list[WheelInfo]:
+    """The wheels an orchestrator staged in ``folder`` (hashed here), sorted by file name."""
+    paths = sorted(folder.iterdir()) if folder.is_dir() else []
+    not_wheels = [path.name for path in paths if path.suffix != ".whl" or not path.is_file()]
+    if not_wheels:
+        raise WheelhouseError(f"staged wheels: files that are not wheels: {not_wheels}")
+    return [_wheel_info(path) for path in paths]
+
+
 def resolve_wheelhouse(
     requirements: Path,
     dest: Path,

@@ -3,7 +3,9 @@
 from aicert.tasks.certification import (
     MachineFailed,
     TrainingFailed,
+    attest_machine_before_run,
     build_image,
+    collect_outputs,
     collect_quote,
     establish_attestation_key,
     load_run_config,
@@ -11,6 +13,8 @@ from aicert.tasks.certification import (
     measure_outputs,
     provision_machine,
     run_training,
+    stage_inputs,
+    start_run,
     teardown_machine,
     wait_for_agent,
 )
@@ -19,7 +23,9 @@ from aicert.tasks.verification import verify_certificate
 __all__ = [
     "MachineFailed",
     "TrainingFailed",
+    "attest_machine_before_run",
     "build_image",
+    "collect_outputs",
     "collect_quote",
     "establish_attestation_key",
     "load_run_config",
@@ -27,6 +33,8 @@ __all__ = [
     "measure_outputs",
     "provision_machine",
     "run_training",
+    "stage_inputs",
+    "start_run",
     "teardown_machine",
     "verify_certificate",
     "wait_for_agent",

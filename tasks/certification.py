@@ -20,13 +20,15 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
+from aicert.flows.providers.attestation import MachineAttestation, attest_machine
 from aicert.flows.providers.base import (
     DEFAULT_AGENT_START_TIMEOUT_S,
     EnrolledKey,
     Machine,
     Provider,
 )
-from aicert.guest_runtime.api_models import Evidence, Health, TrainingStatus
+from aicert.guest_runtime.api_models import Evidence, TrainingStatus
+from aicert.guest_runtime.channel import fetch_server_certificate
 from aicert.guest_runtime.client import AgentCallError, AgentClient, AgentUnreachableError
 from aicert.guest_runtime.config import (
     ConfigError,
@@ -49,7 +51,7 @@ def _only_if_unreachable(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def _client(machine: Machine, timeout_s: float = 900.0) -> AgentClient:
-    return AgentClient(machine.agent_url, timeout_s=timeout_s)
+    return machine.client(timeout_s=timeout_s)
 
 
 T = TypeVar("T")
@@ -167,6 +169,21 @@ def _unless_machine_failed(task: Any, task_run: Any, state: Any) -> bool:
 
 
 @task(
+    name="stage-inputs",
+    task_run_name="stage-inputs-{run_id}",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=[5],
+)
+def stage_inputs(provider: Provider, run_id: str, config: RunConfig) -> None:
+    """Fetch the inputs on this host when the machine cannot (qemu: no network in the VM).
+    Nothing is measured here: the machine measures what it is given."""
+    logger = get_run_logger()
+    provider.stage_inputs(run_id, config)
+    logger.info("inputs for %s ready for the %s machine", run_id, provider.kind)
+
+
+@task(
     name="wait-for-agent",
     cache_policy=NO_CACHE,
     retries=1,
@@ -175,24 +192,37 @@ def _unless_machine_failed(task: Any, task_run: Any, state: Any) -> bool:
 )
 def wait_for_agent(
     provider: Provider, machine: Machine, timeout_s: float = DEFAULT_AGENT_START_TIMEOUT_S
-) -> Health:
+) -> Machine:
     """Wait until the machine's agent answers; fail at once when the provider reports that
-    the machine died (rather than after the whole timeout)."""
+    the machine died (rather than after the whole timeout). An https agent's certificate is
+    pinned on first contact: the returned machine carries it, and ``attest-machine`` then
+    checks that the attested TPM measured that very key."""
     deadline = time.monotonic() + timeout_s
-    with _client(machine) as client:
-        while True:
-            try:
+    https = machine.agent_url.startswith("https://")
+    while True:
+        try:
+            pinned = machine
+            if https and machine.agent_certificate_pem is None:
+                pinned = machine.model_copy(
+                    update={"agent_certificate_pem": fetch_server_certificate(machine.agent_url)}
+                )
+            with _client(pinned) as client:
                 health = client.health(timeout_s=min(5.0, timeout_s))
-                break
-            except AgentUnreachableError:
-                problem = provider.machine_problem(machine)
-                if problem is not None:
-                    raise MachineFailed(problem) from None
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.1)
-    get_run_logger().info("agent %s ready on %s", health.runtime_version, health.platform)
-    return health
+            break
+        except (AgentUnreachableError, OSError):
+            problem = provider.machine_problem(machine)
+            if problem is not None:
+                raise MachineFailed(problem) from None
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+    get_run_logger().info(
+        "agent %s ready on %s%s",
+        health.runtime_version,
+        health.platform,
+        " (TLS channel pinned)" if https else "",
+    )
+    return pinned
 
 
 @task(
@@ -201,17 +231,50 @@ def wait_for_agent(
     retries=2,
     retry_delay_seconds=[1, 5],
 )
-def establish_attestation_key(
-    provider: Provider, machine: Machine, run_id: str, nonce: bytes, config: RunConfig
-) -> EnrolledKey:
-    """Start the run (runtime identity and config into PCR 14), then certify the AK."""
+def establish_attestation_key(provider: Provider, machine: Machine) -> EnrolledKey:
+    """Have the machine's AK certified (its cloud's CA, or the project's platform CA)."""
     with _client(machine) as client:
-        health = client.health()
-        if health.busy_run_id != run_id:
-            _log_events(client.start_run(run_id, nonce, config.measured_form()))
         enrolled = provider.enroll_attestation_key(machine, client)
     get_run_logger().info("AK certified by %s", provider.kind)
     return enrolled
+
+
+@task(
+    name="attest-machine",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[1, 5],
+    retry_condition_fn=_only_if_unreachable,
+)
+def attest_machine_before_run(
+    provider: Provider, machine: Machine, enrolled: EnrolledKey
+) -> MachineAttestation:
+    """Before anything of the run is sent: the machine is fresh, the channel ends in it, and
+    its boot chain matches the platform's reference values (see ``attestation``)."""
+    logger = get_run_logger()
+    with _client(machine) as client:
+        attestation = attest_machine(machine, client, enrolled, provider.boot_reference())
+    if attestation.channel_key_sha256:
+        logger.info(
+            "channel key %s... is the machine's (PCR 14)", attestation.channel_key_sha256[:16]
+        )
+    logger.info("machine attested: %s", attestation.boot_chain or "no measured boot chain")
+    return attestation
+
+
+@task(
+    name="start-run",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[1, 5],
+    retry_condition_fn=_only_if_unreachable,
+)
+def start_run(machine: Machine, run_id: str, nonce: bytes, config: RunConfig) -> list[AppEvent]:
+    """Send the run: runtime identity, nonce and configuration into PCR 14."""
+    with _client(machine) as client:
+        events = client.start_run(run_id, nonce, config.measured_form())
+    _log_events(events)
+    return events
 
 
 @task(
@@ -279,6 +342,25 @@ def measure_outputs(machine: Machine, run_id: str, project: str) -> list[AppEven
         )
     _log_events(events)
     return events
+
+
+@task(
+    name="collect-outputs",
+    task_run_name="collect-outputs-{run_id}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+)
+def collect_outputs(machine: Machine, run_id: str, destination: str) -> str:
+    """Download the run's outputs and logs from a machine that keeps them (qemu, Azure)
+    before it is torn down; returns the local folder (``outputs/`` and ``logs/``)."""
+    logger = get_run_logger()
+    target = Path(destination)
+    with _client(machine) as client:
+        names = client.download_archive(run_id, target)
+    total = sum((target / name).stat().st_size for name in names)
+    logger.info("downloaded %d files (%.1f MB) to %s", len(names), total / 1e6, target)
+    return str(target)
 
 
 @task(name="quote", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[1, 2, 5])

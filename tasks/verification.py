@@ -20,9 +20,12 @@ def verify_certificate(
     expected_inputs: Mapping[str, str] | None = None,
     allow_dev_platform: bool = False,
     model_path: str | None = None,
+    reference_values: Any | None = None,
 ) -> dict[str, Any]:
     """Verify a certificate file with the SDK; fail the task with the verifier's error.
 
+    ``model_path``: the outputs folder, re-hashed against the certified outputs.
+    ``reference_values``: the reference-value set(s) the boot chain must match (qemu, Azure).
     Returns the verification report as a dict (what was checked, what is bound).
     """
     logger = get_run_logger()
@@ -31,6 +34,7 @@ def verify_certificate(
         expected_inputs=expected_inputs,
         allow_dev_platform=allow_dev_platform,
         model=model_path,
+        reference_values=reference_values,
     )
     for check in report.checks:
         logger.info("verified %s: %s", check.name, check.detail)

@@ -8,6 +8,7 @@ import pytest
 import rfc8785
 
 from aicert.appevents import (
+    ChannelKeyEvent,
     ConfigEvent,
     ImageEvent,
     OutputFileEvent,
@@ -152,3 +153,48 @@ def test_interpret_gives_the_views_in_order() -> None:
 def test_grammar_violations_are_event_log_errors(mutate, message: str) -> None:
     with pytest.raises(EventLogError, match=message):
         interpret(mutate(valid_log()))
+
+
+def channel_key() -> AppEvent:
+    return ChannelKeyEvent(algorithm="ecdsa-secp256r1", public_key_sha256=SHA).to_event()
+
+
+def test_channel_key_is_the_machines_first_event() -> None:
+    measured = interpret([channel_key(), *valid_log()])
+    assert measured.channel_key is not None
+    assert measured.channel_key.public_key_sha256 == SHA
+    assert measured.runtime.run_id == "run-1"
+    assert interpret(valid_log()).channel_key is None  # optional (local platform)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        # After the runtime event, a key could have been swapped in mid-run.
+        (lambda log: [log[0], channel_key(), *log[1:]], "out of order"),
+        (lambda log: [channel_key(), channel_key(), *log], "first PCR 14 event must be"),
+        (lambda log: [channel_key(), *log[1:]], "first PCR 14 event must be aicert.runtime"),
+        (lambda log: [channel_key()], "first PCR 14 event must be aicert.runtime"),
+    ],
+)
+def test_misplaced_channel_key_is_refused(mutate: object, message: str) -> None:
+    with pytest.raises(EventLogError, match=message):
+        interpret(mutate(valid_log()))  # type: ignore[operator]
+
+
+def test_channel_key_event_from_a_certificate() -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from aicert.guest_runtime.channel import new_channel_identity
+
+    identity = new_channel_identity()
+    event = ChannelKeyEvent.for_certificate(identity.certificate_pem)
+    spki = (
+        x509.load_pem_x509_certificate(identity.certificate_pem)
+        .public_key()
+        .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    )
+    assert event.algorithm == "ecdsa-secp256r1"
+    assert event.public_key_sha256 == hashlib.sha256(spki).hexdigest()
+    assert ChannelKeyEvent.for_certificate(new_channel_identity().certificate_pem) != event

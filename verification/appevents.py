@@ -83,12 +83,29 @@ class RuntimeEvent(EventData):
 
 
 class ChannelKeyEvent(EventData):
-    """The guest agent's channel public key (remote platforms), measured before any input."""
+    """The guest agent's channel (TLS) public key on remote platforms: the machine's first
+    PCR 14 event, measured when the agent starts, before it serves anything. The
+    orchestrator checks it against a platform quote before it sends the run."""
 
     TYPE = "aicert.runtime.channel-key"
     PCR = INPUTS_PCR
     algorithm: str
     public_key_sha256: Sha256Hex
+
+    @classmethod
+    def for_certificate(cls, certificate_pem: bytes) -> ChannelKeyEvent:
+        """The event for the key in a TLS certificate: SHA-256 of its SubjectPublicKeyInfo."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        key = x509.load_pem_x509_certificate(certificate_pem).public_key()
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            algorithm = f"ecdsa-{key.curve.name}"
+        else:
+            algorithm = type(key).__name__.removesuffix("PublicKey").lower()
+        spki = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        return cls(algorithm=algorithm, public_key_sha256=hashlib.sha256(spki).hexdigest())
 
 
 class ConfigEvent(EventData):
@@ -323,7 +340,7 @@ class MeasuredRun:
 def interpret(events: Sequence[AppEvent]) -> MeasuredRun:
     """Check the log's grammar and return what it measured.
 
-    PCR 14: runtime, [channel-key], config, image(s), [source], resource*, package*, and
+    PCR 14: [channel-key], runtime, config, image(s), [source], resource*, package*, and
     a training image last when packages were installed. PCR 15: output files sorted by
     path without repeats, then exactly one result. Anything else is an error.
     """
@@ -334,16 +351,19 @@ def interpret(events: Sequence[AppEvent]) -> MeasuredRun:
 
     # Rank of each input event type: the log must be non-decreasing in rank.
     rank = {
-        RuntimeEvent: 0,
-        ChannelKeyEvent: 1,
+        ChannelKeyEvent: 0,
+        RuntimeEvent: 1,
         ConfigEvent: 2,
         ImageEvent: 3,
         SourceEvent: 4,
         ResourceEvent: 5,
         PackageEvent: 6,
     }
-    if not parsed_inputs or not isinstance(parsed_inputs[0], RuntimeEvent):
-        raise EventLogError("the first PCR 14 event must be aicert.runtime")
+    leading = 1 if parsed_inputs and isinstance(parsed_inputs[0], ChannelKeyEvent) else 0
+    if len(parsed_inputs) <= leading or not isinstance(parsed_inputs[leading], RuntimeEvent):
+        raise EventLogError(
+            "the first PCR 14 event must be aicert.runtime (after the channel key, if any)"
+        )
     previous = -1
     for (position, _), data in zip(inputs, parsed_inputs, strict=True):
         current = rank.get(type(data))
@@ -382,7 +402,7 @@ def interpret(events: Sequence[AppEvent]) -> MeasuredRun:
     source = only(SourceEvent)
     channel = only(ChannelKeyEvent)
     return MeasuredRun(
-        runtime=parsed_inputs[0],  # type: ignore[arg-type]
+        runtime=parsed_inputs[leading],  # type: ignore[arg-type]
         channel_key=channel[0] if channel else None,  # type: ignore[arg-type]
         config=only(ConfigEvent)[0],  # type: ignore[arg-type]
         images=tuple(images),

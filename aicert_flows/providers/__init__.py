@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from aicert.flows.providers.base import EnrolledKey, Machine, Provider
 from aicert.flows.providers.local import LocalProvider
+from aicert.flows.providers.qemu import QemuProvider
 
-PROVIDERS: dict[str, type[Provider]] = {"local": LocalProvider}
+PROVIDERS: dict[str, type[Provider]] = {"local": LocalProvider, "qemu": QemuProvider}
 
 
 def get_provider(name: str | Provider) -> Provider:
@@ -38,6 +39,7 @@ __all__ = [
     "LocalProvider",
     "Machine",
     "Provider",
+    "QemuProvider",
     "get_provider",
     "provider_for_machine",
 ]

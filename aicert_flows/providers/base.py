@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from aicert.guest_runtime.client import AgentClient
+from aicert.guest_runtime.config import RunConfig
 
 PlatformKind = Literal["local", "qemu", "azure"]
 
@@ -29,6 +30,14 @@ class Machine(BaseModel):
     agent_url: str
     state_dir: str
     details: dict[str, Any] = {}
+    # An https agent's channel certificate, pinned on first contact (see
+    # aicert.guest_runtime.channel); the platform quote then shows it is the machine's.
+    agent_certificate_pem: str | None = None
+
+    def client(self, timeout_s: float = 900.0) -> AgentClient:
+        return AgentClient(
+            self.agent_url, timeout_s=timeout_s, server_certificate_pem=self.agent_certificate_pem
+        )
 
 
 class EnrolledKey(BaseModel):
@@ -52,6 +61,11 @@ class Provider(ABC):
     # How long the flow waits for a freshly provisioned machine's agent to answer.
     agent_start_timeout_s: float = DEFAULT_AGENT_START_TIMEOUT_S
 
+    def stage_inputs(self, run_id: str, config: RunConfig) -> None:
+        """Fetch the run's inputs on this host for a machine that cannot (default: the
+        machine's agent fetches them itself)."""
+        return None
+
     @abstractmethod
     def provision(self, run_id: str) -> Machine:
         """Start a machine with a fresh TPM and the guest agent; return when it was started."""
@@ -71,6 +85,12 @@ class Provider(ABC):
         return None
 
     def reference_values(self) -> str | None:
+        """The id of the reference-value set a certificate from this platform names."""
+        return None
+
+    def boot_reference(self) -> Any | None:
+        """The reference-value set the machine's boot chain must match (None: no boot chain
+        is measured, e.g. the local platform)."""
         return None
 
     @abstractmethod

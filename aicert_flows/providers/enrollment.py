@@ -25,14 +25,12 @@ def enroll_with_platform_ca(
     from aicert.guest_runtime.swtpm import LOCALCA_ISSUER_CERT
 
     ca = PlatformCA.load_or_create(platform_ca_dir)
-    material = client.key_material(machine.run_id)
+    material = client.key_material()
     if material.ek_certificate is None:
         raise EnrollmentError("the TPM has no EK certificate: it cannot be enrolled")
     verified_ek = ca.verify_ek_certificate(material.ek_certificate, ek_ca_dir / LOCALCA_ISSUER_CERT)
     challenge = ca.begin_activation(verified_ek, material.ek_public, material.ak_public)
-    secret = client.activate_credential(
-        machine.run_id, challenge.credential_blob, challenge.encrypted_secret
-    )
+    secret = client.activate_credential(challenge.credential_blob, challenge.encrypted_secret)
     ak_certificate = ca.complete_activation(challenge, secret)
     ek_pem = (
         x509.load_der_x509_certificate(material.ek_certificate)

@@ -34,6 +34,7 @@ from aicert.flows.settings import aicert_home
 from aicert.guest_runtime.client import AgentClient
 
 if TYPE_CHECKING:
+    from aicert.guest_runtime.config import RunConfig
     from aicert.guest_runtime.swtpm import LocalSwtpm
 
 
@@ -97,7 +98,7 @@ def _agent_idle(machine: Machine) -> bool:
     if not machine.agent_url:
         return False
     try:
-        with AgentClient(machine.agent_url, timeout_s=1.0) as client:
+        with machine.client(timeout_s=1.0) as client:
             return client.health(timeout_s=1.0).busy_run_id is None
     except Exception:  # unreachable or confused: treat it as busy, end it gently
         return False
@@ -120,8 +121,15 @@ class LocalProvider(Provider):
         *,
         agent_start_timeout_s: float = DEFAULT_AGENT_START_TIMEOUT_S,
         keep_spare_tpm: bool = True,
+        channel_tls: bool = False,
+        staged_inputs: bool = False,
     ) -> None:
+        """``channel_tls``: the agent serves TLS with a key it measures into PCR 14, as on
+        remote platforms. ``staged_inputs``: the orchestrator fetches the inputs and the
+        agent reads them from a staged tar, as in a VM without network."""
         self.home = (home or aicert_home()).resolve()
+        self.channel_tls = channel_tls
+        self.staged_inputs = staged_inputs
         self.agent_start_timeout_s = agent_start_timeout_s
         self.keep_spare_tpm = keep_spare_tpm
         self._spare_makers: list[threading.Thread] = []
@@ -240,10 +248,11 @@ class LocalProvider(Provider):
             # refuses an existing state, and a fresh TPM is what a retry should get anyway.
             shutil.rmtree(tpm_dir)
         port = _free_port()
+        scheme = "https" if self.channel_tls else "http"
         machine = Machine(
             provider="local",
             run_id=run_id,
-            agent_url=f"http://127.0.0.1:{port}",
+            agent_url=f"{scheme}://127.0.0.1:{port}",
             state_dir=str(run_dir),
             details={"tpm_state": str(tpm_dir)},
         )
@@ -259,6 +268,12 @@ class LocalProvider(Provider):
                     str(port),
                     "--work-root",
                     str(run_dir / "work"),
+                    *(["--tls"] if self.channel_tls else []),
+                    *(
+                        ["--staged-inputs", str(self.inputs_archive(run_id))]
+                        if self.staged_inputs
+                        else []
+                    ),
                 ],
                 stdin=subprocess.PIPE,
                 stdout=agent_log,
@@ -281,6 +296,15 @@ class LocalProvider(Provider):
         except BaseException:
             self.teardown(machine)
             raise
+
+    def inputs_archive(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "inputs.tar"
+
+    def stage_inputs(self, run_id: str, config: RunConfig) -> None:
+        if self.staged_inputs:
+            from aicert.flows.providers.staging import write_staged_inputs
+
+            write_staged_inputs(config, self.inputs_archive(run_id), run_id=run_id)
 
     def enroll_attestation_key(self, machine: Machine, client: AgentClient) -> EnrolledKey:
         return enroll_with_platform_ca(self.ek_ca_dir, self.platform_ca_dir, machine, client)
@@ -314,6 +338,7 @@ class LocalProvider(Provider):
         if tpm is not None:
             tpm.stop()  # reaps the child and removes its pid file
         _remove_run_containers(machine.run_id)
+        self.inputs_archive(machine.run_id).unlink(missing_ok=True)
         self._finish_spares()
 
     def outputs_path(self, machine: Machine) -> Path | None:

@@ -20,7 +20,6 @@ import hashlib
 import logging
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -31,10 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 import httpx
-from cryptography import x509
 
-from aicert.chain import leaf_public_key_matches
-from aicert.errors import AkMismatchError
 from aicert.flows.providers.base import EnrolledKey, Machine, Provider
 from aicert.flows.providers.enrollment import enroll_with_platform_ca
 from aicert.flows.qemu_image import (
@@ -43,14 +39,13 @@ from aicert.flows.qemu_image import (
     load_guest_image,
 )
 from aicert.flows.settings import aicert_home
+from aicert.guest_runtime.channel import fetch_server_certificate
 from aicert.guest_runtime.client import AgentClient, AgentUnreachableError
+from aicert.guest_runtime.config import RunConfig
 from aicert.reference_values import (
-    BootChainReport,
     ReferenceValueSet,
     VmShape,
-    verify_platform_quote,
 )
-from aicert.tpm_structures import parse_tpmt_public
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +63,7 @@ SWTPM_START_TIMEOUT_S = 10.0
 HOSTFWD_ATTEMPTS = 4
 KVM_PROBE_S = 2.0
 LOG_TAIL_BYTES = 3000
+INPUTS_DISK = "inputs.tar"
 # Lines of the guest's serial console that mean it will never come up.
 _FATAL_CONSOLE = re.compile(
     r"aicert-init: FAILED.*|Kernel panic.*|the guest agent exited.*|"
@@ -246,6 +242,19 @@ class QemuProvider(Provider):
     def reference_values(self) -> str | None:
         return self.image.id
 
+    def boot_reference(self) -> ReferenceValueSet:
+        """The reference values of the image this provider boots (for the verifier)."""
+        return self.image.reference
+
+    def inputs_disk(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / INPUTS_DISK
+
+    def stage_inputs(self, run_id: str, config: RunConfig) -> None:
+        """The VM has no network: fetch its inputs here, into the tar it gets as a disk."""
+        from aicert.flows.providers.staging import write_staged_inputs
+
+        write_staged_inputs(config, self.inputs_disk(run_id), run_id=run_id)
+
     # -- provisioning --------------------------------------------------------------------------
 
     def provision(self, run_id: str) -> Machine:
@@ -375,6 +384,7 @@ class QemuProvider(Provider):
             # restrict=on: the guest reaches nothing (host or outside); the forward still works.
             "-netdev",
             f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:{AGENT_PORT}",
+            *self._inputs_drive(run_dir),
             # No option ROM: OVMF's own virtio-net driver, no iPXE to load and measure.
             "-device",
             "virtio-net-pci,netdev=n0,romfile=",
@@ -383,6 +393,14 @@ class QemuProvider(Provider):
             "-serial",
             f"file:{run_dir / 'serial.log'}",
         ]
+
+    @staticmethod
+    def _inputs_drive(run_dir: Path) -> list[str]:
+        """The staged inputs as a read-only raw virtio disk (the guest's /dev/vda)."""
+        disk = run_dir / INPUTS_DISK
+        if not disk.is_file():
+            return []
+        return ["-drive", f"file={disk},format=raw,if=virtio,readonly=on,media=disk"]
 
     def _start_qemu(self, machine: Machine, run_dir: Path, socket_dir: Path) -> None:
         if shutil.which(QEMU_BINARY) is None:
@@ -402,7 +420,8 @@ class QemuProvider(Provider):
             machine.details["qemu_pid"] = process.pid
             machine.details["qemu_marker"] = name
             machine.details["started_at"] = time.time()
-            machine.agent_url = f"http://127.0.0.1:{port}"
+            # The agent serves TLS with a key it measured; wait_until_ready pins it.
+            machine.agent_url = f"https://127.0.0.1:{port}"
             # qemu binds the forwarded port at start: another process may have taken it.
             time.sleep(0.3)
             if process.poll() is None or "host forwarding" not in _tail(qemu_log):
@@ -442,29 +461,37 @@ class QemuProvider(Provider):
         if not machine.agent_url:
             return False
         try:
-            with AgentClient(machine.agent_url, timeout_s=3.0) as client:
+            pinned = machine.agent_certificate_pem or fetch_server_certificate(machine.agent_url)
+            with AgentClient(
+                machine.agent_url, timeout_s=3.0, server_certificate_pem=pinned
+            ) as client:
                 client.health(timeout_s=3.0)
-        except (AgentUnreachableError, httpx.HTTPError):
+        except (AgentUnreachableError, httpx.HTTPError, OSError):
             return False
         except Exception:  # answered, but not as an agent: still not up
             return False
         return True
 
     def wait_until_ready(self, machine: Machine, poll_s: float = 0.5) -> float:
-        """Wait for the guest agent; return the boot time in seconds (qemu start to the
-        agent's first answer). Raises QemuProviderError with the reason when the VM dies or
-        misses its boot deadline (the caller tears it down)."""
+        """Wait for the guest agent and pin its channel certificate on ``machine``; return the
+        boot time in seconds (qemu start to the agent's first answer). Raises
+        QemuProviderError with the reason when the VM dies or misses its boot deadline (the
+        caller tears it down)."""
         started = float(machine.details["started_at"])
-        with AgentClient(machine.agent_url, timeout_s=5.0) as client:
-            while True:
-                try:
+        while True:
+            try:
+                certificate = fetch_server_certificate(machine.agent_url, timeout_s=3.0)
+                with AgentClient(
+                    machine.agent_url, timeout_s=5.0, server_certificate_pem=certificate
+                ) as client:
                     client.health(timeout_s=3.0)
-                    break
-                except AgentUnreachableError:
-                    problem = self.machine_problem(machine)
-                    if problem is not None:
-                        raise QemuProviderError(problem) from None
-                    time.sleep(poll_s)
+                machine.agent_certificate_pem = certificate
+                break
+            except (AgentUnreachableError, OSError):
+                problem = self.machine_problem(machine)
+                if problem is not None:
+                    raise QemuProviderError(problem) from None
+                time.sleep(poll_s)
         boot_seconds = round(time.time() - started, 1)
         machine.details["boot_seconds"] = boot_seconds
         log.info(
@@ -490,35 +517,6 @@ class QemuProvider(Provider):
     def enroll_attestation_key(self, machine: Machine, client: AgentClient) -> EnrolledKey:
         return enroll_with_platform_ca(self.ek_ca_dir, self.platform_ca_dir, machine, client)
 
-    def attest_boot(
-        self, machine: Machine, client: AgentClient, enrolled: EnrolledKey
-    ) -> BootChainReport:
-        """Check the machine's boot chain before anything is sent to it: a platform quote over
-        a fresh challenge, signed by the AK the platform CA just certified, whose boot event
-        log must match the image's reference values. Raises the verifier's errors."""
-        challenge = secrets.token_bytes(32)
-        evidence = client.platform_quote(machine.run_id, challenge)
-        leaf = x509.load_pem_x509_certificate(enrolled.ak_certificate_chain[0].encode())
-        ak = parse_tpmt_public(evidence.ak_public)
-        if not leaf_public_key_matches(leaf, ak.to_cryptography_key()):
-            raise AkMismatchError("the platform quote is not signed by the certified AK")
-        report = verify_platform_quote(
-            attest=evidence.attest,
-            signature=evidence.signature,
-            ak_public=evidence.ak_public,
-            challenge=challenge,
-            pcrs={int(index): bytes.fromhex(value) for index, value in evidence.pcrs.items()},
-            boot_event_log=evidence.boot_event_log,
-            reference=self.reference_value_set,
-        )
-        log.info("run %s: %s", machine.run_id, report.note)
-        return report
-
-    @property
-    def reference_value_set(self) -> ReferenceValueSet:
-        """The reference values of the image this provider boots (for the verifier)."""
-        return self.image.reference
-
     def boot_evidence(self, machine: Machine) -> bytes | None:
         # The agent reads the log inside the VM and returns it with each quote.
         return None
@@ -536,6 +534,9 @@ class QemuProvider(Provider):
             _terminate(int(swtpm_pid), str(socket_dir or "swtpm"))
         if socket_dir:
             shutil.rmtree(socket_dir, ignore_errors=True)
+        # A copy of inputs fetched for the VM (the base image alone is hundreds of MB); the
+        # certificate names them, and the run's outputs and logs stay.
+        Path(machine.state_dir, INPUTS_DISK).unlink(missing_ok=True)
 
     def outputs_path(self, machine: Machine) -> Path | None:
         return None

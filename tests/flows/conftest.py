@@ -126,12 +126,19 @@ def processes_mentioning(text: str) -> list[str]:
 def run_containers(run_id: str) -> list[str]:
     """Containers (any state) labelled as the run's, by either labelling convention."""
     client = docker.from_env()
+    # The low-level listing: the high-level one inspects each container afterwards, and one
+    # removed in between (teardown racing this probe) raised NotFound.
+    filters = [
+        {"label": f"aicert.run={run_id}"},
+        {"label": f"aicert.run=aicert-{run_id}"},
+        {"name": f"aicert-{run_id}"},
+    ]
     try:
-        found: set[str] = set()
-        for label in (f"aicert.run={run_id}", f"aicert.run=aicert-{run_id}"):
-            found |= {c.name for c in client.containers.list(all=True, filters={"label": label})}
-        found |= {
-            c.name for c in client.containers.list(all=True, filters={"name": f"aicert-{run_id}"})
+        found = {
+            name.lstrip("/")
+            for selector in filters
+            for summary in client.api.containers(all=True, filters=selector)
+            for name in summary.get("Names", [])
         }
         return sorted(found)
     finally:

@@ -20,6 +20,7 @@ from aicert.flows.blocks import (
     AicertRunConfig,
     LocalPlatform,
     PlatformBlock,
+    QemuPlatform,
     load_platform_block,
 )
 from aicert.flows.flows import certify_training, resolve_platform
@@ -38,7 +39,7 @@ from .conftest import (
 )
 
 
-@pytest.mark.parametrize("block", [AicertRunConfig, LocalPlatform])
+@pytest.mark.parametrize("block", [AicertRunConfig, LocalPlatform, QemuPlatform])
 class TestBlockStandards(BlockStandardTestSuite):
     @pytest.fixture
     def block(self, block: type[Block]) -> type[Block]:
@@ -131,6 +132,29 @@ def test_local_platform_refuses_a_non_positive_timeout() -> None:
         LocalPlatform(agent_start_timeout_seconds=0)
 
 
+def test_qemu_platform_round_trip_and_provider(prefect_api_url: str, tmp_path: Path) -> None:
+    from aicert.flows.providers.qemu import QemuProvider
+
+    name = _name()
+    QemuPlatform(
+        home=str(tmp_path / "home"),
+        image="qemu-0123456789abcdef",
+        accel="tcg",
+        memory_mib=3072,
+        cpus=2,
+        boot_timeout_seconds=99,
+    ).save(name)
+    provider = load_platform_block(f"aicert-qemu-platform/{name}").provider()
+    assert isinstance(provider, QemuProvider)
+    assert provider.home == (tmp_path / "home").resolve()
+    assert provider.image_ref == "qemu-0123456789abcdef"
+    assert (provider.accel, provider.memory_mib, provider.smp) == ("tcg", 3072, 2)
+    assert provider.boot_timeout_s == 99
+    assert provider.agent_start_timeout_s > 99  # the flow outwaits the provider's own bound
+    with pytest.raises(ValueError, match="memory_mib"):
+        QemuPlatform(memory_mib=64)
+
+
 def test_a_run_config_block_is_not_a_platform(prefect_api_url: str) -> None:
     name = _name()
     AicertRunConfig(config_yaml=_yaml()).save(name)
@@ -153,9 +177,13 @@ def test_prefect_finds_the_blocks_through_the_collections_entry_point() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
     )
     assert completed.returncode == 0, completed.stderr
-    assert (
-        completed.stdout.strip().splitlines()[-1]
-        == "['aicert-azure-platform', 'aicert-local-platform', 'aicert-run-config']"
+    assert completed.stdout.strip().splitlines()[-1] == str(
+        [
+            "aicert-azure-platform",
+            "aicert-local-platform",
+            "aicert-qemu-platform",
+            "aicert-run-config",
+        ]
     )
 
 
@@ -172,8 +200,8 @@ def test_block_register_cli(
         check=False,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
-    assert "Successfully registered 2 blocks" in completed.stdout, completed.stdout
-    for slug in ("aicert-run-config", "aicert-local-platform"):
+    assert "Successfully registered 3 blocks" in completed.stdout, completed.stdout
+    for slug in ("aicert-run-config", "aicert-local-platform", "aicert-qemu-platform"):
         assert client.read_block_type_by_slug(slug).slug == slug
 
 

@@ -306,9 +306,9 @@ class AgentUnderTest:
         return path
 
     def start(self, config: dict[str, Any]) -> tuple[list[AppEvent], EnrolledKey]:
-        """start_run (runtime + config into PCR 14), then the AK enrollment."""
-        events = self.client.start_run(self.run_id, self.nonce, config)
+        """The AK enrollment (the machine's), then start_run (runtime + config into PCR 14)."""
         enrolled = self.provider.enroll_attestation_key(self.machine, self.client)
+        events = self.client.start_run(self.run_id, self.nonce, config)
         return events, enrolled
 
     def train(self) -> tuple[TrainingStatus, list[str]]:

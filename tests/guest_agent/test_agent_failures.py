@@ -230,12 +230,17 @@ def test_steps_out_of_order_are_refused(agent: AgentUnderTest, make_config: Conf
         assert (error.kind, error.status) == ("StepOrderError", 409), error
 
     refused(client.measure_inputs, run_id)  # no run yet
+    refused(client.start_run, run_id, agent.nonce, make_config())  # before the AK
+    refused(client.platform_quote, os.urandom(32))  # no AK to quote with
+    refused(client.activate_credential, b"blob", b"secret")  # no AK to activate
+    agent.provider.enroll_attestation_key(agent.machine, client)
+    assert client.key_material().ak_public == client.key_material().ak_public  # a retry
+    client.platform_quote(os.urandom(32))
     client.start_run(run_id, agent.nonce, make_config())
     refused(client.start_run, "another-run", os.urandom(32), make_config())  # busy
     refused(client.start_run, run_id, agent.nonce, make_config())
-    refused(client.measure_inputs, run_id)  # before the AK
+    refused(client.key_material)  # the AK is fixed once a run started
     refused(client.quote, run_id)
-    agent.provider.enroll_attestation_key(agent.machine, client)
     refused(client.build_image, run_id)  # before the inputs
     refused(client.training_status, run_id)  # nothing to report yet
     client.measure_inputs(run_id)
@@ -247,11 +252,11 @@ def test_steps_out_of_order_are_refused(agent: AgentUnderTest, make_config: Conf
     assert status.state == "succeeded"
     refused(client.start_training, run_id)  # once only
     refused(client.quote, run_id)  # before the outputs
-    refused(client.key_material, run_id)  # the AK is fixed for the run
     client.measure_outputs(run_id)
     refused(client.measure_outputs, run_id)
     assert client.quote(run_id).exit_code == 0
     refused(client.measure_inputs, "no-such-run")
+    refused(client.start_run, "second-run", os.urandom(32), make_config())  # a fresh machine
 
 
 def test_teardown_during_training_leaves_nothing_running(

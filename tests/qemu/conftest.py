@@ -18,13 +18,12 @@ from typing import Any
 
 import pytest
 
+from aicert.flows.providers.attestation import MachineAttestation, attest_machine
 from aicert.flows.providers.base import EnrolledKey, Machine
 from aicert.flows.providers.qemu import QemuProvider
 from aicert.flows.qemu_image import GuestImage, build_guest_image, observe_reference_values
 from aicert.guest_runtime.api_models import Health, KeyMaterial, PlatformEvidence
-from aicert.guest_runtime.client import AgentClient
 from aicert.model import AppEvent
-from aicert.reference_values import BootChainReport
 
 # A run that only asks for a platform quote: parsed by the agent, never executed.
 QUOTE_ONLY_CONFIG: dict[str, Any] = {
@@ -73,7 +72,7 @@ class QuotedBoot:
     start_events: list[AppEvent]
     key_material: KeyMaterial
     enrolled: EnrolledKey | None
-    boot_report: BootChainReport | None  # QemuProvider.attest_boot, when enrolled
+    attestation: MachineAttestation | None  # attest_machine, when enrolled
     challenge: bytes
     evidence: PlatformEvidence
 
@@ -87,14 +86,18 @@ def boot_and_quote(provider: QemuProvider, label: str, *, enroll: bool = False) 
     run_id = f"{label}-{secrets.token_hex(4)}"
     machine = provider.boot(run_id)
     try:
-        with AgentClient(machine.agent_url, timeout_s=60.0) as client:
+        with machine.client(timeout_s=60.0) as client:
             health = client.health()
-            events = client.start_run(run_id, secrets.token_bytes(32), QUOTE_ONLY_CONFIG)
-            material = client.key_material(run_id)
+            material = client.key_material()
             enrolled = provider.enroll_attestation_key(machine, client) if enroll else None
-            report = provider.attest_boot(machine, client, enrolled) if enrolled else None
+            attestation = (
+                attest_machine(machine, client, enrolled, provider.boot_reference())
+                if enrolled
+                else None
+            )
+            events = client.start_run(run_id, secrets.token_bytes(32), QUOTE_ONLY_CONFIG)
             challenge = secrets.token_bytes(32)
-            evidence = client.platform_quote(run_id, challenge)
+            evidence = client.platform_quote(challenge)
     finally:
         provider.teardown(machine)
     return QuotedBoot(
@@ -104,7 +107,7 @@ def boot_and_quote(provider: QemuProvider, label: str, *, enroll: bool = False) 
         start_events=events,
         key_material=material,
         enrolled=enrolled,
-        boot_report=report,
+        attestation=attestation,
         challenge=challenge,
         evidence=evidence,
     )

@@ -78,8 +78,14 @@ def test_attestation_key_is_certified_by_the_platform_ca(good_boot: QuotedBoot) 
 
 def test_platform_quote_and_boot_log_verify(good_boot: QuotedBoot, guest_image: GuestImage) -> None:
     # What the provider checks before sending a workload (AK certified, quote, boot log) ...
-    assert good_boot.boot_report is not None
-    assert good_boot.boot_report.reference_id == guest_image.id
+    attestation = good_boot.attestation
+    assert attestation is not None
+    assert attestation.boot_chain is not None and guest_image.id in attestation.boot_chain
+    # The agent's TLS key is the machine's first PCR 14 event, and the one the client pinned.
+    assert attestation.channel_key_sha256 is not None
+    assert good_boot.machine.agent_certificate_pem is not None
+    assert good_boot.evidence.channel_key is not None
+    assert good_boot.evidence.channel_key["public_key_sha256"] == attestation.channel_key_sha256
     # ... and the same check on the quote the test asked itself.
     _verify_against(good_boot, guest_image)
     observed = guest_image.reference.pcr_values()

@@ -1,0 +1,163 @@
+"""Staging a run's inputs on the orchestrator's host for a machine without a network (qemu).
+
+Writes the tar that ``aicert.guest_runtime.staged_inputs`` reads (its docstring has the
+layout). Nothing here is trusted by the machine: it recomputes and measures everything from
+the bytes (image layers, git tree and commit, resource and wheel digests).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from aicert.guest_runtime.config import RunConfig
+from aicert.guest_runtime.gitsource import clone_source, commit_object
+from aicert.guest_runtime.staged_inputs import (
+    IMAGE_ARCHIVE,
+    MANIFEST,
+    RESOURCES,
+    SOURCE_COMMIT,
+    SOURCE_TREE,
+    STAGED_INPUTS_FORMAT,
+    WHEELS,
+)
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str], None]
+SAVE_CHUNK = 4 * 1024 * 1024
+PROGRESS_EVERY_S = 5.0
+
+
+class StagingError(RuntimeError):
+    """An input could not be fetched on the host (the message names it)."""
+
+
+def _save_image(name: str, destination: Path, progress: ProgressCallback) -> int:
+    import docker
+
+    client = docker.from_env(timeout=600)
+    try:
+        try:
+            image = client.images.get(name)
+        except docker.errors.ImageNotFound:
+            raise StagingError(
+                f"image: {name!r} is not in this host's Docker engine "
+                "(build the default one with `aicert image build-base`)"
+            ) from None
+        written, last = 0, time.monotonic()
+        with destination.open("wb") as output:
+            # named=True keeps the tag, so the guest finds the image by its configured name.
+            for chunk in image.save(chunk_size=SAVE_CHUNK, named=True):
+                output.write(chunk)
+                written += len(chunk)
+                if time.monotonic() - last > PROGRESS_EVERY_S:
+                    last = time.monotonic()
+                    progress(f"saving image {name}: {written / 1e6:.0f} MB")
+        progress(f"image {name} saved ({written / 1e6:.0f} MB)")
+        return written
+    except docker.errors.DockerException as exc:
+        raise StagingError(f"image: cannot save {name!r}: {exc}") from exc
+    finally:
+        client.close()
+
+
+def _requirements(checkout: Path, config: RunConfig) -> Path | None:
+    root = checkout / config.source.subdirectory if config.source.subdirectory else checkout
+    requirements = root / "requirements.txt"
+    return requirements if requirements.is_file() else None
+
+
+def write_staged_inputs(
+    config: RunConfig,
+    destination: Path,
+    *,
+    run_id: str,
+    progress: ProgressCallback | None = None,
+) -> Path:
+    """Fetch the inputs of ``config`` and write them as a staged-inputs tar at
+    ``destination`` (atomically). Returns ``destination``."""
+    from aicert.guest_runtime.agent import download
+    from aicert.guest_runtime.wheelhouse import (
+        WheelhouseError,
+        has_requirements,
+        resolve_wheelhouse,
+    )
+
+    report = progress or (lambda message: log.info("%s", message))
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".staging-", dir=destination.parent) as work_dir:
+        work = Path(work_dir)
+        image_archive = work / "image.tar"
+        _save_image(config.image, image_archive, report)
+
+        report(f"cloning {config.source.git_repo} ({config.source.ref or 'default branch'})")
+        checkout = work / "checkout"
+        commit = clone_source(config.source, checkout)
+        raw_commit = commit_object(checkout)
+        shutil.rmtree(checkout / ".git")
+
+        resources = work / "resources"
+        for resource in config.resources:
+            target = (resources / resource.destination_path).resolve()
+            if not target.is_relative_to(resources.resolve()):
+                raise StagingError(
+                    f"resources: destinationPath {resource.destination_path!r} leaves the folder"
+                )
+            target.parent.mkdir(parents=True, exist_ok=True)
+            report(f"downloading {resource.url}")
+            download(resource.url, target, progress=report)
+
+        wheels = work / "wheels"
+        requirements = _requirements(checkout, config)
+        wheel_names: list[str] = []
+        if requirements is not None and has_requirements(requirements):
+            try:
+                found = resolve_wheelhouse(
+                    requirements, wheels, python_version=config.python_version, progress=report
+                )
+            except WheelhouseError as exc:
+                raise StagingError(f"requirements.txt: {exc}") from exc
+            wheel_names = [wheel.filename for wheel in found]
+
+        manifest = {
+            "format": STAGED_INPUTS_FORMAT,
+            "run_id": run_id,
+            "image": config.image,
+            "source": {"url": config.source.git_repo, "commit": commit},
+            "resources": [resource.destination_path for resource in config.resources],
+            "wheels": wheel_names,
+        }
+        partial = work / "inputs.tar"
+        with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as archive:
+            manifest_file = work / MANIFEST
+            manifest_file.write_text(json.dumps(manifest, indent=2))
+            # Order matters: the guest reads the disk front to back, once.
+            archive.add(manifest_file, MANIFEST)
+            archive.add(image_archive, IMAGE_ARCHIVE)
+            commit_file = work / "commit"
+            commit_file.write_bytes(raw_commit)
+            archive.add(commit_file, SOURCE_COMMIT)
+            archive.add(checkout, SOURCE_TREE)
+            if resources.is_dir():
+                archive.add(resources, RESOURCES)
+            if wheels.is_dir():
+                archive.add(wheels, WHEELS, filter=_wheels_only)
+        os.replace(partial, destination)
+    size = destination.stat().st_size
+    report(f"staged inputs for {run_id}: {size / 1e6:.1f} MB at {destination}")
+    return destination
+
+
+def _wheels_only(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    # resolve_wheelhouse downloads through a hidden temporary folder inside the wheel folder.
+    if "/." in member.name:
+        return None
+    return member
