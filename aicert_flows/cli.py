@@ -21,7 +21,13 @@ def run(
     output_bom: Annotated[
         Path, typer.Option("--output-bom", "-o", help="Where to write the certificate.")
     ] = Path("proof.json"),
-    provider: Annotated[str, typer.Option(help="Platform: local (default).")] = "local",
+    provider: Annotated[
+        str,
+        typer.Option(
+            help="Platform: local (software TPM + this host's Docker) or qemu (a VM with "
+            "measured boot; build its image first with `aicert image build-guest`)."
+        ),
+    ] = "local",
     outputs_dir: Annotated[
         Path | None, typer.Option(help="Copy the certified outputs (the model) here.")
     ] = None,

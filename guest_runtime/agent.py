@@ -40,6 +40,7 @@ from aicert.appevents import (
     ResultEvent,
     RuntimeEvent,
     SourceEvent,
+    application_pcr_start,
     event_digest,
     extend,
 )
@@ -198,6 +199,7 @@ class CertificationAgent:
         progress: ProgressCallback | None = None,
         azure_intermediates: Path | None = None,
         staged_inputs: Path | None = None,
+        boot_event_log: Path | None = None,
     ) -> None:
         # ``tpm`` is an aicert.guest_runtime.tpm.Tpm opened by the caller; kept untyped
         # here so this module imports without libtss2 for the orchestrator's type checks.
@@ -223,6 +225,9 @@ class CertificationAgent:
         # qemu: the tar (a raw disk) with inputs the orchestrator fetched for this VM, which
         # has no network; None: the agent fetches them itself.
         self.staged_inputs = staged_inputs
+        # Where the kernel exposes the TCG boot log (machines with a measured boot): a boot
+        # may have extended PCR 14 already (shim's MOK lists), and that is the fresh state.
+        self.boot_event_log = boot_event_log
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -311,6 +316,16 @@ class CertificationAgent:
                 self._ak, credential_blob, secret
             )
 
+    def _fresh_pcrs(self) -> dict[int, bytes]:
+        """PCR 14 and 15 as the boot left them (see ``application_pcr_start``)."""
+        log = None
+        if self.boot_event_log is not None:
+            try:
+                log = self.boot_event_log.read_bytes()
+            except OSError:
+                log = None  # no measured boot on this machine (the local platform)
+        return application_pcr_start(log)
+
     def _refuse_during_run(self, what: str) -> None:
         if self.run is not None:
             raise StepOrderError(
@@ -352,8 +367,9 @@ class CertificationAgent:
         with self._lock:
             if self.channel_event is not None or self.run is not None:
                 raise StepOrderError("the channel key is measured once, before any run")
-            if self.tpm.pcr_read([INPUTS_PCR])[INPUTS_PCR] != bytes(32):  # type: ignore[attr-defined]
-                raise AgentError("PCR 14 is not in its reset state: reboot the machine")
+            fresh = self._fresh_pcrs()
+            if self.tpm.pcr_read([INPUTS_PCR])[INPUTS_PCR] != fresh[INPUTS_PCR]:  # type: ignore[attr-defined]
+                raise AgentError("PCR 14 is not in its boot state: reboot the machine")
             measured = event.to_event()
             self.tpm.pcr_extend(measured.pcr, event_digest(measured))  # type: ignore[attr-defined]
             self.channel_event = measured
@@ -379,10 +395,11 @@ class CertificationAgent:
             if workspace.exists():
                 raise AgentError(f"run {run_id} already has a workspace at {workspace}")
             pcrs = self.tpm.pcr_read([INPUTS_PCR, OUTPUTS_PCR])  # type: ignore[attr-defined]
-            expected_inputs = bytes(32)
+            fresh = self._fresh_pcrs()
+            expected_inputs = fresh[INPUTS_PCR]
             if self.channel_event is not None:
                 expected_inputs = extend(expected_inputs, event_digest(self.channel_event))
-            if pcrs[INPUTS_PCR] != expected_inputs or pcrs[OUTPUTS_PCR] != bytes(32):
+            if pcrs[INPUTS_PCR] != expected_inputs or pcrs[OUTPUTS_PCR] != fresh[OUTPUTS_PCR]:
                 # A certificate replays the log from zeros: a TPM whose PCR 14/15 were
                 # already extended (a reused machine) cannot produce a valid one.
                 raise AgentError("PCR 14/15 are not in their reset state: reboot the machine")

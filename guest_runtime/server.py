@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             work_root=args.work_root,
             azure_intermediates=args.azure_intermediates,
             staged_inputs=args.staged_inputs,
+            boot_event_log=args.boot_event_log or BOOT_EVENT_LOG,
         )
         with contextlib.ExitStack() as stack:
             tls: dict[str, str] = {}

@@ -216,12 +216,20 @@ def wait_for_agent(
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.1)
-    get_run_logger().info(
+    logger = get_run_logger()
+    logger.info(
         "agent %s ready on %s%s",
         health.runtime_version,
         health.platform,
         " (TLS channel pinned)" if https else "",
     )
+    started = machine.details.get("started_at")
+    if started is not None:  # a VM: how long firmware, kernel and agent took to come up
+        boot_seconds = round(time.time() - float(started), 1)
+        logger.info("the %s machine booted in %.1f s", provider.kind, boot_seconds)
+        pinned = pinned.model_copy(
+            update={"details": {**pinned.details, "boot_seconds": boot_seconds}}
+        )
     return pinned
 
 

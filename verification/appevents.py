@@ -204,9 +204,26 @@ def extend(pcr_value: bytes, digest: bytes) -> bytes:
     return hashlib.sha256(pcr_value + digest).digest()
 
 
-def replay(events: Iterable[AppEvent]) -> dict[int, bytes]:
-    """PCR 14 and 15 after extending every event's digest, starting from the reset value."""
-    values = {INPUTS_PCR: PCR_RESET_VALUE, OUTPUTS_PCR: PCR_RESET_VALUE}
+def application_pcr_start(boot_event_log: bytes | None) -> dict[int, bytes]:
+    """PCR 14 and 15 when the OS hands over to the agent: the reset value, or what the boot
+    extended there, per the boot event log (shim measures its MOK lists into PCR 14).
+
+    Taking the boot's PCR 14 events as the start hides nothing: they replay strictly before
+    the agent's first event, so an event moved there from the application log (or removed
+    from it) changes the chain and the replay no longer gives the quoted value."""
+    start = {INPUTS_PCR: PCR_RESET_VALUE, OUTPUTS_PCR: PCR_RESET_VALUE}
+    if boot_event_log is None:
+        return start
+    from aicert.tcg_eventlog import parse_event_log
+
+    boot = parse_event_log(boot_event_log).replay().get("sha256", {})
+    return {pcr: boot.get(pcr, value) for pcr, value in start.items()}
+
+
+def replay(events: Iterable[AppEvent], start: dict[int, bytes] | None = None) -> dict[int, bytes]:
+    """PCR 14 and 15 after extending every event's digest, from ``start`` (default: the reset
+    value; see ``application_pcr_start`` for machines whose boot extended PCR 14)."""
+    values = dict(start) if start else {INPUTS_PCR: PCR_RESET_VALUE, OUTPUTS_PCR: PCR_RESET_VALUE}
     for event in events:
         values[event.pcr] = extend(values[event.pcr], event_digest(event))
     return values

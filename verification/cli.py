@@ -80,7 +80,7 @@ def verify(
         list[Path] | None,
         typer.Option(
             "--reference-values",
-            help="A reference-value set (reference-values.json) judging a qemu boot chain.",
+            help="A reference-value set (reference-values.json): judges a qemu or Azure boot.",
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,

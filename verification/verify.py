@@ -16,7 +16,14 @@ from pathlib import Path
 
 from cryptography import x509
 
-from aicert.appevents import INPUTS_PCR, OUTPUTS_PCR, MeasuredRun, interpret, replay
+from aicert.appevents import (
+    INPUTS_PCR,
+    OUTPUTS_PCR,
+    MeasuredRun,
+    application_pcr_start,
+    interpret,
+    replay,
+)
 from aicert.chain import (
     PINNED_ROOT_FINGERPRINTS,
     leaf_public_key_matches,
@@ -38,7 +45,11 @@ from aicert.errors import (
 from aicert.hashing import UnsafePathError, hash_tree, sha256_file
 from aicert.model import Certificate, InputRecord, OutputRecord
 from aicert.quote import verify_quote
-from aicert.reference_values import ReferenceValueSet, check_boot_log
+from aicert.reference_values import (
+    REFERENCE_VALUE_SET_TYPES,
+    PlatformReferenceValues,
+    check_boot_log,
+)
 from aicert.tcg_eventlog import parse_event_log
 from aicert.tpm_structures import parse_tpmt_public
 
@@ -131,7 +142,7 @@ def verify_certificate(
     at_time: datetime | None = None,
     allow_dev_platform: bool = False,
     model: str | os.PathLike[str] | None = None,
-    reference_values: ReferenceValueSet | Iterable[ReferenceValueSet] | None = None,
+    reference_values: PlatformReferenceValues | Iterable[PlatformReferenceValues] | None = None,
 ) -> VerificationReport:
     """Verify everything the certificate claims; raise on the first failed check.
 
@@ -141,7 +152,8 @@ def verify_certificate(
     chain's validity (default: the measured end of the run). ``allow_dev_platform``: accept a
     ``local`` certificate, which attests no boot chain. ``model``: a file or folder that must
     match the certified outputs. ``reference_values``: the reference-value sets (one, or
-    several to choose from by the id the certificate names) that judge a qemu boot chain.
+    several to choose from by the id the certificate names) that judge a qemu or azure boot
+    chain.
     """
     checks: list[Check] = []
     attestation = certificate.attestation
@@ -248,7 +260,10 @@ def verify_certificate(
 
 
 def _verify_event_log(certificate: Certificate, quoted: Mapping[int, bytes]) -> MeasuredRun:
-    replayed = replay(certificate.event_log)
+    # A boot that extended PCR 14 (shim's MOK lists) is the start; the local platform's
+    # check (PCRs in their reset state, no boot log) keeps its start at zeros.
+    start = application_pcr_start(certificate.boot_event_log)
+    replayed = replay(certificate.event_log, start)
     for pcr in (INPUTS_PCR, OUTPUTS_PCR):
         if not hmac.compare_digest(replayed[pcr], quoted[pcr]):
             raise EventLogError(
@@ -295,7 +310,7 @@ def _verify_platform(
     certificate: Certificate,
     pcrs: Mapping[int, bytes],
     allow_dev_platform: bool,
-    reference_values: ReferenceValueSet | Iterable[ReferenceValueSet] | None = None,
+    reference_values: PlatformReferenceValues | Iterable[PlatformReferenceValues] | None = None,
 ) -> tuple[bool, str]:
     kind = certificate.platform.kind
     if kind == "local":
@@ -325,19 +340,21 @@ def _verify_platform(
                 f"but the quote says {pcrs[index].hex()}"
             )
     reference = _select_reference_values(certificate, reference_values)
-    # Names the component that differs: kernel command line, initrd, kernel, firmware (PCR n).
+    # Names the component that differs: kernel command line, initrd, kernel, boot loader,
+    # Secure Boot policy (PCR 7), firmware (PCR n); an azure note lists the unchecked PCRs.
     return True, check_boot_log(log, pcrs, reference).note
 
 
 def _select_reference_values(
     certificate: Certificate,
-    given: ReferenceValueSet | Iterable[ReferenceValueSet] | None,
-) -> ReferenceValueSet:
-    """The caller's reference-value set with the id the certificate names (the id only
-    selects: the boot log is then judged against the caller's values, not the certificate's)."""
+    given: PlatformReferenceValues | Iterable[PlatformReferenceValues] | None,
+) -> PlatformReferenceValues:
+    """The caller's reference-value set with the id the certificate names, for the
+    certificate's platform (the id only selects: the boot log is then judged against the
+    caller's values, not the certificate's)."""
     kind = certificate.platform.kind
     claimed = certificate.platform.reference_values
-    candidates = [given] if isinstance(given, ReferenceValueSet) else list(given or ())
+    candidates = [given] if isinstance(given, REFERENCE_VALUE_SET_TYPES) else list(given or ())
     if not candidates:
         raise PlatformError(
             f"{kind} platform: the boot event log replays, but no reference-value set was "
@@ -347,6 +364,12 @@ def _select_reference_values(
     for reference in candidates:
         if reference.id == claimed and reference.platform == kind:
             return reference
+    other_platform = [r for r in candidates if r.id == claimed]
+    if other_platform:
+        raise PlatformError(
+            f"{kind} platform: the given reference values {claimed!r} are for platform "
+            f"{other_platform[0].platform!r}, not {kind!r}"
+        )
     raise PlatformError(
         f"{kind} platform: the certificate names reference values {claimed!r}, and none of "
         f"the given sets ({', '.join(r.id for r in candidates)}) is that one"

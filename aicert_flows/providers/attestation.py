@@ -23,7 +23,14 @@ from typing import Any
 from cryptography import x509
 from pydantic import BaseModel, ConfigDict
 
-from aicert.appevents import INPUTS_PCR, OUTPUTS_PCR, ChannelKeyEvent, event_digest, extend
+from aicert.appevents import (
+    INPUTS_PCR,
+    OUTPUTS_PCR,
+    ChannelKeyEvent,
+    application_pcr_start,
+    event_digest,
+    extend,
+)
 from aicert.chain import leaf_public_key_matches
 from aicert.errors import AkMismatchError
 from aicert.flows.providers.base import EnrolledKey, Machine
@@ -54,12 +61,15 @@ class MachineAttestation(BaseModel):
     pcrs: dict[str, str]
 
 
-def expected_channel_pcr(certificate_pem: str | None) -> tuple[bytes, ChannelKeyEvent | None]:
-    """PCR 14 of a fresh machine whose agent serves TLS with ``certificate_pem`` (or none)."""
+def expected_channel_pcr(
+    certificate_pem: str | None, boot_start: bytes = ZERO_PCR
+) -> tuple[bytes, ChannelKeyEvent | None]:
+    """PCR 14 of a fresh machine whose agent serves TLS with ``certificate_pem`` (or none),
+    from ``boot_start``: what the boot left in PCR 14 (``application_pcr_start``)."""
     if certificate_pem is None:
-        return ZERO_PCR, None
+        return boot_start, None
     event = ChannelKeyEvent.for_certificate(certificate_pem.encode())
-    return extend(ZERO_PCR, event_digest(event.to_event())), event
+    return extend(boot_start, event_digest(event.to_event())), event
 
 
 def attest_machine(
@@ -85,7 +95,9 @@ def attest_machine(
         pcrs,
     )
 
-    expected, channel_event = expected_channel_pcr(machine.agent_certificate_pem)
+    # Shim may have measured its MOK lists into PCR 14 during the boot: that is the start.
+    start = application_pcr_start(evidence.boot_event_log)
+    expected, channel_event = expected_channel_pcr(machine.agent_certificate_pem, start[INPUTS_PCR])
     if not hmac.compare_digest(pcrs.get(INPUTS_PCR, b""), expected):
         if channel_event is None:
             raise MachineAttestationError(
@@ -97,7 +109,7 @@ def attest_machine(
             f"attested machine, or the machine was used before (agent reports "
             f"{evidence.channel_key})"
         )
-    if not hmac.compare_digest(pcrs.get(OUTPUTS_PCR, b""), ZERO_PCR):
+    if not hmac.compare_digest(pcrs.get(OUTPUTS_PCR, b""), start[OUTPUTS_PCR]):
         raise MachineAttestationError(
             f"PCR {OUTPUTS_PCR} is not in its reset state: the machine was used before"
         )
