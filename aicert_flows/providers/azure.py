@@ -17,6 +17,14 @@ run id plus the run's deterministic names, in dependency order, and works from t
 alone (``AzureProvider.for_machine``), so a crash or cancellation hook in another process can
 run it. ``aicert azure cleanup`` (``aicert.flows.azure_cleanup``) removes older leftovers.
 
+The image's agent serves HTTPS (``--tls``) with a key it measured into PCR 14 before serving:
+the provider pins the certificate it sees on first contact, every later call accepts only that
+certificate, and the flow's ``attest-machine`` step sends the run only once a quote by the
+certified AK shows PCR 14 holding exactly that key. The boot chain is judged against the
+reference-value set published with the gallery image version (``reference_values``: the path of
+its ``reference-values.json``); without one no boot chain is checked, and the verifier refuses
+the certificate for want of a reference-value set.
+
 The AK is Azure's own (persistent handle 0x81000003, certificate in NV 0x01C101D0, chained to
 Microsoft's vTPM root, read by ``aicert.guest_runtime.azure_ak`` on the VM): enrolment only
 checks that chain early, with the verifier's pinned root, so a wrong VM is torn down before
@@ -48,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from aicert.flows.blocks import DOCUMENTATION_URL, PlatformBlock
 from aicert.flows.providers.base import EnrolledKey, Machine, Provider
 from aicert.flows.settings import aicert_home
+from aicert.guest_runtime.channel import fetch_server_certificate
 from aicert.guest_runtime.client import AgentClient, AgentUnreachableError
 
 if TYPE_CHECKING:
@@ -58,12 +67,14 @@ if TYPE_CHECKING:
     from azure.mgmt.resource import ResourceManagementClient
 
     from aicert.chain import ChainVerification
+    from aicert.reference_values import AzureReferenceValueSet
 
 log = logging.getLogger(__name__)
 
 AICERT_RUN_TAG = "aicert-run"
 AICERT_CREATED_TAG = "aicert-created-at"
 DEFAULT_AGENT_PORT = 8700
+AGENT_POLL_INTERVAL_S = 1.0
 # The token audience of Azure public cloud's Resource Manager (sovereign clouds differ).
 ARM_CREDENTIAL_SCOPES = ("https://management.azure.com/.default",)
 SecurityType = Literal["TrustedLaunch", "ConfidentialVM"]
@@ -138,6 +149,10 @@ class AzureProvisioningError(AzureProviderError):
     """The machine could not be made ready (its resources were deleted before raising)."""
 
 
+class AzureReferenceValuesError(AzureProviderError):
+    """The configured reference-value set cannot be read, or is not the image's."""
+
+
 class AzureEnrollmentError(AzureProviderError):
     """The VM's attestation key or its certificate chain is not acceptable."""
 
@@ -171,6 +186,7 @@ class AzureSettings(BaseModel):
     admin_username: str = "aicert"
     ssh_public_key: str
     os_disk_type: str = "Premium_LRS"
+    # Path of the image version's reference-values.json (None: no boot chain is checked).
     reference_values: str | None = None
     arm_endpoint: str | None = None  # None: Azure public cloud's Resource Manager
     credentials_block: str | None = None  # a saved AzureContainerInstanceCredentials block
@@ -701,6 +717,7 @@ class AzureProvider(Provider):
         self.agent_start_timeout_s = settings.agent_start_timeout_s
         self.extra_trusted_root_pems = tuple(extra_trusted_root_pems)
         self._credential = credential
+        self._boot_reference: AzureReferenceValueSet | None = None
 
     @classmethod
     def for_machine(
@@ -734,12 +751,64 @@ class AzureProvider(Provider):
     def run_dir(self, run_id: str) -> Path:
         return self.home / "runs" / run_id
 
+    def boot_reference(self) -> AzureReferenceValueSet | None:
+        """The Azure reference-value set of ``settings.reference_values`` (read once), which the
+        machine's boot chain must match; None when none is configured: then no boot chain is
+        checked and the verifier refuses the certificate (it needs a set to judge the boot
+        log), which is how a run without reference values stays visibly unattested."""
+        path = self.settings.reference_values
+        if path is None:
+            return None
+        if self._boot_reference is None:
+            self._boot_reference = self._load_reference_values(Path(path))
+        return self._boot_reference
+
+    def _load_reference_values(self, path: Path) -> AzureReferenceValueSet:
+        from aicert.errors import PlatformError
+        from aicert.reference_values import load_reference_values
+
+        try:
+            reference = load_reference_values(path, platform="azure")
+        except PlatformError as exc:
+            raise AzureReferenceValuesError(f"reference_values: {exc}") from exc
+        # The set describes one image version booted one way: a VM of another version or
+        # security type would fail the boot-chain check after paying for a VM; refuse now.
+        image = reference.image
+        if image.security_type != self.settings.security_type:
+            raise AzureReferenceValuesError(
+                f"reference_values {path}: set {reference.id!r} is for {image.security_type} "
+                f"VMs, the platform makes {self.settings.security_type} VMs"
+            )
+        if "/versions/" in self.settings.image_id.lower() and (
+            image.gallery_image_version_id.lower() != self.settings.image_id.lower()
+        ):
+            raise AzureReferenceValuesError(
+                f"reference_values {path}: set {reference.id!r} is for image version "
+                f"{image.gallery_image_version_id}, not image_id {self.settings.image_id}"
+            )
+        return reference
+
     def reference_values(self) -> str | None:
-        return self.settings.reference_values
+        """The id of the reference-value set, which the certificate names."""
+        reference = self.boot_reference()
+        return reference.id if reference is not None else None
 
     # -- provision ---------------------------------------------------------------------------
 
     def provision(self, run_id: str) -> Machine:
+        # Before any resource exists: a missing or wrong set must not cost a VM.
+        reference = self.boot_reference()
+        if reference is None:
+            self.progress(
+                "no reference-value set configured (reference_values): the VM's boot chain "
+                "is not checked, and the certificate will not verify without one"
+            )
+        elif "/versions/" not in self.settings.image_id.lower():
+            self.progress(
+                f"image_id names no version: the VM boots the image's latest version, and "
+                f"its boot chain must match reference values {reference.id} (version "
+                f"{reference.image.gallery_image_version_id})"
+            )
         names = AzureResourceNames.for_run(run_id)
         run_dir = self.run_dir(run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -879,7 +948,8 @@ class AzureProvider(Provider):
             )
         machine.details["public_ip"] = address
         host = f"[{address}]" if ":" in address else address
-        machine.agent_url = f"http://{host}:{s.agent_port}"
+        # The image's agent serves HTTPS with its measured key (--tls); _wait_for_agent pins it.
+        machine.agent_url = f"https://{host}:{s.agent_port}"
 
     def _nsg_model(self, network: Any, tags: dict[str, str]) -> Any:
         s = self.settings
@@ -982,16 +1052,29 @@ class AzureProvider(Provider):
         )
 
     def _wait_for_agent(self, machine: Machine) -> None:
+        """Wait for the agent and pin its channel certificate on ``machine`` (trust on first
+        use: the flow's ``attest-machine`` step then checks that the attested vTPM measured
+        that very key before anything of the run is sent)."""
         timeout = self.settings.agent_start_timeout_s
         self.progress(f"waiting up to {timeout:.0f} s for the guest agent at {machine.agent_url}")
-        with AgentClient(machine.agent_url, timeout_s=30.0) as client:
+        deadline = time.monotonic() + timeout
+        while True:
+            # A VM that accepts connections but never answers must not outlast the timeout.
+            attempt_s = min(10.0, max(1.0, deadline - time.monotonic()))
             try:
-                health = client.wait_until_ready(timeout_s=timeout, interval_s=1.0)
-            except AgentUnreachableError as exc:
-                raise AzureProvisioningError(
-                    f"the guest agent at {machine.agent_url} did not answer within {timeout:.0f} s "
-                    f"(VM {machine.details['names'][VIRTUAL_MACHINES]})"
-                ) from exc
+                certificate = fetch_server_certificate(machine.agent_url, timeout_s=attempt_s)
+                candidate = machine.model_copy(update={"agent_certificate_pem": certificate})
+                with candidate.client(timeout_s=attempt_s) as client:
+                    health = client.health(timeout_s=attempt_s)
+                break
+            except (AgentUnreachableError, OSError) as exc:
+                if time.monotonic() >= deadline:
+                    raise AzureProvisioningError(
+                        f"the guest agent at {machine.agent_url} did not answer within "
+                        f"{timeout:.0f} s (VM {machine.details['names'][VIRTUAL_MACHINES]}): {exc}"
+                    ) from exc
+                time.sleep(AGENT_POLL_INTERVAL_S)
+        machine.agent_certificate_pem = certificate
         if health.platform != "azure":
             raise AzureProvisioningError(
                 f"the agent at {machine.agent_url} runs as platform {health.platform!r}, "
@@ -1005,7 +1088,7 @@ class AzureProvider(Provider):
         from aicert.chain import fingerprint_sha256, load_pem_certificates
         from aicert.errors import VerificationError
 
-        material = client.key_material(machine.run_id)
+        material = client.key_material()
         chain = material.ak_certificate_chain
         if not chain:
             raise AzureEnrollmentError(
@@ -1134,7 +1217,10 @@ class AzurePlatform(PlatformBlock):
     os_disk_type: str = Field(default="Premium_LRS")
     reference_values: str | None = Field(
         default=None,
-        description="Id of the reference-value set published with the image (boot PCRs 0-9).",
+        title="Reference values",
+        description="Path of the reference-values.json published with the gallery image "
+        "version (boot PCRs 0-9; python -m aicert.reference_values derive-azure). Empty: the "
+        "boot chain is not checked, and verifiers refuse the certificates for want of a set.",
     )
     credentials: AzureContainerInstanceCredentials | None = Field(
         default=None,

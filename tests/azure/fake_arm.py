@@ -20,6 +20,10 @@ filtered by tag name *and value* returns no ``tags`` (documented ARM behaviour).
 Every request is recorded (method, path, api-version, query, JSON body, authorization) for
 assertions. Failures are injected with ``FailureRule``: 429 with ``Retry-After``, 500, or a
 long-running operation that ends ``Failed``. Binds 127.0.0.1 only.
+
+A ``VmLifecycle`` (optional) plays the hypervisor: it is told when a VM's creation succeeds (the
+VM boots) and when its deletion is about to succeed (the VM is gone once the operation reports
+``Succeeded``, as on Azure).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from azure.core.credentials import AccessToken
@@ -73,6 +77,16 @@ _ARM_ID = re.compile(
 )
 
 FailureKind = Literal["throttle", "server_error", "failed_lro"]
+
+
+class VmLifecycle(Protocol):
+    """What runs behind the VM resources: called under the fake's lock, with a copy of the VM.
+    ``created`` must return at once (a VM boots after ARM reports it created); ``deleted``
+    returns once the VM is gone."""
+
+    def created(self, vm: dict[str, Any]) -> None: ...
+
+    def deleted(self, vm: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -169,8 +183,10 @@ class FakeArm:
         public_ip_address: str = "127.0.0.1",
         polls_in_progress: int = 1,
         subscription_id: str = "00000000-0000-0000-0000-000000000000",
+        vm_lifecycle: VmLifecycle | None = None,
     ) -> None:
         self.public_ip_address = public_ip_address
+        self.vm_lifecycle = vm_lifecycle
         self.polls_in_progress = polls_in_progress
         self.subscription_id = subscription_id
         self.requests: list[RecordedRequest] = []
@@ -345,13 +361,20 @@ class FakeArm:
             if resource is not None and operation.action != "delete":
                 resource["properties"]["provisioningState"] = "Failed"
             return
-        operation.status = "Succeeded"
+        is_vm = resource is not None and resource["type"] == "Microsoft.Compute/virtualMachines"
         if operation.action == "delete":
+            if is_vm and self.vm_lifecycle is not None:
+                assert resource is not None
+                self.vm_lifecycle.deleted(copy.deepcopy(resource))
+            operation.status = "Succeeded"
             self._resources.pop(operation.resource_key, None)
             return
+        operation.status = "Succeeded"
         if resource is not None:
             resource["properties"]["provisioningState"] = "Succeeded"
             self._on_succeeded(resource)
+            if is_vm and operation.action == "create" and self.vm_lifecycle is not None:
+                self.vm_lifecycle.created(copy.deepcopy(resource))
 
     def _on_succeeded(self, resource: dict[str, Any]) -> None:
         """What ARM fills in once a create (or a retried one) succeeds; idempotent."""

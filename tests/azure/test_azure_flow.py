@@ -1,82 +1,96 @@
-"""The closest run to Azure possible here: the azure provider against a local ARM, the VM
-played by the real guest agent on a swtpm dressed as an Azure vTPM.
+"""The azure provider against a local ARM, the VM played by the real guest agent on a swtpm
+dressed as an Azure vTPM; and the provider's reference-value settings.
 
 Not a run on Azure: ``FakeArm`` answers the provider's ARM calls on 127.0.0.1 (its public IP
 address is 127.0.0.1), and the "VM" is ``python -m aicert.guest_runtime.server --platform
-azure`` on a swtpm holding an AK at 0x81000003 and an Azure-shaped certificate (generated,
-not Microsoft's) in NV 0x01C101D0. What is real: the azure SDK clients and their HTTP, the
-provider's provisioning, agent wait and teardown, the machine record a crash hook reads, and
-the agent's HTTP API.
+azure --tls`` on a swtpm holding an AK at 0x81000003 and an Azure-shaped certificate
+(generated, not Microsoft's) in NV 0x01C101D0. What is real: the azure SDK clients and their
+HTTP, the provider's provisioning, agent wait (pinning the agent's TLS certificate) and
+teardown, the machine record a crash hook reads, and the agent's HTTPS API. The whole
+``certify-training`` flow on this platform is in ``test_azure_certify_flow.py``.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import shlex
+import subprocess
+import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
-from aicert.flows.providers.azure import AICERT_RUN_TAG, AzureProvider, AzureResourceNames
+from aicert.flows.providers.azure import (
+    AICERT_RUN_TAG,
+    AzureProvider,
+    AzureReferenceValuesError,
+    AzureResourceNames,
+)
 from aicert.flows.providers.base import Machine
-from aicert.guest_runtime.client import AgentClient
-from tests.azure.fake_arm import FakeArm, StaticTokenCredential, azure_settings_for
+from tests.azure.fake_arm import (
+    TEST_IMAGE_ID,
+    FakeArm,
+    StaticTokenCredential,
+    azure_settings_for,
+)
 from tests.azure.guest import (
-    AzureLikeChain,
+    REFERENCE_ID,
+    AzureLikeCa,
     LocalAgent,
-    azure_like_chain,
-    install_azure_ak,
-    install_nv_certificate,
+    azure_like_ca,
+    derived_reference_values,
     local_azure_agent,
 )
 
 pytestmark = pytest.mark.swtpm
 
-
-@dataclass(frozen=True)
-class AzureVm:
-    agent: LocalAgent
-    chain: AzureLikeChain
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def azure_vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzureVm]:
+def ca() -> AzureLikeCa:
+    return azure_like_ca()
+
+
+@pytest.fixture(scope="module")
+def azure_vm(tmp_path_factory: pytest.TempPathFactory, ca: AzureLikeCa) -> Iterator[LocalAgent]:
     workdir = tmp_path_factory.mktemp("azure-vm")
-    chains: list[AzureLikeChain] = []
-
-    def dress_as_azure_vtpm(tcti: str) -> None:
-        # What Azure's host does before the VM boots, and what the image ships.
-        ak_public = install_azure_ak(tcti, workdir / "tools")
-        chain = azure_like_chain(ak_public)
-        install_nv_certificate(tcti, workdir / "tools", chain.leaf_der)
-        (workdir / "azure-intermediates.pem").write_text(chain.image_pem_bundle)
-        chains.append(chain)
-
-    with local_azure_agent(workdir, prepare_tpm=dress_as_azure_vtpm) as agent:
-        yield AzureVm(agent=agent, chain=chains[0])
+    with local_azure_agent(workdir, ca=ca, tls=True) as agent:
+        yield agent
 
 
-def test_provision_reach_the_agent_and_tear_down(azure_vm: AzureVm, tmp_path: Path) -> None:
+def test_provision_reach_the_agent_and_tear_down(
+    azure_vm: LocalAgent, ca: AzureLikeCa, tmp_path: Path
+) -> None:
     run_id = "azure-demo-20250101T000000Z-cafe0001"
     names = AzureResourceNames.for_run(run_id)
     with FakeArm() as fake:
-        settings = azure_settings_for(fake, agent_port=azure_vm.agent.port)
+        settings = azure_settings_for(fake, agent_port=azure_vm.port)
         provider = AzureProvider(
             settings,
             credential=StaticTokenCredential(),
             home=tmp_path,
-            extra_trusted_root_pems=[azure_vm.chain.root.pem],
+            extra_trusted_root_pems=[ca.root.pem],
         )
         machine = provider.provision(run_id)
         try:
-            assert machine.agent_url == azure_vm.agent.url
+            # The agent serves HTTPS; the provider pinned the certificate it presents.
+            assert machine.agent_url == azure_vm.url.replace("http://", "https://")
+            assert machine.agent_url.startswith("https://")
+            assert machine.agent_certificate_pem == azure_vm.certificate_pem
             assert Path(machine.state_dir) == tmp_path / "runs" / run_id
-            with AgentClient(machine.agent_url) as client:
-                health = client.wait_until_ready(timeout_s=5.0)
+            with machine.client() as client:
+                health = client.health()
             assert health.platform == "azure"
             assert health.busy_run_id is None
             assert {r["tags"][AICERT_RUN_TAG] for r in fake.resources()} == {run_id}
-            assert provider.reference_values() == settings.reference_values
+            # No reference-value set configured: none is checked, none is named.
+            assert provider.boot_reference() is None
+            assert provider.reference_values() is None
         finally:
             # As the flow's crash hook does: rebuild the provider from the saved record.
             record = Machine.model_validate_json(machine.model_dump_json())
@@ -110,3 +124,102 @@ def test_provision_reach_the_agent_and_tear_down(azure_vm: AzureVm, tmp_path: Pa
     listing = timeline.index(("GET", "resources"))
     assert listing < timeline.index(("DELETE", "virtualMachines"))
     assert names.vm in machine.details["names"].values()
+
+
+# -- reference values ---------------------------------------------------------------------------
+
+
+def _reference_file(folder: Path, image_version_id: str = TEST_IMAGE_ID, **options: Any) -> Path:
+    return derived_reference_values(folder, image_version_id, **options)
+
+
+def test_boot_reference_is_the_configured_set_and_names_the_certificate(tmp_path: Path) -> None:
+    path = _reference_file(tmp_path)
+    with FakeArm() as fake:
+        provider = AzureProvider(
+            azure_settings_for(fake, reference_values=str(path)),
+            credential=StaticTokenCredential(),
+            home=tmp_path,
+        )
+        reference = provider.boot_reference()
+    assert reference is not None and reference.platform == "azure"
+    assert reference.image.gallery_image_version_id == TEST_IMAGE_ID
+    assert provider.reference_values() == REFERENCE_ID
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "cannot read"),
+        ("{not json", "invalid"),
+        ("other-image", "is for image version"),
+        ("confidential", "is for ConfidentialVM VMs"),
+        ("qemu", "invalid"),
+    ],
+)
+def test_a_bad_reference_value_set_fails_before_any_resource_exists(
+    tmp_path: Path, content: str | None, expected: str
+) -> None:
+    path = tmp_path / "reference-values.json"
+    if content == "{not json":
+        path.write_text(content)
+    elif content == "other-image":
+        _reference_file(tmp_path, TEST_IMAGE_ID.replace("/versions/1.0.0", "/versions/0.9.0"))
+    elif content == "confidential":
+        _reference_file(tmp_path, security_type="ConfidentialVM")
+    elif content == "qemu":
+        document = json.loads(_reference_file(tmp_path).read_text())
+        path.write_text(json.dumps({**document, "platform": "qemu"}))
+    with FakeArm() as fake:
+        provider = AzureProvider(
+            azure_settings_for(fake, reference_values=str(path)),
+            credential=StaticTokenCredential(),
+            home=tmp_path,
+        )
+        with pytest.raises(AzureReferenceValuesError, match="reference_values") as failure:
+            provider.provision("azure-demo-20250101T000000Z-cafe0002")
+        assert fake.requests == []
+    assert expected in str(failure.value)
+    assert not (tmp_path / "runs").exists()
+
+
+# -- the image's agent unit ---------------------------------------------------------------------
+
+
+def test_the_image_unit_serves_tls_and_hands_the_agent_the_boot_log() -> None:
+    """cloud-init's unit runs the agent as the provider expects (HTTPS, key measured first) and
+    gives it a readable copy of the root-only securityfs boot log; every flag it passes is one
+    the agent knows."""
+    recipe = yaml.safe_load((REPO_ROOT / "deployments" / "azure" / "cloud-init.yaml").read_text())
+    (unit,) = [
+        item["content"]
+        for item in recipe["write_files"]
+        if item["path"] == "/etc/systemd/system/aicert-agent.service"
+    ]
+    directives: dict[str, str] = {}
+    for line in unit.replace("\\\n", " ").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            directives[key.strip()] = " ".join(value.split())
+    copy = shlex.split(directives["ExecStartPre"])
+    assert copy[0] == "+/usr/bin/install"  # "+": as root, which alone reads securityfs
+    assert copy[-2:] == [
+        "/sys/kernel/security/tpm0/binary_bios_measurements",
+        "/run/aicert/binary_bios_measurements",
+    ]
+    assert directives["RuntimeDirectory"] == "aicert"
+    command = shlex.split(directives["ExecStart"])
+    assert command[1:3] == ["-m", "aicert.guest_runtime.server"]
+    assert "--tls" in command
+    assert command[command.index("--platform") + 1] == "azure"
+    assert command[command.index("--boot-event-log") + 1] == "/run/aicert/binary_bios_measurements"
+    assert command[command.index("--port") + 1] == "8700"
+    usage = subprocess.run(
+        [sys.executable, "-m", "aicert.guest_runtime.server", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    known = set(re.findall(r"--[a-z][a-z-]*", usage))
+    assert {flag for flag in command if flag.startswith("--")} <= known

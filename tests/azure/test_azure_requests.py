@@ -4,7 +4,7 @@ The provider runs with the real azure SDK clients against ``FakeArm`` (127.0.0.1
 assertion is about an HTTP request that went out: bodies, tags, ordering, retries after 429
 and 500, long-running operations polled and, when they fail, started again then reported,
 and deletions after a failure at any step. The "VM" that provisioning waits for is the real
-guest agent on a swtpm (``--platform azure``), served on loopback.
+guest agent on a swtpm (``--platform azure --tls``), served on loopback.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from tests.azure.fake_arm import (
     StaticTokenCredential,
     azure_settings_for,
 )
-from tests.azure.guest import LocalAgent, free_port, local_azure_agent
+from tests.azure.guest import LocalAgent, derived_reference_values, free_port, local_azure_agent
 
 pytestmark = pytest.mark.swtpm
 
@@ -71,7 +71,7 @@ DELETED_IN_ORDER = (
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalAgent]:
-    with local_azure_agent(tmp_path_factory.mktemp("azure-vm")) as served:
+    with local_azure_agent(tmp_path_factory.mktemp("azure-vm"), tls=True) as served:
         yield served
 
 
@@ -125,7 +125,9 @@ def _assert_everything_deleted(fake: FakeArm, run_id: str, first_delete_call: in
 # -- the requests of a provision ---------------------------------------------------------------
 
 
-def test_trusted_launch_vm_request(make_provider: ProviderFactory, fake: FakeArm) -> None:
+def test_trusted_launch_vm_request(
+    make_provider: ProviderFactory, fake: FakeArm, agent: LocalAgent
+) -> None:
     run_id = "demo-20250101T000000Z-aaaa0001"
     provider = make_provider()
     machine = provider.provision(run_id)
@@ -190,7 +192,8 @@ def test_trusted_launch_vm_request(make_provider: ProviderFactory, fake: FakeArm
         assert all(r.authorization == "Bearer fake-arm-token" for r in fake.requests)
         assert all(r.api_version for r in fake.requests)
 
-        assert machine.agent_url == f"http://127.0.0.1:{provider.settings.agent_port}"
+        assert machine.agent_url == f"https://127.0.0.1:{provider.settings.agent_port}"
+        assert machine.agent_certificate_pem == agent.certificate_pem
         assert machine.details["public_ip"] == "127.0.0.1"
         assert machine.provider == "azure"
     finally:
@@ -393,7 +396,10 @@ def test_teardown_reports_what_it_could_not_delete(
     _assert_everything_deleted(fake, run_id, second_teardown)
 
 
-def test_platform_block_gives_a_configured_provider() -> None:
+def test_platform_block_gives_a_configured_provider(tmp_path: Path) -> None:
+    reference_values = derived_reference_values(
+        tmp_path, TEST_IMAGE_ID, "aicert-guest-cvm-1.0.0", security_type="ConfidentialVM"
+    )
     block = AzurePlatform(
         subscription_id="00000000-0000-0000-0000-000000000000",
         resource_group=TEST_RESOURCE_GROUP,
@@ -402,7 +408,7 @@ def test_platform_block_gives_a_configured_provider() -> None:
         security_type="ConfidentialVM",
         orchestrator_cidr=TEST_ORCHESTRATOR,
         ssh_public_key=TEST_SSH_KEY,
-        reference_values="aicert-guest-cvm-1.0.0",
+        reference_values=str(reference_values),
         credentials=AzureContainerInstanceCredentials(),  # empty: DefaultAzureCredential
     )
     provider = block.provider()
