@@ -70,13 +70,11 @@ from tests.azure.guest import (
     replay_boot_log,
 )
 from tests.azure.vm_double import AzureVmHost, BootedVm, VmImage
-from tests.flows.conftest import (  # noqa: F401  (session fixtures)
+from tests.flows.conftest import (
     FAILING_SCRIPT,
     TRAIN_SCRIPT,
-    base_image,
     flush_prefect_workers,
     make_git_repo,
-    prefect_api_url,
     task_runs_of,
     training_config,
     unique_project,
@@ -330,8 +328,8 @@ def assert_stopped_before_start_run(run: AzureFlowRun) -> None:
 @pytest.fixture(scope="module")
 def certified(
     tmp_path_factory: pytest.TempPathFactory,
-    prefect_api_url: str,  # noqa: F811  (the imported fixture)
-    base_image: str,  # noqa: F811  (the imported fixture)
+    prefect_api_url: str,
+    base_image: str,
     ca: AzureLikeCa,
     published: Published,
 ) -> AzureFlowRun:
@@ -412,7 +410,7 @@ def test_outputs_and_training_log_were_downloaded(certified: AzureFlowRun) -> No
 @pytest.fixture(scope="module")
 def intercepted(
     tmp_path_factory: pytest.TempPathFactory,
-    prefect_api_url: str,  # noqa: F811  (the imported fixture)
+    prefect_api_url: str,
     ca: AzureLikeCa,
     published: Published,
 ) -> AzureFlowRun:
@@ -440,7 +438,7 @@ def test_a_machine_in_the_middle_stops_the_run_at_attest_machine(
 @pytest.fixture(scope="module")
 def other_boot(
     tmp_path_factory: pytest.TempPathFactory,
-    prefect_api_url: str,  # noqa: F811  (the imported fixture)
+    prefect_api_url: str,
     ca: AzureLikeCa,
     published: Published,
 ) -> AzureFlowRun:
@@ -469,8 +467,8 @@ def test_a_boot_that_differs_from_the_reference_values_stops_the_run(
 @pytest.fixture(scope="module")
 def failed_training(
     tmp_path_factory: pytest.TempPathFactory,
-    prefect_api_url: str,  # noqa: F811  (the imported fixture)
-    base_image: str,  # noqa: F811  (the imported fixture)
+    prefect_api_url: str,
+    base_image: str,
     ca: AzureLikeCa,
     published: Published,
 ) -> AzureFlowRun:
@@ -505,8 +503,8 @@ def test_a_failing_training_still_deletes_the_vm_after_downloading_its_files(
 @pytest.fixture(scope="module")
 def unreferenced(
     tmp_path_factory: pytest.TempPathFactory,
-    prefect_api_url: str,  # noqa: F811  (the imported fixture)
-    base_image: str,  # noqa: F811  (the imported fixture)
+    prefect_api_url: str,
+    base_image: str,
     ca: AzureLikeCa,
     published: Published,
 ) -> AzureFlowRun:

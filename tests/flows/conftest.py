@@ -32,10 +32,6 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun, Log, TaskRun
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.events.schemas.events import ReceivedEvent
-from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-from prefect.testing.utilities import prefect_test_harness
-
-from aicert.guest_runtime.base_image import ensure_base_image
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -66,30 +62,6 @@ out = pathlib.Path("/workspace/outputs")
 print("training-marker: about to fail", flush=True)
 sys.exit(1)
 """
-
-
-# -- session: the Prefect server and the base image -------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def prefect_api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A temporary Prefect server (SQLite in a temporary folder) for the whole session; the
-    flow's result storage (where the certificate is stored) in a temporary folder too."""
-    storage = tmp_path_factory.mktemp("prefect-storage")
-    with (
-        prefect_test_harness(server_startup_timeout=90),
-        temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}),
-    ):
-        # Events and logs go through per-process workers bound to the API they started
-        # with; ones started earlier in this session (another server) must not be reused.
-        flush_prefect_workers()
-        yield str(PREFECT_API_URL.value())
-
-
-@pytest.fixture(scope="session")
-def base_image() -> str:
-    """The offline Debian Python base image; built here when missing (CI), else reused."""
-    return ensure_base_image()
 
 
 @pytest.fixture
