@@ -661,6 +661,28 @@ class CertificationAgent:
             run.training_thread = thread
             thread.start()
 
+    def stop_training(self) -> None:
+        """Kill the run's training container, if one runs (the agent is shutting down)."""
+        run = self.run
+        if run is None or run.step != "training":
+            return
+        import docker
+
+        try:
+            client = docker.from_env(timeout=30)
+            try:
+                for container in client.containers.list(
+                    filters={"label": f"aicert.run={run.run_id}"}
+                ):
+                    container.kill()
+                    log.warning(
+                        "killed training container %s of run %s", container.name, run.run_id
+                    )
+            finally:
+                client.close()
+        except docker.errors.DockerException as exc:
+            log.error("could not stop the training container of run %s: %s", run.run_id, exc)
+
     def _append_log(self, run: RunState, line: str) -> None:
         with run.log_condition:
             run.log_lines.append(line)

@@ -236,7 +236,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             server = uvicorn.Server(config)
             signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
-            server.run()
+            try:
+                server.run()
+            finally:
+                # Stopped (SIGTERM from a teardown, or a crash): no training container may
+                # outlive the agent that would measure its outputs.
+                agent.stop_training()
     return 0
 
 

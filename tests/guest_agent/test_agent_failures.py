@@ -278,3 +278,28 @@ def test_teardown_during_training_leaves_nothing_running(
     assert processes_mentioning(str(agent.provider.run_dir(agent.run_id))) == []
     assert run_containers(docker_client, agent.run_id) == []
     agent.provider.teardown(agent.machine)  # idempotent
+
+
+def test_stopped_agent_kills_its_training_container(
+    agent: AgentUnderTest, make_config: ConfigFactory, docker_client: docker.DockerClient
+) -> None:
+    # Only the agent gets SIGTERM (not the provider's teardown, which also removes the
+    # run's containers): the agent itself must not leave a job running unmeasured.
+    agent.start(make_config(entry="src/sleep.py"))
+    agent.client.measure_inputs(agent.run_id)
+    agent.client.build_image(agent.run_id)
+    agent.client.start_training(agent.run_id)
+    assert agent.client.read_logs(agent.run_id, 0, wait_s=30).lines == ["sleeping"]
+    agent_pid = int(agent.machine.details["agent_pid"])
+
+    os.kill(agent_pid, signal.SIGTERM)
+
+    deadline = time.monotonic() + 30
+    while process_alive(agent_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not process_alive(agent_pid)
+    running = [
+        c.name
+        for c in docker_client.containers.list(filters={"label": f"aicert.run={agent.run_id}"})
+    ]
+    assert running == []
