@@ -3,11 +3,13 @@
 ``build_guest_image`` makes, offline from Debian packages and the host's Python wheels:
 
 - ``vmlinuz``: Debian bookworm's cloud kernel (``linux-image-cloud-amd64``), unchanged;
-- ``initrd.img``: a gzip'ed newc cpio of a Debian minbase root (python3, libtss2, busybox)
-  with the ``aicert`` package and its guest dependencies installed, the few kernel modules
-  the VM needs, and ``/init``, which mounts proc/sys/securityfs, configures the virtio NIC
-  for qemu's user-mode network (10.0.2.15/24, gateway 10.0.2.2) and runs the guest agent on
-  port 8080 with ``--platform qemu --tcti device:/dev/tpmrm0``: nothing else runs or listens;
+- ``initrd.img``: a gzip'ed newc cpio of a Debian minbase root (python3, libtss2, busybox,
+  Debian's Docker engine without its CLIs) with the ``aicert`` package and its guest
+  dependencies installed, the few kernel modules the VM needs, and ``/init``, which mounts
+  proc/sys/securityfs/cgroup2, configures the virtio NIC for qemu's user-mode network
+  (10.0.2.15/24, gateway 10.0.2.2), starts dockerd on its unix socket only (no container
+  networking, overlay2 on tmpfs) and runs the guest agent on port 8080 with
+  ``--platform qemu --tcti device:/dev/tpmrm0``: nothing else runs or listens on the network;
 - ``reference-values.json``: the reference-value set (``aicert.reference_values``) with the
   kernel, initrd and command line digests; ``observe_reference_values`` boots the image once
   and adds the PCR 0-9 values and the kernel's PCR 4 digest, flagged ``observed``.
@@ -24,6 +26,7 @@ Images are kept in ``$AICERT_HOME/guest-images/<image id>/``; ``latest`` names t
 from __future__ import annotations
 
 import dataclasses
+import glob
 import gzip
 import hashlib
 import importlib.metadata
@@ -60,7 +63,7 @@ from aicert.reference_values import (
 ProgressCallback = Callable[[str], None]
 
 # Bump when anything below changes what an image contains.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 # 2024-01-01T00:00:00Z: the time every file of the initramfs carries.
 DEFAULT_SOURCE_DATE_EPOCH = 1704067200
 DEBIAN_SUITE = "bookworm"
@@ -77,11 +80,19 @@ GUEST_PACKAGES = (
     "libtss2-sys1",
     "libtss2-tctildr0",
     "libtss2-tcti-device0",
+    # The engine that runs the training container (it pulls containerd, runc and tini), and
+    # apparmor_parser: the kernel has AppArmor on, so dockerd confines every container with
+    # its docker-default profile and refuses to start one it cannot load the profile for.
+    "docker.io",
+    "apparmor",
 )
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 # Loaded by /init in dependency order; everything the VM needs that the cloud kernel does
-# not build in (its TPM TIS/CRB drivers, securityfs and devtmpfs are built in).
-GUEST_KERNEL_MODULES = ("virtio_pci", "virtio_net", "virtio_rng")
+# not build in (its TPM TIS/CRB drivers, securityfs, devtmpfs, cgroup2 with every controller,
+# namespaces, seccomp and tmpfs xattrs are built in). overlay: the engine's overlay2 storage;
+# virtio_blk: the run's read-only input disk. Containers have no network (--bridge=none,
+# --iptables=false), so no veth, bridge or netfilter module.
+GUEST_KERNEL_MODULES = ("virtio_pci", "virtio_net", "virtio_rng", "virtio_blk", "overlay")
 # What the kernel gets from qemu's -append. OVMF adds " initrd=initrd" (it passes -initrd as
 # a file named "initrd") before starting the kernel, and that is what PCR 9 measures.
 KERNEL_COMMAND_LINE = "console=ttyS0 quiet panic=-1 rdinit=/init"
@@ -99,16 +110,42 @@ ORCHESTRATOR_PACKAGES = ("flows", "tasks")
 BUILD_BACKEND_PINS = ("setuptools==80.9.0",)
 # Files in the Debian root that nothing in the guest uses: dpkg path-excludes (packages
 # still ship files under /lib, which merged-/usr maps to /usr/lib: both spellings), then
-# files removed after installation (Perl, Essential for dpkg's scripts; udev's hardware
-# database, pulled in by tpm-udev). About 35 MB of 230.
+# files removed after installation (glob patterns; Perl, Essential for dpkg's scripts;
+# udev's hardware database, pulled in by tpm-udev). About 35 MB of 230 before the engine.
 DPKG_PATH_EXCLUDES = (
     "/usr/share/man/*",
     "/usr/share/doc/*",
     "/usr/share/locale/*",
     "/usr/share/info/*",
     "/usr/share/lintian/*",
+    "/usr/share/bash-completion/*",
+    "/usr/share/zsh/*",
+    "/usr/share/fish/*",
     "/lib/udev/hwdb.d/*",
     "/usr/lib/udev/hwdb.d/*",
+)
+# The Docker engine is driven through its API socket only (the agent uses the docker SDK),
+# and containers never get a network. What the engine never runs goes, 119 MB of the 263 MB
+# that docker.io, containerd, runc, tini and iptables install (144 MB stay): the docker and
+# ctr CLIs, libnetwork's dnet/ovrouter test tools, the legacy shims (dockerd 20.10 starts
+# io.containerd.runc.v2), docker-proxy (published ports only), dynamic tini (docker-init is
+# tini-static), the engine's contrib scripts, and iptables (dockerd runs with
+# --iptables=false; with no iptables in the guest it cannot add rules either).
+ENGINE_PRUNED_PATHS = (
+    "usr/bin/docker",
+    "usr/bin/ctr",
+    "usr/bin/dnet",
+    "usr/sbin/ovrouter",
+    "usr/bin/containerd-shim",
+    "usr/bin/containerd-shim-runc-v1",
+    "usr/sbin/docker-proxy",
+    "usr/bin/tini",
+    "usr/share/docker.io",
+    "usr/bin/iptables-xml",
+    "usr/sbin/*tables*",
+    "usr/sbin/nfnl_osf",
+    "usr/lib/x86_64-linux-gnu/xtables",
+    "etc/alternatives/*tables*",
 )
 PRUNED_PATHS = (
     "usr/lib/udev/hwdb.bin",
@@ -116,6 +153,16 @@ PRUNED_PATHS = (
     "usr/bin/perl5.36.0",
     "usr/lib/x86_64-linux-gnu/perl-base",
     "var/cache/debconf/templates.dat-old",
+    *ENGINE_PRUNED_PATHS,
+)
+# What the agent drives: the engine, the containerd it starts, its shim and runtime.
+ENGINE_BINARIES = (
+    "usr/sbin/dockerd",
+    "usr/bin/containerd",
+    "usr/bin/containerd-shim-runc-v2",
+    "usr/sbin/runc",
+    "usr/bin/tini-static",
+    "usr/sbin/apparmor_parser",
 )
 # Distributions of aicert's dependencies that only its command line uses (never the agent).
 CLI_ONLY_DISTRIBUTIONS = frozenset(
@@ -186,7 +233,7 @@ def load_guest_image(image: str | Path | None = None, home: Path | None = None) 
     manifest = candidate / IMAGE_MANIFEST
     if not manifest.is_file():
         raise GuestImageError(f"{candidate} holds no guest image ({IMAGE_MANIFEST} missing)")
-    reference = load_reference_values(manifest)
+    reference = load_reference_values(manifest, platform="qemu")
     built = GuestImage(candidate.resolve(), reference)
     for path, expected in (
         (built.kernel, reference.kernel_sha256),
@@ -581,15 +628,80 @@ def _install_kernel(
     return package, version, relative_paths
 
 
+# The Docker engine of the guest: reachable through its unix socket only (no TCP), no
+# container networking (no bridge, veth, iptables rules or forwarding: containers run with
+# network none), overlay2 on a tmpfs data root. It starts its own containerd, whose root
+# and state fall under the data root and /run (both tmpfs).
+DOCKER_SOCKET = "/var/run/docker.sock"
+DOCKER_DATA_ROOT = "/var/lib/docker"
+DOCKERD_LOG = "/run/dockerd.log"
+DOCKERD_ARGUMENTS = (
+    f"--host=unix://{DOCKER_SOCKET}",
+    f"--data-root={DOCKER_DATA_ROOT}",
+    "--exec-root=/run/docker",
+    "--pidfile=/run/docker.pid",
+    "--storage-driver=overlay2",
+    "--bridge=none",
+    "--iptables=false",
+    "--ip6tables=false",
+    "--ip-forward=false",
+    "--ip-masq=false",
+    "--userland-proxy=false",
+)
+# The bound on the engine's start: it answers 4-7 s after it starts under tcg on 2 vCPUs.
+DOCKER_READY_TIMEOUT_S = 60
+DOCKER_READY_MESSAGE = "docker engine ready"
+WAIT_FOR_ENGINE_PATH = "etc/aicert/wait-for-engine.py"
+# Run by /init until the engine answers GET /_ping on its socket: one interpreter start
+# (busybox has no HTTP client for unix sockets). Exits non-zero, saying why, when dockerd
+# exits or the bound passes. Arguments: dockerd's pid, the bound in seconds, the socket.
+WAIT_FOR_ENGINE = """\
+import socket
+import sys
+import time
+
+pid, bound, path = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+deadline = time.monotonic() + bound
+while time.monotonic() < deadline:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            running = stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        running = False
+    if not running:
+        sys.exit("dockerd exited")
+    try:
+        with socket.socket(socket.AF_UNIX) as engine:
+            engine.settimeout(5)
+            engine.connect(path)
+            engine.sendall(b"GET /_ping HTTP/1.0\\r\\n\\r\\n")
+            if engine.recv(64).split(b"\\r\\n")[0].split()[1:2] == [b"200"]:
+                sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(0.2)
+sys.exit(f"no answer on {path} after {bound:.0f} s")
+"""
+
 INIT_SCRIPT = """#!/bin/sh
 # AICert guest init (qemu platform): mount what the agent needs, configure the network of
-# qemu's user-mode NIC, and run the guest agent; nothing else is started. When the agent
-# exits, the VM powers off (qemu then exits, and the provider reports it).
+# qemu's user-mode NIC, start the Docker engine the agent runs the training in, and run the
+# guest agent; nothing else is started. When the agent exits, the VM powers off (qemu then
+# exits, and the provider reports it).
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 
 say() { echo "aicert-init: $*" > /dev/console; }
 fail() { say "FAILED: $*"; busybox poweroff -f; }
+
+# runc jails a container with pivot_root(2), which refuses to move the initramfs (rootfs
+# has no parent mount). Re-root on a bind mount of it: the same files, nothing copied, and
+# a root pivot_root accepts.
+if [ "$1" != "--rerooted" ]; then
+  mount --bind / /mnt || fail "bind-mount the root on /mnt"
+  cd /mnt && mount --move . / || fail "move the root's bind mount to /"
+  exec chroot . /init --rerooted
+fi
 
 mount -t proc proc /proc || fail "mount /proc"
 mount -t sysfs sysfs /sys || fail "mount /sys"
@@ -598,6 +710,7 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts || fail "mount /dev/pts"
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm || fail "mount /dev/shm"
 mount -t securityfs securityfs /sys/kernel/security || fail "mount securityfs"
+mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup || fail "mount cgroup2"
 mount -t tmpfs -o mode=0755 tmpfs /run || fail "mount /run"
 mount -t tmpfs -o mode=1777 tmpfs /tmp || fail "mount /tmp"
 
@@ -612,10 +725,23 @@ busybox ip addr add @ADDRESS@ dev eth0 || fail "address"
 busybox ip route add default via @GATEWAY@ || fail "route"
 [ -c /dev/tpmrm0 ] || fail "no /dev/tpmrm0 (vTPM)"
 
+mkdir -p @DATA_ROOT@
+mount -t tmpfs -o mode=0711 tmpfs @DATA_ROOT@ || fail "mount the engine's tmpfs"
+dockerd @DOCKERD_ARGUMENTS@ < /dev/null > @DOCKERD_LOG@ 2>&1 &
+if ! python3 /@WAIT_FOR_ENGINE@ $! @READY_TIMEOUT@ @SOCKET@ > /dev/console 2>&1; then
+  tail -n 5 @DOCKERD_LOG@ > /dev/console
+  fail "the docker engine did not come up (its log: @DOCKERD_LOG@)"
+fi
+say "@READY_MESSAGE@ (uptime $(cut -d ' ' -f 1 /proc/uptime) s)"
+
 mkdir -p @WORK_ROOT@
+# The run's inputs, staged by the orchestrator, come as a read-only raw disk (a tar).
+staged=""
+[ -b /dev/vda ] && staged="--staged-inputs /dev/vda"
 say "starting the guest agent on port @PORT@"
+# --tls: a fresh channel key, measured into PCR 14 before the agent serves anything.
 /usr/bin/python3 -m aicert.guest_runtime.server --tcti device:/dev/tpmrm0 --platform qemu \\
-  --host 0.0.0.0 --port @PORT@ --work-root @WORK_ROOT@ &
+  --host 0.0.0.0 --port @PORT@ --work-root @WORK_ROOT@ --tls $staged &
 agent=$!
 wait "$agent"
 say "the guest agent exited with status $?; powering off"
@@ -623,28 +749,46 @@ busybox poweroff -f
 """
 
 
-def _configure_root(root: Path, modules: list[str]) -> None:
-    init = root / "init"
-    init.write_text(
+def init_script() -> str:
+    """The guest's /init, filled in."""
+    return (
         INIT_SCRIPT.replace("@ADDRESS@", GUEST_ADDRESS)
         .replace("@GATEWAY@", GUEST_GATEWAY)
         .replace("@PORT@", str(AGENT_PORT))
         .replace("@WORK_ROOT@", GUEST_WORK_ROOT)
+        .replace("@DATA_ROOT@", DOCKER_DATA_ROOT)
+        .replace("@DOCKERD_ARGUMENTS@", " ".join(DOCKERD_ARGUMENTS))
+        .replace("@DOCKERD_LOG@", DOCKERD_LOG)
+        .replace("@WAIT_FOR_ENGINE@", WAIT_FOR_ENGINE_PATH)
+        .replace("@READY_TIMEOUT@", str(DOCKER_READY_TIMEOUT_S))
+        .replace("@SOCKET@", DOCKER_SOCKET)
+        .replace("@READY_MESSAGE@", DOCKER_READY_MESSAGE)
     )
+
+
+def _configure_root(root: Path, modules: list[str]) -> None:
+    init = root / "init"
+    init.write_text(init_script())
     init.chmod(0o755)
     config = root / "etc" / "aicert"
     config.mkdir(parents=True, exist_ok=True)
     (config / "modules").write_text("".join(f"{module}\n" for module in modules))
+    (root / WAIT_FOR_ENGINE_PATH).write_text(WAIT_FOR_ENGINE)
     # mmdebstrap copies these from the build host: replace them with the guest's own.
     (root / "etc" / "hostname").write_text("aicert-guest\n")
     (root / "etc" / "hosts").write_text("127.0.0.1\tlocalhost\n127.0.1.1\taicert-guest\n")
     (root / "etc" / "resolv.conf").write_text(f"nameserver {GUEST_DNS}\n")
-    for relative in PRUNED_PATHS:
-        path = root / relative
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+    for pattern in PRUNED_PATHS:
+        # glob.glob, not Path.glob: it also matches dangling symlinks (the alternatives).
+        for relative in sorted(glob.glob(pattern, root_dir=root)):
+            path = root / relative
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    for relative in ENGINE_BINARIES:
+        if not (root / relative).is_file():
+            raise GuestImageError(f"{relative} is missing from the Debian root (docker.io)")
 
 
 def _compile_python(root: Path, progress: ProgressCallback | None) -> None:
@@ -837,7 +981,7 @@ def _existing_reference(manifest: Path) -> ReferenceValueSet | None:
     if not manifest.is_file():
         return None
     try:
-        return load_reference_values(manifest)
+        return load_reference_values(manifest, platform="qemu")
     except PlatformError:
         return None
 
@@ -944,15 +1088,6 @@ def with_observed_values(
     )
 
 
-# A run that only exists to get a platform quote: the agent measures it into PCR 14 (which
-# the reference values do not cover) and it never goes further.
-OBSERVATION_CONFIG: dict[str, Any] = {
-    "name": "reference-values",
-    "source": {"type": "git", "gitRepo": "https://invalid.invalid/none.git"},
-    "command": ["true"],
-}
-
-
 def observe_reference_values(
     image: str | Path | None = None,
     home: Path | None = None,
@@ -967,7 +1102,6 @@ def observe_reference_values(
     to the quoted PCRs, and the predicted PCR 9 digests (initrd, command line) must be the
     ones measured."""
     from aicert.flows.providers.qemu import QemuProvider
-    from aicert.guest_runtime.client import AgentClient
     from aicert.quote import verify_quote
     from aicert.reference_values import check_boot_log, platform_quote_nonce
     from aicert.tcg_eventlog import parse_event_log
@@ -982,10 +1116,9 @@ def observe_reference_values(
         if progress:
             progress(f"booted in {machine.details.get('boot_seconds')} s; asking a platform quote")
         challenge = secrets.token_bytes(32)
-        with AgentClient(machine.agent_url) as client:
-            client.start_run(run_id, secrets.token_bytes(32), OBSERVATION_CONFIG)
-            material = client.key_material(run_id)
-            evidence = client.platform_quote(run_id, challenge)
+        with machine.client(timeout_s=60.0) as client:
+            material = client.key_material()
+            evidence = client.platform_quote(challenge)
     finally:
         provider.teardown(machine)
     if evidence.ak_public != material.ak_public or evidence.boot_event_log is None:
@@ -1038,9 +1171,19 @@ def build_guest_command(
     project_root: Annotated[
         Path | None, typer.Option(help="The aicert source tree to install in the guest.")
     ] = None,
+    memory_mib: Annotated[
+        int,
+        typer.Option(
+            help="Guest memory of the VMs that will boot it (part of the observed VM shape; "
+            "layers, inputs and outputs live in RAM: give large workloads more)."
+        ),
+    ] = 2048,
+    cpus: Annotated[int, typer.Option(help="Virtual CPUs of the VMs that will boot it.")] = 2,
 ) -> None:
     """Build the qemu guest image (kernel + initramfs with the agent) and its reference values."""
     from rich.console import Console
+
+    from aicert.flows.providers.qemu import QemuProvider
 
     console = Console()
     with console.status("building the guest image...") as status:
@@ -1052,9 +1195,15 @@ def build_guest_command(
             image = build_guest_image(
                 inputs=default_inputs(project_root), progress=progress, refresh=refresh
             )
-            if observe and not image.reference.observed:
-                status.update("guest image: booting it once to observe PCR 0-9 (about 40 s)")
-                image = observe_reference_values(image.directory, progress=progress)
+            provider = QemuProvider(image.directory, memory_mib=memory_mib, smp=cpus)
+            shape_differs = image.reference.vm is not None and image.reference.vm != (
+                provider.vm_shape()
+            )
+            if observe and (not image.reference.observed or shape_differs):
+                status.update("guest image: booting it once to observe PCR 0-9 (about 50 s)")
+                image = observe_reference_values(
+                    image.directory, provider=provider, progress=progress
+                )
         except (GuestImageError, RuntimeError) as exc:
             console.print(f"[bold red]guest image build failed[/bold red]: {exc}")
             raise typer.Exit(1) from None

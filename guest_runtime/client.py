@@ -28,6 +28,7 @@ from aicert.guest_runtime.api_models import (
     StartRunRequest,
     TrainingStatus,
 )
+from aicert.guest_runtime.archive import extract_member
 from aicert.guest_runtime.channel import pinned_context
 from aicert.model import AppEvent
 
@@ -247,7 +248,7 @@ class AgentClient:
                 reader = _IterReader(response.iter_raw())
                 with tarfile.open(fileobj=reader, mode="r|") as archive:
                     for member in archive:
-                        archive.extract(member, destination, filter="data")
+                        extract_member(archive, member, destination)
                         if member.isfile():
                             names.append(member.name)
         except httpx.TransportError as exc:

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from aicert.guest_runtime.archive import extract_member
+
 STAGED_INPUTS_FORMAT = "aicert-staged-inputs/v1"
 MANIFEST = "manifest.json"
 IMAGE_ARCHIVE = "image.tar"
@@ -116,7 +118,7 @@ def unpack_staged_inputs(
                 else:
                     if member.isfile() and on_bytes is not None:
                         on_bytes(member.size)
-                    archive.extract(member, destination, filter="data")
+                    extract_member(archive, member, destination)
     except (OSError, tarfile.TarError, ValueError) as exc:
         raise StagedInputsError(f"staged inputs {device}: {exc}") from exc
     if not unpacked.manifest:

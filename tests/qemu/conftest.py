@@ -8,8 +8,12 @@ build and the boots are printed at the end of the session.
 
 from __future__ import annotations
 
+import gzip
+import io
 import os
 import secrets
+import subprocess
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,12 +22,15 @@ from typing import Any
 
 import pytest
 
+from aicert.flows.assemble import assemble_certificate
 from aicert.flows.providers.attestation import MachineAttestation, attest_machine
 from aicert.flows.providers.base import EnrolledKey, Machine
 from aicert.flows.providers.qemu import QemuProvider
 from aicert.flows.qemu_image import GuestImage, build_guest_image, observe_reference_values
 from aicert.guest_runtime.api_models import Health, KeyMaterial, PlatformEvidence
-from aicert.model import AppEvent
+from aicert.guest_runtime.client import AgentClient
+from aicert.guest_runtime.config import parse_config
+from aicert.model import AppEvent, Certificate
 
 # A run that only asks for a platform quote: parsed by the agent, never executed.
 QUOTE_ONLY_CONFIG: dict[str, Any] = {
@@ -64,7 +71,9 @@ def guest_image(qemu_home: Path) -> GuestImage:
 
 @dataclass(frozen=True)
 class QuotedBoot:
-    """What a booted VM's agent answered, up to a platform quote (the VM is gone)."""
+    """What a booted VM's agent answered, up to a platform quote (the VM is gone); with
+    ``certify``, also whether the orchestrator's check refused the machine, and the
+    certificate of a whole run done on it anyway (driving the agent directly)."""
 
     machine: Machine
     boot_seconds: float
@@ -75,29 +84,54 @@ class QuotedBoot:
     attestation: MachineAttestation | None  # attest_machine, when enrolled
     challenge: bytes
     evidence: PlatformEvidence
+    refusal: Exception | None = None  # what attest_machine raised (certify only)
+    certificate: Certificate | None = None
 
     @property
     def pcrs(self) -> dict[int, bytes]:
         return {int(index): bytes.fromhex(value) for index, value in self.evidence.pcrs.items()}
 
 
-def boot_and_quote(provider: QemuProvider, label: str, *, enroll: bool = False) -> QuotedBoot:
-    """Boot a VM, start a run, (enroll its AK,) ask a platform quote, tear the VM down."""
+def boot_and_quote(
+    provider: QemuProvider,
+    label: str,
+    *,
+    enroll: bool = False,
+    certify: dict[str, Any] | None = None,
+) -> QuotedBoot:
+    """Boot a VM, (enroll its AK,) start a run, ask a platform quote, tear the VM down.
+
+    ``certify``: a run config whose inputs are staged for the VM; the run goes all the way to
+    a certificate even when ``attest_machine`` refuses the machine (what a flow would not do:
+    it is how a certificate from a tampered boot is made, to show the verifier refuses it)."""
     run_id = f"{label}-{secrets.token_hex(4)}"
+    if certify is not None:
+        provider.stage_inputs(run_id, parse_config(certify, source="test"))
+        enroll = True
     machine = provider.boot(run_id)
+    refusal: Exception | None = None
+    certificate: Certificate | None = None
     try:
-        with machine.client(timeout_s=60.0) as client:
+        with machine.client(timeout_s=300.0) as client:
             health = client.health()
             material = client.key_material()
             enrolled = provider.enroll_attestation_key(machine, client) if enroll else None
-            attestation = (
-                attest_machine(machine, client, enrolled, provider.boot_reference())
-                if enrolled
-                else None
-            )
-            events = client.start_run(run_id, secrets.token_bytes(32), QUOTE_ONLY_CONFIG)
+            attestation = None
+            if enrolled is not None:
+                try:
+                    attestation = attest_machine(
+                        machine, client, enrolled, provider.boot_reference()
+                    )
+                except Exception as exc:
+                    if certify is None:
+                        raise
+                    refusal = exc
+            events = client.start_run(run_id, secrets.token_bytes(32), certify or QUOTE_ONLY_CONFIG)
             challenge = secrets.token_bytes(32)
             evidence = client.platform_quote(challenge)
+            if certify is not None:
+                assert enrolled is not None
+                certificate = _finish_run(client, run_id, enrolled, provider)
     finally:
         provider.teardown(machine)
     return QuotedBoot(
@@ -110,15 +144,91 @@ def boot_and_quote(provider: QemuProvider, label: str, *, enroll: bool = False) 
         attestation=attestation,
         challenge=challenge,
         evidence=evidence,
+        refusal=refusal,
+        certificate=certificate,
     )
+
+
+def _finish_run(
+    client: AgentClient, run_id: str, enrolled: EnrolledKey, provider: QemuProvider
+) -> Certificate:
+    client.measure_inputs(run_id)
+    client.build_image(run_id)
+    client.start_training(run_id)
+    status = client.follow_training(run_id, lambda _: None, poll_wait_s=5.0)
+    assert status.state == "succeeded", status
+    client.measure_outputs(run_id)
+    return assemble_certificate(
+        evidence=client.quote(run_id),
+        enrolled=enrolled,
+        project="qemu-tests",
+        provider="qemu",
+        reference_values=provider.reference_values(),
+    )
+
+
+# -- a tiny workload for certified runs on tampered VMs ------------------------------------------
+
+# busybox and what its dynamic linking needs, taken from the guest image's own initrd: a
+# container image of a few MB that loads in seconds under emulation.
+TINY_IMAGE = "aicert-test/busybox:qemu"
+TINY_IMAGE_FILES = (
+    "usr/bin/busybox",
+    "usr/lib/x86_64-linux-gnu/libc.so.6",
+    "usr/lib/x86_64-linux-gnu/libresolv.so.2",
+    "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+)
 
 
 @pytest.fixture(scope="session")
-def good_boot(guest_image: GuestImage, qemu_home: Path) -> QuotedBoot:
-    started = time.monotonic()
-    boot = boot_and_quote(QemuProvider(guest_image.directory, qemu_home), "good", enroll=True)
-    WALL_TIMES["good boot: qemu start to agent answering"] = boot.boot_seconds
-    WALL_TIMES["good boot: boot, start run, enroll AK, platform quote, teardown"] = (
-        time.monotonic() - started
-    )
-    return boot
+def tiny_run_config(
+    guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """A run config: a one-file git repository, the tiny image, one output file."""
+    import docker
+
+    from tests.qemu.test_guest_image import read_cpio
+
+    wanted = set(TINY_IMAGE_FILES)
+    files = {
+        entry.name: entry.data
+        for entry in read_cpio(gzip.decompress(guest_image.initrd.read_bytes()))
+        if entry.name in wanted
+    }
+    assert set(files) == wanted, wanted - set(files)
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        for name, data in sorted(files.items()):
+            member = tarfile.TarInfo(name)
+            member.size, member.mode = len(data), 0o755
+            tar.addfile(member, io.BytesIO(data))
+        for link, target in (
+            ("bin", "usr/bin"),
+            ("lib64", "usr/lib/x86_64-linux-gnu"),
+        ):
+            member = tarfile.TarInfo(link)
+            member.type, member.linkname = tarfile.SYMTYPE, target
+            tar.addfile(member)
+    client = docker.from_env()
+    try:
+        client.api.import_image_from_data(
+            archive.getvalue(), repository=TINY_IMAGE.split(":")[0], tag=TINY_IMAGE.split(":")[1]
+        )
+    finally:
+        client.close()
+
+    repo = tmp_path_factory.mktemp("tiny-repo")
+    (repo / "README").write_text("a one-file project for certified runs on tampered VMs\n")
+    for args in (
+        ["init", "--quiet", "--initial-branch=main"],
+        ["add", "README"],
+        ["-c", "user.name=t", "-c", "user.email=t@t.invalid", "commit", "--quiet", "-m", "x"],
+    ):
+        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+    return {
+        "name": "qemu-tests",
+        "source": {"type": "git", "gitRepo": str(repo)},
+        "image": TINY_IMAGE,
+        "command": ["busybox", "sh", "-c", "echo weights > /workspace/outputs/model.bin"],
+        "limits": {"cpus": 1, "memory": "128m", "timeoutSeconds": 300},
+    }
