@@ -211,10 +211,15 @@ def verify_certificate(
 
     # 6. Application event log replay against PCR 14 and 15.
     measured = _verify_event_log(certificate, claimed_pcrs)
+    channel = (
+        f"; the first is the agent's TLS key ({measured.channel_key.public_key_sha256[:16]}...)"
+        if measured.channel_key is not None
+        else ""
+    )
     checks.append(
         Check(
             "event-log",
-            f"{len(certificate.event_log)} events replay to the quoted PCR 14 and PCR 15",
+            f"{len(certificate.event_log)} events replay to the quoted PCR 14 and PCR 15" + channel,
         )
     )
     if certificate.run.finished_at != measured.finished_at:
@@ -260,9 +265,10 @@ def verify_certificate(
 
 
 def _verify_event_log(certificate: Certificate, quoted: Mapping[int, bytes]) -> MeasuredRun:
-    # A boot that extended PCR 14 (shim's MOK lists) is the start; the local platform's
-    # check (PCRs in their reset state, no boot log) keeps its start at zeros.
-    start = application_pcr_start(certificate.boot_event_log)
+    # A boot that extended PCR 14 (shim's MOK lists) is the start. The local platform has no
+    # boot: its start is zeros, and its platform check refuses a boot log if one is attached.
+    boot_log = certificate.boot_event_log if certificate.platform.kind != "local" else None
+    start = application_pcr_start(boot_log)
     replayed = replay(certificate.event_log, start)
     for pcr in (INPUTS_PCR, OUTPUTS_PCR):
         if not hmac.compare_digest(replayed[pcr], quoted[pcr]):

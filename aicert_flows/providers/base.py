@@ -1,8 +1,9 @@
 """The provider interface: what the flow needs from a platform, and nothing more.
 
-A provider provisions a machine with a TPM and a running guest agent, certifies that
-machine's attestation key (its cloud's CA, or the project's platform CA), hands over the
-boot evidence it has, and tears down everything it made. ``Machine`` is plain data so it can
+A provider stages the inputs a machine cannot fetch, provisions a machine with a TPM and a
+running guest agent, certifies that machine's attestation key (its cloud's CA, or the
+project's platform CA), names the reference values its boot must match, and tears down
+everything it made. ``Machine`` is plain data so it can
 cross task boundaries and process boundaries (teardown may run in a crash hook).
 """
 
@@ -78,10 +79,6 @@ class Provider(ABC):
         """Why the machine can no longer come up (e.g. its agent exited), or None.
 
         Lets the flow fail at once with the reason instead of waiting out a timeout."""
-        return None
-
-    def boot_evidence(self, machine: Machine) -> bytes | None:
-        """The boot event log, when the platform measured a boot chain."""
         return None
 
     def reference_values(self) -> str | None:

@@ -517,10 +517,6 @@ class QemuProvider(Provider):
     def enroll_attestation_key(self, machine: Machine, client: AgentClient) -> EnrolledKey:
         return enroll_with_platform_ca(self.ek_ca_dir, self.platform_ca_dir, machine, client)
 
-    def boot_evidence(self, machine: Machine) -> bytes | None:
-        # The agent reads the log inside the VM and returns it with each quote.
-        return None
-
     # -- teardown ------------------------------------------------------------------------------
 
     def teardown(self, machine: Machine) -> None:

@@ -96,6 +96,8 @@ def test_certificate_verifies_with_the_boot_chain(
     assert report.boot_chain_attested
     assert guest_image.id in report.platform_note
     assert {check.name for check in report.checks} >= {"platform", "model"}
+    event_log = next(check for check in report.checks if check.name == "event-log")
+    assert "the first is the agent's TLS key" in event_log.detail
     assert certificate.platform.reference_values == guest_image.id
     assert (certified_on_qemu.model / "model.json").is_file() or any(
         certified_on_qemu.model.iterdir()
