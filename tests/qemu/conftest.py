@@ -167,6 +167,17 @@ def _finish_run(
     )
 
 
+@pytest.fixture(scope="session")
+def good_boot(guest_image: GuestImage, qemu_home: Path) -> QuotedBoot:
+    started = time.monotonic()
+    boot = boot_and_quote(QemuProvider(guest_image.directory, qemu_home), "good", enroll=True)
+    WALL_TIMES["good boot: qemu start to agent answering"] = boot.boot_seconds
+    WALL_TIMES["good boot: boot, enroll AK, platform quote, start run, teardown"] = (
+        time.monotonic() - started
+    )
+    return boot
+
+
 # -- a tiny workload for certified runs on tampered VMs ------------------------------------------
 
 # busybox and what its dynamic linking needs, taken from the guest image's own initrd: a
