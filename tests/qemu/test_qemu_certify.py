@@ -61,12 +61,22 @@ def certified_on_qemu(
     os.environ["AICERT_HOME"] = str(qemu_home)  # the image, its CAs and the runs
     try:
         started = time.monotonic()
-        result = certify_training(
-            config_path=str(EXAMPLE_CONFIG),
-            provider="qemu",
-            output_bom=str(out / "proof.json"),
-            outputs_dir=str(out / "model"),
-        )
+        runs_before = set((qemu_home / "runs").iterdir())
+        try:
+            result = certify_training(
+                config_path=str(EXAMPLE_CONFIG),
+                provider="qemu",
+                output_bom=str(out / "proof.json"),
+                outputs_dir=str(out / "model"),
+            )
+        except Exception as exc:
+            # What the VM said is the first thing to read when a run fails here.
+            consoles = [
+                f"{run.name}:\n{(run / 'serial.log').read_text(errors='replace')[-3000:]}"
+                for run in set((qemu_home / "runs").iterdir()) - runs_before
+                if (run / "serial.log").is_file()
+            ]
+            raise AssertionError(f"{exc!r}\nserial consoles:\n" + "\n".join(consoles)) from exc
         seconds = time.monotonic() - started
     finally:
         if previous is None:
