@@ -63,6 +63,10 @@ class AgentUnreachableError(AgentCallError):
     """No answer from the agent (not started yet, crashed, or the network is down)."""
 
 
+# Consecutive unanswered log polls tolerated while following a training run.
+FOLLOW_RETRIES = 5
+
+
 class _IterReader(io.RawIOBase):
     """A read-only file over an iterator of byte chunks (tarfile's stream mode reads one)."""
 
@@ -211,19 +215,36 @@ class AgentClient:
         )
 
     def follow_training(
-        self, run_id: str, on_line: Callable[[str], None], *, poll_wait_s: float = 5.0
+        self,
+        run_id: str,
+        on_line: Callable[[str], None],
+        *,
+        poll_wait_s: float = 5.0,
+        unreachable_retries: int = FOLLOW_RETRIES,
     ) -> TrainingStatus:
-        """Stream the training logs to ``on_line`` until the job ends; return its status."""
+        """Stream the training logs to ``on_line`` until the job ends; return its status.
+
+        Reading logs and status changes nothing on the machine, so a dropped or timed-out poll
+        (a VM under load answers slowly) is asked again, up to ``unreachable_retries`` times
+        in a row, before the error is raised."""
         offset = 0
+        failures = 0
         while True:
-            chunk = self.read_logs(run_id, offset, poll_wait_s)
+            try:
+                chunk = self.read_logs(run_id, offset, poll_wait_s)
+                status = self.training_status(run_id) if chunk.finished else None
+            except AgentUnreachableError:
+                failures += 1
+                if failures > unreachable_retries:
+                    raise
+                time.sleep(min(2.0 * failures, 10.0))
+                continue
+            failures = 0
             for line in chunk.lines:
                 on_line(line)
             offset = chunk.next_offset
-            if chunk.finished:
-                status = self.training_status(run_id)
-                if status.state != "running":
-                    return status
+            if status is not None and status.state != "running":
+                return status
 
     def measure_outputs(self, run_id: str) -> list[AppEvent]:
         return self._call("POST", f"/runs/{run_id}/outputs", EventsResponse).events

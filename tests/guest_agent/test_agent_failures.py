@@ -12,11 +12,12 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
 
-from aicert.guest_runtime.client import AgentCallError, AgentClient
+from aicert.guest_runtime.client import AgentCallError, AgentClient, AgentUnreachableError
 from tests.guest_agent.conftest import (
     AgentUnderTest,
     ConfigFactory,
@@ -303,3 +304,35 @@ def test_stopped_agent_kills_its_training_container(
         for c in docker_client.containers.list(filters={"label": f"aicert.run={agent.run_id}"})
     ]
     assert running == []
+
+
+def test_following_training_survives_dropped_log_polls(
+    agent: AgentUnderTest, make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Polls that get no answer (a VM too busy to answer in time) are asked again: reading
+    # logs changes nothing on the machine. Lines are neither lost nor repeated.
+    agent.start(make_config())
+    agent.client.measure_inputs(agent.run_id)
+    agent.client.build_image(agent.run_id)
+    agent.client.start_training(agent.run_id)
+    real_read_logs = agent.client.read_logs
+    calls = {"n": 0}
+
+    def flaky_read_logs(run_id: str, offset: int, wait_s: float = 10.0) -> Any:
+        calls["n"] += 1
+        if calls["n"] in (1, 2):  # two in a row
+            raise AgentUnreachableError("GET /logs", "ReadTimeout", "no answer in time", None)
+        return real_read_logs(run_id, offset, wait_s)
+
+    monkeypatch.setattr(agent.client, "read_logs", flaky_read_logs)
+    lines: list[str] = []
+    status = agent.client.follow_training(agent.run_id, lines.append, poll_wait_s=1.0)
+    assert status.state == "succeeded"
+    assert calls["n"] >= 3
+    assert lines == agent.client.read_logs(agent.run_id, 0, wait_s=0).lines  # no gap, no repeat
+
+    calls["n"] = 0
+    with pytest.raises(AgentUnreachableError):
+        agent.client.follow_training(
+            agent.run_id, lambda _: None, poll_wait_s=1.0, unreachable_retries=0
+        )
