@@ -366,13 +366,17 @@ class Promotion:
         return self.stack.registry / self.project / self.run_id
 
 
-def make_project(base: Path, prefix: str, epochs: int = 60) -> tuple[str, Path, Path]:
-    """A committed training repository and its aicert.yaml: (project, repo, config path)."""
+def make_project(
+    base: Path, prefix: str, epochs: int = 60, hold_s: float = 0
+) -> tuple[str, Path, Path]:
+    """A committed training repository and its aicert.yaml: (project, repo, config path).
+
+    ``hold_s`` keeps the training container running that long after it wrote the model."""
     project = unique_project(prefix)
     repo = make_git_repo(base / project / "repo", {"train.py": TRAIN_SCRIPT})
     config = write_config(
         base / project / "aicert.yaml",
-        training_config(project, "repo", env={"EPOCHS": str(epochs)}),
+        training_config(project, "repo", env={"EPOCHS": str(epochs), "HOLD_SECONDS": str(hold_s)}),
     )
     return project, repo, config
 

@@ -27,6 +27,10 @@ from .conftest import (
 )
 
 EPOCHS = (20, 40, 60, 80)  # one per run: four different models
+# Each training stays up this long, so that the four runs overlap even when the worker's four
+# flow processes start seconds apart on a busy 2-core machine (CI once saw a 2 s spread outlast
+# a whole short run).
+HOLD_S = 30
 AGENT_URL = re.compile(r"agent at http://127\.0\.0\.1:(\d+)")
 
 
@@ -45,7 +49,9 @@ def _container_creations(run_id: str, since: datetime) -> list[dict[str, Any]]:
 
 
 def test_four_certifications_at_once(sqlite_stack: Stack, tmp_path: Path) -> None:
-    projects = [make_project(tmp_path, f"conc{i}", epochs) for i, epochs in enumerate(EPOCHS)]
+    projects = [
+        make_project(tmp_path, f"conc{i}", epochs, HOLD_S) for i, epochs in enumerate(EPOCHS)
+    ]
     since = datetime.now(UTC)
     with sqlite_stack.client() as client:
         deployment = client.read_deployment_by_name("certify-training/certify-training")

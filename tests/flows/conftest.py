@@ -39,7 +39,7 @@ T = TypeVar("T")
 # A tiny, dependency-free "training": fit y = a*x + b by gradient descent, write the model
 # and metrics to the outputs folder. It prints one line per epoch block (the logs to stream).
 TRAIN_SCRIPT = """\
-import json, os, pathlib
+import json, os, pathlib, time
 data = [(x / 10, 3 * x / 10 + 1) for x in range(20)]
 a = b = 0.0
 for epoch in range(1, int(os.environ.get("EPOCHS", "60")) + 1):
@@ -52,6 +52,8 @@ out = pathlib.Path("/workspace/outputs")
 (out / "model.json").write_text(json.dumps({"a": a, "b": b}))
 (out / "metrics").mkdir(exist_ok=True)
 (out / "metrics" / "loss.txt").write_text(str(sum((a * x + b - y) ** 2 for x, y in data)))
+# A test that needs runs to overlap holds the training open (no network: no barrier).
+time.sleep(float(os.environ.get("HOLD_SECONDS", "0")))
 print("training-marker: done", flush=True)
 """
 
