@@ -28,7 +28,6 @@ from aicert.flows.providers.base import (
     Provider,
 )
 from aicert.guest_runtime.api_models import Evidence, TrainingStatus
-from aicert.guest_runtime.channel import fetch_server_certificate
 from aicert.guest_runtime.client import AgentCallError, AgentClient, AgentUnreachableError
 from aicert.guest_runtime.config import (
     ConfigError,
@@ -201,13 +200,7 @@ def wait_for_agent(
     https = machine.agent_url.startswith("https://")
     while True:
         try:
-            pinned = machine
-            if https and machine.agent_certificate_pem is None:
-                pinned = machine.model_copy(
-                    update={"agent_certificate_pem": fetch_server_certificate(machine.agent_url)}
-                )
-            with _client(pinned) as client:
-                health = client.health(timeout_s=min(5.0, timeout_s))
+            pinned, health = machine.probe_agent(timeout_s=min(5.0, timeout_s))
             break
         except (AgentUnreachableError, OSError):
             problem = provider.machine_problem(machine)

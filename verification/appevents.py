@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -32,6 +32,9 @@ from pydantic import (
 
 from aicert.canonical import canonical_sha256
 from aicert.errors import EventLogError
+
+if TYPE_CHECKING:
+    from aicert.tcg_eventlog import TcgEventLog
 from aicert.model import AppEvent, InputRecord, OutputRecord
 
 INPUTS_PCR = 14
@@ -204,7 +207,7 @@ def extend(pcr_value: bytes, digest: bytes) -> bytes:
     return hashlib.sha256(pcr_value + digest).digest()
 
 
-def application_pcr_start(boot_event_log: bytes | None) -> dict[int, bytes]:
+def application_pcr_start(boot_event_log: bytes | TcgEventLog | None) -> dict[int, bytes]:
     """PCR 14 and 15 when the OS hands over to the agent: the reset value, or what the boot
     extended there, per the boot event log (shim measures its MOK lists into PCR 14).
 
@@ -216,7 +219,12 @@ def application_pcr_start(boot_event_log: bytes | None) -> dict[int, bytes]:
         return start
     from aicert.tcg_eventlog import parse_event_log
 
-    boot = parse_event_log(boot_event_log).replay().get("sha256", {})
+    log = (
+        parse_event_log(boot_event_log)
+        if isinstance(boot_event_log, bytes | bytearray)
+        else boot_event_log
+    )
+    boot = log.replay().get("sha256", {})
     return {pcr: boot.get(pcr, value) for pcr, value in start.items()}
 
 

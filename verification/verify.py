@@ -50,7 +50,7 @@ from aicert.reference_values import (
     PlatformReferenceValues,
     check_boot_log,
 )
-from aicert.tcg_eventlog import parse_event_log
+from aicert.tcg_eventlog import TcgEventLog, parse_event_log
 from aicert.tpm_structures import parse_tpmt_public
 
 QUOTED_PCRS = frozenset(range(16))
@@ -210,7 +210,8 @@ def verify_certificate(
     )
 
     # 6. Application event log replay against PCR 14 and 15.
-    measured = _verify_event_log(certificate, claimed_pcrs)
+    boot_log = _boot_log(certificate)
+    measured = _verify_event_log(certificate, claimed_pcrs, boot_log)
     channel = (
         f"; the first is the agent's TLS key ({measured.channel_key.public_key_sha256[:16]}...)"
         if measured.channel_key is not None
@@ -227,7 +228,7 @@ def verify_certificate(
 
     # 7. Platform.
     boot_attested, platform_note = _verify_platform(
-        certificate, claimed_pcrs, allow_dev_platform, reference_values
+        certificate, claimed_pcrs, allow_dev_platform, boot_log, reference_values
     )
     checks.append(Check("platform", platform_note))
 
@@ -264,10 +265,18 @@ def verify_certificate(
     )
 
 
-def _verify_event_log(certificate: Certificate, quoted: Mapping[int, bytes]) -> MeasuredRun:
-    # A boot that extended PCR 14 (shim's MOK lists) is the start. The local platform has no
-    # boot: its start is zeros, and its platform check refuses a boot log if one is attached.
-    boot_log = certificate.boot_event_log if certificate.platform.kind != "local" else None
+def _boot_log(certificate: Certificate) -> TcgEventLog | None:
+    """The certificate's boot event log, parsed once for both checks that read it. The local
+    platform has no boot: its platform check refuses a boot log if one is attached."""
+    if certificate.platform.kind == "local" or certificate.boot_event_log is None:
+        return None
+    return parse_event_log(certificate.boot_event_log)
+
+
+def _verify_event_log(
+    certificate: Certificate, quoted: Mapping[int, bytes], boot_log: TcgEventLog | None
+) -> MeasuredRun:
+    # A boot that extended PCR 14 (shim's MOK lists) is the start; without one, zeros.
     start = application_pcr_start(boot_log)
     replayed = replay(certificate.event_log, start)
     for pcr in (INPUTS_PCR, OUTPUTS_PCR):
@@ -316,6 +325,7 @@ def _verify_platform(
     certificate: Certificate,
     pcrs: Mapping[int, bytes],
     allow_dev_platform: bool,
+    log: TcgEventLog | None,
     reference_values: PlatformReferenceValues | Iterable[PlatformReferenceValues] | None = None,
 ) -> tuple[bool, str]:
     kind = certificate.platform.kind
@@ -334,9 +344,8 @@ def _verify_platform(
                 "accept it explicitly with allow_dev_platform=True / --allow-dev-platform"
             )
         return False, DEV_PLATFORM_NOTE
-    if certificate.boot_event_log is None:
+    if log is None:
         raise PlatformError(f"{kind} platform: the certificate has no boot event log")
-    log = parse_event_log(certificate.boot_event_log)
     replayed = log.replay().get("sha256", {})
     for index in BOOT_PCRS:
         expected = replayed.get(index, bytes(32))
@@ -435,7 +444,9 @@ def verify_artifact(certificate: Certificate, path: Path) -> int:
     ``verify(model=path, ...)`` for the whole verification.
     """
     try:
-        measured = _verify_event_log(certificate, certificate.attestation.quote.pcr_values())
+        measured = _verify_event_log(
+            certificate, certificate.attestation.quote.pcr_values(), _boot_log(certificate)
+        )
     except KeyError:
         raise PcrSelectionError("attestation.quote.pcrs lacks PCR 14 or 15") from None
     return _check_artifact(measured.output_records(), path)

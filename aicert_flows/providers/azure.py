@@ -56,7 +56,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from aicert.flows.blocks import DOCUMENTATION_URL, PlatformBlock
 from aicert.flows.providers.base import EnrolledKey, Machine, Provider
 from aicert.flows.settings import aicert_home
-from aicert.guest_runtime.channel import fetch_server_certificate
 from aicert.guest_runtime.client import AgentClient, AgentUnreachableError
 
 if TYPE_CHECKING:
@@ -1062,10 +1061,7 @@ class AzureProvider(Provider):
             # A VM that accepts connections but never answers must not outlast the timeout.
             attempt_s = min(10.0, max(1.0, deadline - time.monotonic()))
             try:
-                certificate = fetch_server_certificate(machine.agent_url, timeout_s=attempt_s)
-                candidate = machine.model_copy(update={"agent_certificate_pem": certificate})
-                with candidate.client(timeout_s=attempt_s) as client:
-                    health = client.health(timeout_s=attempt_s)
+                pinned, health = machine.probe_agent(timeout_s=attempt_s)
                 break
             except (AgentUnreachableError, OSError) as exc:
                 if time.monotonic() >= deadline:
@@ -1074,7 +1070,7 @@ class AzureProvider(Provider):
                         f"{timeout:.0f} s (VM {machine.details['names'][VIRTUAL_MACHINES]}): {exc}"
                     ) from exc
                 time.sleep(AGENT_POLL_INTERVAL_S)
-        machine.agent_certificate_pem = certificate
+        machine.agent_certificate_pem = pinned.agent_certificate_pem
         if health.platform != "azure":
             raise AzureProvisioningError(
                 f"the agent at {machine.agent_url} runs as platform {health.platform!r}, "

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from aicert.guest_runtime.api_models import Health
+from aicert.guest_runtime.channel import fetch_server_certificate
 from aicert.guest_runtime.client import AgentClient
 from aicert.guest_runtime.config import RunConfig
 
@@ -39,6 +41,18 @@ class Machine(BaseModel):
         return AgentClient(
             self.agent_url, timeout_s=timeout_s, server_certificate_pem=self.agent_certificate_pem
         )
+
+    def probe_agent(self, timeout_s: float = 5.0) -> tuple[Machine, Health]:
+        """Ask the agent's health once; returns this machine with its https agent's
+        certificate pinned (fetched on first contact: trust on first use, which the flow's
+        ``attest-machine`` then checks against the TPM's measurement of that very key), and
+        the answer. Raises AgentUnreachableError or OSError when no agent answers."""
+        pinned = self
+        if self.agent_url.startswith("https://") and self.agent_certificate_pem is None:
+            certificate = fetch_server_certificate(self.agent_url, timeout_s=timeout_s)
+            pinned = self.model_copy(update={"agent_certificate_pem": certificate})
+        with pinned.client(timeout_s=timeout_s) as client:
+            return pinned, client.health(timeout_s=timeout_s)
 
 
 class EnrolledKey(BaseModel):

@@ -29,8 +29,6 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import httpx
-
 from aicert.flows.providers.base import EnrolledKey, Machine, Provider
 from aicert.flows.providers.enrollment import enroll_with_platform_ca
 from aicert.flows.qemu_image import (
@@ -39,7 +37,6 @@ from aicert.flows.qemu_image import (
     load_guest_image,
 )
 from aicert.flows.settings import aicert_home
-from aicert.guest_runtime.channel import fetch_server_certificate
 from aicert.guest_runtime.client import AgentClient, AgentUnreachableError
 from aicert.guest_runtime.config import RunConfig
 from aicert.reference_values import (
@@ -461,14 +458,8 @@ class QemuProvider(Provider):
         if not machine.agent_url:
             return False
         try:
-            pinned = machine.agent_certificate_pem or fetch_server_certificate(machine.agent_url)
-            with AgentClient(
-                machine.agent_url, timeout_s=3.0, server_certificate_pem=pinned
-            ) as client:
-                client.health(timeout_s=3.0)
-        except (AgentUnreachableError, httpx.HTTPError, OSError):
-            return False
-        except Exception:  # answered, but not as an agent: still not up
+            machine.probe_agent(timeout_s=3.0)
+        except Exception:  # unreachable, or it answered but not as an agent: not up
             return False
         return True
 
@@ -480,12 +471,8 @@ class QemuProvider(Provider):
         started = float(machine.details["started_at"])
         while True:
             try:
-                certificate = fetch_server_certificate(machine.agent_url, timeout_s=3.0)
-                with AgentClient(
-                    machine.agent_url, timeout_s=5.0, server_certificate_pem=certificate
-                ) as client:
-                    client.health(timeout_s=3.0)
-                machine.agent_certificate_pem = certificate
+                pinned, _ = machine.probe_agent(timeout_s=3.0)
+                machine.agent_certificate_pem = pinned.agent_certificate_pem
                 break
             except (AgentUnreachableError, OSError):
                 problem = self.machine_problem(machine)
