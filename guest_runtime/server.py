@@ -8,11 +8,13 @@ the orchestrator can tell a training failure (no retry) from a platform failure 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import faulthandler
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
@@ -59,11 +61,50 @@ _STATUS = {
 _UNAVAILABLE_KINDS = frozenset({"TpmUnreachableError"})
 
 
-def create_app(agent: CertificationAgent, boot_event_log: Path | None = None) -> FastAPI:
+# The agent's event loop only dispatches (the steps run in worker threads): a loop that does not
+# turn for this long is stuck, and every thread's stack goes to stderr (the VM's console).
+EVENT_LOOP_STALL_S = 30.0
+
+
+@contextlib.asynccontextmanager
+async def _event_loop_watchdog(stall_s: float) -> AsyncIterator[None]:
+    """Re-arm faulthandler's timer while the loop turns. Its own C thread fires without the
+    GIL, so the stacks come out even when a thread holds the GIL or the loop is blocked."""
+
+    async def rearm() -> None:
+        while True:
+            faulthandler.dump_traceback_later(stall_s, repeat=True, file=sys.stderr)
+            await asyncio.sleep(min(1.0, stall_s / 10))
+
+    task = asyncio.create_task(rearm())
+    try:
+        yield
+    finally:
+        task.cancel()
+        faulthandler.cancel_dump_traceback_later()
+
+
+def create_app(
+    agent: CertificationAgent,
+    boot_event_log: Path | None = None,
+    *,
+    event_loop_stall_s: float | None = None,
+) -> FastAPI:
     """``boot_event_log``: where this machine's kernel exposes the TCG boot event log
-    (default: securityfs)."""
+    (default: securityfs). ``event_loop_stall_s``: dump every thread's stack to stderr when
+    the event loop does not turn for that long (the process-wide faulthandler: set by
+    ``main`` only)."""
     log_path = boot_event_log or BOOT_EVENT_LOG
-    app = FastAPI(title="AICert guest agent", version=RUNTIME_VERSION)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if event_loop_stall_s is None:
+            yield
+            return
+        async with _event_loop_watchdog(event_loop_stall_s):
+            yield
+
+    app = FastAPI(title="AICert guest agent", version=RUNTIME_VERSION, lifespan=lifespan)
 
     @app.exception_handler(AgentError)
     @app.exception_handler(ConfigError)
@@ -228,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 files = stack.enter_context(ChannelFiles(identity))
                 tls = {"ssl_certfile": str(files.certificate), "ssl_keyfile": str(files.key)}
             config = uvicorn.Config(
-                create_app(agent, args.boot_event_log),
+                create_app(agent, args.boot_event_log, event_loop_stall_s=EVENT_LOOP_STALL_S),
                 host=args.host,
                 port=args.port,
                 log_level="warning",

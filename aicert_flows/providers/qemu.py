@@ -61,6 +61,7 @@ HOSTFWD_ATTEMPTS = 4
 KVM_PROBE_S = 2.0
 LOG_TAIL_BYTES = 3000
 INPUTS_DISK = "inputs.tar"
+MONITOR_SOCKET = "monitor.sock"
 # Lines of the guest's serial console that mean it will never come up.
 _FATAL_CONSOLE = re.compile(
     r"aicert-init: FAILED.*|Kernel panic.*|the guest agent exited.*|"
@@ -389,6 +390,11 @@ class QemuProvider(Provider):
             "virtio-rng-pci",
             "-serial",
             f"file:{run_dir / 'serial.log'}",
+            # qemu's human monitor, for an operator diagnosing a VM that stopped answering
+            # ("info registers -a", "info irq"); only the orchestrator's user reaches it, and
+            # the host is not part of what a certificate trusts.
+            "-monitor",
+            f"unix:{socket_dir / MONITOR_SOCKET},server=on,wait=off",
         ]
 
     @staticmethod
