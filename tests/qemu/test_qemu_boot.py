@@ -6,9 +6,11 @@ from __future__ import annotations
 import gzip
 import os
 import secrets
+import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -16,12 +18,12 @@ from cryptography import x509
 from aicert.chain import leaf_public_key_matches, verify_ak_chain
 from aicert.errors import PlatformError
 from aicert.flows.providers.base import Machine
-from aicert.flows.providers.qemu import QemuProvider, QemuProviderError
+from aicert.flows.providers.qemu import MONITOR_SOCKET, QemuProvider, QemuProviderError
 from aicert.flows.qemu_image import GuestImage
 from aicert.reference_values import verify_platform_quote
 from aicert.tpm_structures import parse_tpmt_public
 
-from .conftest import WALL_TIMES, QuotedBoot, boot_and_quote
+from .conftest import WALL_TIMES, QuotedBoot, certified_boot
 
 NEVER_BOOTS_BOUND_S = 90.0
 
@@ -94,16 +96,33 @@ def test_platform_quote_and_boot_log_verify(good_boot: QuotedBoot, guest_image: 
     assert all(good_boot.pcrs[i] != bytes(32) for i in range(8))
 
 
+def _assert_refused_and_certificate_fails(
+    boot: QuotedBoot, guest_image: GuestImage, component: str
+) -> None:
+    """The flow's check refuses the machine before the run; a certificate of a run done on
+    it anyway (the agent driven directly) fails verification on exactly that component."""
+    assert isinstance(boot.refusal, PlatformError), boot.refusal
+    assert str(boot.refusal).startswith(component), boot.refusal
+    assert boot.certificate is not None and boot.enrolled is not None
+    roots = [boot.enrolled.trusted_root_pem or ""]
+    with pytest.raises(PlatformError, match=rf"^{component}"):
+        boot.certificate.verify(trusted_roots=roots, reference_values=guest_image.reference)
+    # Everything else about that certificate holds: only the boot chain is wrong.
+    with pytest.raises(PlatformError, match="no reference-value set was given"):
+        boot.certificate.verify(trusted_roots=roots)
+
+
 def test_tampered_command_line_fails_on_the_command_line(
-    guest_image: GuestImage, qemu_home: Path
+    guest_image: GuestImage, qemu_home: Path, tiny_run_config: dict[str, Any]
 ) -> None:
     extra_word = guest_image.command_line + " nokaslr"
     provider = QemuProvider(guest_image.directory, qemu_home, command_line=extra_word)
     started = time.monotonic()
-    boot = boot_and_quote(provider, "tampered-cmdline")
-    WALL_TIMES["tampered command line boot + quote"] = time.monotonic() - started
+    boot = certified_boot(provider, "tampered-cmdline", tiny_run_config)
+    WALL_TIMES["tampered command line boot + certified run"] = time.monotonic() - started
     with pytest.raises(PlatformError, match=r"^kernel command line: measured digest"):
         _verify_against(boot, guest_image)
+    _assert_refused_and_certificate_fails(boot, guest_image, "kernel command line")
 
 
 def _tamper_one_byte(initrd: Path, member: bytes, destination: Path) -> None:
@@ -127,16 +146,17 @@ def _tamper_one_byte(initrd: Path, member: bytes, destination: Path) -> None:
 
 
 def test_tampered_initrd_fails_on_the_initrd(
-    guest_image: GuestImage, qemu_home: Path, tmp_path: Path
+    guest_image: GuestImage, qemu_home: Path, tmp_path: Path, tiny_run_config: dict[str, Any]
 ) -> None:
     tampered = tmp_path / "initrd.img"
     _tamper_one_byte(guest_image.initrd, b"etc/hostname", tampered)
     provider = QemuProvider(guest_image.directory, qemu_home, initrd=tampered)
     started = time.monotonic()
-    boot = boot_and_quote(provider, "tampered-initrd")
-    WALL_TIMES["tampered initrd boot + quote"] = time.monotonic() - started
+    boot = certified_boot(provider, "tampered-initrd", tiny_run_config)
+    WALL_TIMES["tampered initrd boot + certified run"] = time.monotonic() - started
     with pytest.raises(PlatformError, match=r"^initrd: measured SHA-256"):
         _verify_against(boot, guest_image)
+    _assert_refused_and_certificate_fails(boot, guest_image, "initrd")
 
 
 def _assert_torn_down(machine: Machine) -> None:
@@ -185,11 +205,31 @@ def test_guest_that_never_answers_is_reported_at_its_deadline(
     _assert_torn_down(machine)
 
 
+def _ask_monitor(machine: Machine, command: str) -> str:
+    path = Path(machine.details["socket_dir"]) / MONITOR_SOCKET
+    deadline = time.monotonic() + 10
+    while not path.exists() and time.monotonic() < deadline:  # qemu makes it as it starts
+        time.sleep(0.1)
+    with socket.socket(socket.AF_UNIX) as monitor:
+        monitor.settimeout(10)
+        monitor.connect(str(path))
+        answer = b""
+        while not answer.endswith(b"(qemu) "):  # the greeting, then each answer
+            answer += monitor.recv(4096)
+        monitor.sendall(command.encode() + b"\n")
+        answer = b""
+        while not answer.endswith(b"(qemu) "):
+            answer += monitor.recv(4096)
+    return answer.decode(errors="replace")
+
+
 def test_teardown_needs_only_the_machine_details(guest_image: GuestImage, qemu_home: Path) -> None:
     provider = QemuProvider(guest_image.directory, qemu_home, boot_timeout_s=60)
     machine = provider.provision(f"teardown-{secrets.token_hex(4)}")
     try:
         assert provider.machine_problem(machine) is None
+        # The operator's monitor (deployments/qemu/README.md) answers while the VM runs.
+        assert "VM status: running" in _ask_monitor(machine, "info status")
         crossed = Machine.model_validate_json(machine.model_dump_json())
         other = QemuProvider(guest_image.directory, qemu_home)
         other.teardown(crossed)
