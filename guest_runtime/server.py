@@ -98,10 +98,10 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if event_loop_stall_s is None:
-            yield
-            return
-        async with _event_loop_watchdog(event_loop_stall_s):
+        watched = event_loop_stall_s is not None
+        async with (
+            _event_loop_watchdog(event_loop_stall_s) if watched else contextlib.nullcontext()
+        ):
             yield
 
     app = FastAPI(title="AICert guest agent", version=RUNTIME_VERSION, lifespan=lifespan)

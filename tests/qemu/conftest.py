@@ -125,14 +125,19 @@ def boot_and_quote(
         provider.teardown(machine)
 
 
+def serial_tail(serial_log: Path) -> str:
+    """The end of a VM's serial console log ("" when there is none)."""
+    if not serial_log.is_file():
+        return ""
+    return serial_log.read_bytes()[-SERIAL_TAIL_BYTES:].decode(errors="replace")
+
+
 @contextlib.contextmanager
 def _serial_console_on_failure(machine: Machine) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        serial = Path(machine.details.get("serial_log", "/nonexistent"))
-        tail = serial.read_bytes()[-SERIAL_TAIL_BYTES:] if serial.is_file() else b""
-        console = tail.decode(errors="replace")
+        console = serial_tail(Path(machine.details.get("serial_log", "/nonexistent")))
         exc.add_note(f"serial console of {machine.run_id} ends with:\n{console}")
         raise
 

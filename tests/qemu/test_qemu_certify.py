@@ -32,7 +32,7 @@ from aicert.flows.qemu_image import GuestImage
 from aicert.guest_runtime.base_image import ensure_base_image
 from aicert.guest_runtime.client import AgentUnreachableError
 
-from .conftest import AGENT_STALLS, WALL_TIMES
+from .conftest import AGENT_STALLS, WALL_TIMES, serial_tail
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_CONFIG = REPO_ROOT / "examples" / "aicert.yaml"
@@ -75,7 +75,7 @@ def certified_on_qemu(
             except Exception as exc:
                 # What the VM said is the first thing to read when a run fails here.
                 consoles = [
-                    f"{run.name}:\n{(run / 'serial.log').read_text(errors='replace')[-12000:]}"
+                    f"{run.name}:\n{serial_tail(run / 'serial.log')}"
                     for run in set((qemu_home / "runs").iterdir()) - runs_before
                     if (run / "serial.log").is_file()
                 ]
