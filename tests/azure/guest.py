@@ -39,6 +39,7 @@ from aicert.guest_runtime.swtpm import LocalSwtpm
 from aicert.guest_runtime.tpm import Tpm
 from aicert.reference_values import BOOT_PCRS, derive_azure_reference_values, parse_pcr_values
 from aicert.tcg_eventlog import parse_event_log
+from tests.data import EVENTLOGS
 from tests.verification_chain.azure_like import (
     Issued,
     ak_leaf,
@@ -47,7 +48,6 @@ from tests.verification_chain.azure_like import (
 )
 
 NV_CERT_SIZE = 2048  # bytes the NV index holds; the DER certificate is zero padded to it
-EVENTLOGS = Path(__file__).resolve().parents[2] / ".." / "shared" / "testdata" / "eventlogs"
 # The boot the test VMs replay: a real UEFI VM's with Secure Boot, shim, GRUB and a
 # shim-verified kernel (no Azure log is available), with no StartupLocality event (PCR 0
 # starts at zero, as on a swtpm). Shim measures its MOK lists into PCR 14, as on Azure's

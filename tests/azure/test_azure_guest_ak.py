@@ -48,6 +48,7 @@ from tests.azure.guest import (
     install_nv_certificate,
     undefine_nv_certificate,
 )
+from tests.data import TRUST_ROOTS
 from tests.verification_chain.azure_like import ak_leaf, rsa_key
 
 pytestmark = pytest.mark.swtpm
@@ -177,14 +178,14 @@ def test_tpm_without_the_azure_ak_is_refused(vtpm: AzureVtpm) -> None:
 
 def test_image_recipe_ships_microsofts_ca_03_and_pinned_root() -> None:
     """The PEM bundle cloud-init writes to /etc/aicert/azure-intermediates.pem is the public
-    CA-03 and root of shared/trust-roots, and the root is the one the verifier pins."""
+    CA-03 and root of tests/data/trust-roots, and the root is the one the verifier pins."""
     repo = Path(__file__).resolve().parents[2]
     recipe = yaml.safe_load((repo / "deployments" / "azure" / "cloud-init.yaml").read_text())
     (bundle,) = [
         f["content"] for f in recipe["write_files"] if f["path"] == str(DEFAULT_INTERMEDIATES_PATH)
     ]
     shipped = x509.load_pem_x509_certificates(bundle.encode())
-    roots = repo / ".." / "shared" / "trust-roots"
+    roots = TRUST_ROOTS
     expected = [
         x509.load_pem_x509_certificate((roots / name).read_bytes())
         for name in ("global-virtual-tpm-ca-03.pem", "azure-virtual-tpm-root-ca-2023.pem")

@@ -1,6 +1,6 @@
 """Generate certificates shaped like Azure vTPM AK chains (and a local platform CA's).
 
-Field by field after the public certificates in shared/trust-roots (root and intermediates)
+Field by field after the public certificates in tests/data/trust-roots (root and intermediates)
 and the public descriptions of Azure AK certificates (leaf): the leaf's subject is the VM id,
 its EKU tcg-kp-AIKCertificate, keyUsage digitalSignature (critical), and it expires about 18
 months after issue. The real CA-03 has an AIA pointing at the *root*; the AK leaf has none,

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import FrozenInstanceError
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -32,6 +31,7 @@ from aicert.chain import (
     verify_ak_chain,
 )
 from aicert.errors import CertificateChainError
+from tests.data import TRUST_ROOTS
 
 from .azure_like import (
     TCG_KP_AIK_CERTIFICATE,
@@ -47,8 +47,6 @@ from .azure_like import (
     self_signed_ca,
     tpm_directory_name_san,
 )
-
-TRUST_ROOTS = Path(__file__).resolve().parents[2] / ".." / "shared" / "trust-roots"
 
 ROOT_NOT_BEFORE = datetime(2023, 6, 1, 18, 8, 53, tzinfo=UTC)
 ROOT_NOT_AFTER = datetime(2048, 6, 1, 18, 15, 41, tzinfo=UTC)

@@ -1,6 +1,6 @@
 """Tests of the TCG PC Client boot event log parser and replay (aicert.tcg_eventlog).
 
-Real logs from /work/shared/testdata/eventlogs with their expected PCR values, a cross-check
+Real logs from tests/data/eventlogs with their expected PCR values, a cross-check
 against tpm2-tools' tpm2_eventlog as an independent producer, synthetic logs built here, and
 truncation / mutation / hypothesis fuzzing that only ever allows EventLogError.
 """
@@ -40,9 +40,8 @@ from aicert.tcg_eventlog import (
     decode_tagged_event,
     parse_event_log,
 )
+from tests.data import EVENTLOGS
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
-EVENTLOGS = SHARED / "testdata" / "eventlogs"
 EXPECTED: dict[str, dict] = json.loads((EVENTLOGS / "expected.json").read_text())
 VALID_LOGS = sorted(name for name, e in EXPECTED.items() if e["expect"] == "pcrs")
 ERROR_LOGS = sorted(name for name, e in EXPECTED.items() if e["expect"] == "error")

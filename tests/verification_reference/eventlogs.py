@@ -15,11 +15,10 @@ import json
 import struct
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 from aicert.tcg_eventlog import TcgEvent, TcgEventLog, parse_event_log
+from tests.data import EVENTLOGS
 
-EVENTLOGS = Path(__file__).resolve().parents[2] / ".." / "shared" / "testdata" / "eventlogs"
 EXPECTED: dict[str, dict] = json.loads((EVENTLOGS / "expected.json").read_text())
 MAIN_LOG = "keylime-binary_bios_measurements-secureboot.bin"
 # The shared logs with UEFI Secure Boot on and a shim/GRUB (or GRUB) chain to Linux.
