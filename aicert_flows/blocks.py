@@ -78,13 +78,18 @@ class AicertRunConfig(Block):
         """The validated configuration; raises ``ConfigError`` naming the field (and line)."""
         import yaml
 
-        from aicert.guest_runtime.config import ConfigError, parse_config, resolve_local_source
+        from aicert.guest_runtime.config import (
+            ConfigError,
+            parse_config,
+            resolve_local_source,
+            strict_yaml_load,
+        )
 
         source = f"block {self._block_document_name or self.get_block_type_slug()}"
         if len(self.config_yaml.encode()) > MAX_CONFIG_YAML_BYTES:
             raise ConfigError([f"config_yaml: larger than {MAX_CONFIG_YAML_BYTES} bytes"], source)
         try:
-            data: Any = yaml.safe_load(self.config_yaml)
+            data: Any = strict_yaml_load(self.config_yaml)  # no aliases, no duplicate keys
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}:" if mark else ""

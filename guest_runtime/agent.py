@@ -92,6 +92,10 @@ class UnsafeOutputError(AgentError):
     a special file): no certificate for this run."""
 
 
+class MissingOutputsError(AgentError):
+    """The run left fewer output files than its ``outputs.minFiles``: no certificate."""
+
+
 Step = Literal["started", "inputs", "built", "training", "trained", "measured", "quoted"]
 _ORDER: tuple[Step, ...] = (
     "started",
@@ -700,7 +704,7 @@ class CertificationAgent:
                 source_dir=run.source_dir,
                 resources_dir=run.resources_dir,
                 outputs_dir=run.outputs_dir,
-                outputs_mount=run.config.outputs,
+                outputs_mount=run.config.outputs_path,
                 cpu_limit=limits.cpus,
                 memory_limit=limits.memory,
                 pids_limit=limits.pids,
@@ -794,6 +798,16 @@ class CertificationAgent:
                         f"outputs: {exc}; no certificate is produced, outputs and logs are "
                         f"kept in {run.workspace}"
                     ) from exc
+                # Checked before the first extend: a run short of its required outputs leaves
+                # PCR 15 untouched and gets no certificate.
+                required = run.config.min_output_files
+                if len(digests) < required:
+                    raise MissingOutputsError(
+                        f"outputs: the run left {len(digests)} file(s) in "
+                        f"{run.config.outputs_path}, outputs.minFiles requires at least "
+                        f"{required}; no certificate is produced, outputs and logs are kept "
+                        f"in {run.workspace}"
+                    )
                 for digest in digests:
                     self._measure(
                         run,

@@ -2,19 +2,28 @@
 
 Every error names the field and, when the config came from a YAML file, the line, so a
 typo'd key or a ``..`` in a destination path is caught before a machine is provisioned.
+
+The YAML is read strictly (``strict_yaml_load``): at most ``MAX_CONFIG_BYTES``, no anchors or
+aliases (a nine-level alias "bomb" of under 1 KB expands to gigabytes), no duplicate keys (the
+last one would silently win), no merge keys, nesting at most ``MAX_YAML_DEPTH`` deep. Every
+number has documented bounds (``Limits``), and the image reference follows Docker's grammar.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Hashable
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import yaml
+import yaml.nodes
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -22,7 +31,155 @@ from pydantic import (
 
 DEFAULT_BASE_IMAGE = "aicert/python-base:bookworm"
 WORKSPACE = PurePosixPath("/workspace")
+DEFAULT_OUTPUTS = "/workspace/outputs"
 SUPPORTED_PYTHON = "3.11"  # the base image is Debian bookworm, whose python3 is 3.11
+
+# -- bounds (documented in the README's configuration section) ---------------------------------
+# A training config is a page of YAML; 256 KiB leaves room for long resource lists.
+MAX_CONFIG_BYTES = 256 * 1024
+# The config's structure is four levels deep; anything much deeper is not a config.
+MAX_YAML_DEPTH = 32
+MIN_CPUS = 0.01  # Docker refuses less than 0.01 CPU
+MAX_CPUS = 1024.0
+MIN_MEMORY_BYTES = 6 * 1024 * 1024  # Docker's minimum memory limit (6 MiB)
+MAX_MEMORY_BYTES = 16 * 1024**4  # 16 TiB: more than any single machine offers
+MAX_TIMEOUT_SECONDS = 30 * 24 * 3600  # 30 days
+MAX_PIDS = 4_194_304  # Linux's largest pid_max (2**22)
+MAX_GPUS = 32
+# A certificate holds at most 100 000 events (aicert.model.MAX_EVENTS).
+MAX_MIN_OUTPUT_FILES = 100_000
+MAX_RESOURCES = 1000
+MAX_ENV_VARIABLES = 1000
+MAX_COMMAND_ARGUMENTS = 1000
+MAX_TEXT_CHARS = 8192  # a URL, a path, a command argument, an environment value
+MAX_IMAGE_REFERENCE_CHARS = 255 + 1 + 128 + 1 + 71  # name, :tag, @sha256:digest
+
+# Docker's image reference grammar, as one regex. Source: the grammar documented in
+# github.com/distribution/reference (reference.go) and its regexp.go (ReferenceRegexp):
+#   reference      := name [ ":" tag ] [ "@" digest ]
+#   name           := [domain "/"] remote-name
+#   domain         := host [":" port-number]
+#   host           := domain-name | "[" IPv6address "]"
+#   domain-name    := domain-component ("." domain-component)*
+#   remote-name    := path-component ("/" path-component)*
+#   path-component := [a-z0-9]+ (separator [a-z0-9]+)*   separator := [._] | "__" | "-"+
+#   tag            := [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}
+# The digest is narrowed to what Docker accepts for sha256 (64 lowercase hex); the name is at
+# most 255 characters (NameTotalLengthMax). re.ASCII: Go's \w is ASCII, Python's is Unicode.
+IMAGE_REFERENCE = re.compile(
+    r"""
+    (?P<name>
+        (?:
+            (?:
+                (?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])
+                (?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*
+            | \[[a-fA-F0-9:]+\]
+            )
+            (?::[0-9]+)?
+            /
+        )?
+        [a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*
+        (?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*
+    )
+    (?::(?P<tag>\w[\w.-]{0,127}))?
+    (?:@(?P<digest>sha256:[0-9a-f]{64}))?
+    """,
+    re.VERBOSE | re.ASCII,
+)
+MAX_IMAGE_NAME_CHARS = 255
+
+_MEMORY_SIZE = re.compile(r"([0-9]{1,20})([bkmg]?)", re.IGNORECASE)
+_MEMORY_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+
+
+# -- strict YAML -----------------------------------------------------------------------------
+
+
+class RefusedYamlError(yaml.MarkedYAMLError):
+    """YAML that is valid but refused in a run configuration (an alias, a duplicate key...).
+
+    A ``MarkedYAMLError``: callers report it like any YAML error, with its line.
+    """
+
+    def __init__(self, problem: str, mark: yaml.Mark | None) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``SafeLoader`` without anchors, aliases, merge keys or duplicate keys, depth-bounded.
+
+    Aliases are refused rather than bounded: a training config has no use for them, and
+    each one can multiply what the document expands to (the "billion laughs").
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise RefusedYamlError(
+                "YAML anchors and aliases (&name, *name) are not allowed: a training config "
+                "has no need for them, and aliases can expand exponentially",
+                event.start_mark,
+            )
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise RefusedYamlError(
+                f"nested more than {MAX_YAML_DEPTH} levels deep", event.start_mark
+            )
+        try:
+            return super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        first_seen: dict[Hashable, int] = {}
+        for key_node, _ in node.value:
+            line = key_node.start_mark.line + 1
+            if key_node.tag == _MERGE_TAG:
+                raise RefusedYamlError("YAML merge keys (<<) are not allowed", key_node.start_mark)
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise RefusedYamlError("a key must be a plain name", key_node.start_mark)
+            key = self.construct_object(key_node)  # type: ignore[no-untyped-call]
+            if key in first_seen:
+                raise RefusedYamlError(
+                    f"duplicate key {key_node.value!r} (first given on line "
+                    f"{first_seen[key]}): a repeated key would silently replace the first",
+                    key_node.start_mark,
+                )
+            first_seen[key] = line
+        return super().construct_mapping(node, deep=deep)  # type: ignore[no-untyped-call]
+
+
+def _compose_strict(text: str) -> tuple[Any, yaml.Node | None]:
+    """The data and the node tree of one YAML document, read by ``_StrictLoader``."""
+    if len(text.encode("utf-8", errors="surrogatepass")) > MAX_CONFIG_BYTES:
+        raise RefusedYamlError(f"larger than {MAX_CONFIG_BYTES} bytes", None)
+    loader = _StrictLoader(text)
+    try:
+        root = loader.get_single_node()  # type: ignore[no-untyped-call]
+        data = None if root is None else loader.construct_document(root)  # type: ignore[no-untyped-call]
+    finally:
+        loader.dispose()  # type: ignore[no-untyped-call]
+    return data, root
+
+
+def strict_yaml_load(text: str) -> Any:
+    """Parse a run configuration's YAML strictly (see ``_StrictLoader``).
+
+    Raises:
+        yaml.YAMLError: invalid YAML, or ``RefusedYamlError`` (too large, an anchor or alias,
+            a duplicate or merge key, too deep); both carry ``problem`` and ``problem_mark``.
+    """
+    return _compose_strict(text)[0]
 
 
 class ConfigError(ValueError):
@@ -57,11 +214,11 @@ class GitSource(_ConfigModel):
     """The training code: a git repository (URL or local path) at a tag, branch or commit."""
 
     type: Literal["git"] = "git"
-    git_repo: Annotated[str, Field(alias="gitRepo", min_length=1)]
-    tag: str | None = None
-    branch: str | None = None
+    git_repo: Annotated[str, Field(alias="gitRepo", min_length=1, max_length=MAX_TEXT_CHARS)]
+    tag: Text | None = None
+    branch: Text | None = None
     commit: str | None = None
-    subdirectory: str | None = None
+    subdirectory: Text | None = None
 
     @field_validator("tag", "branch")
     @classmethod
@@ -107,8 +264,8 @@ class Resource(_ConfigModel):
     """A file downloaded by the agent, measured, and mounted read-only for the job."""
 
     type: Literal["file"] = "file"
-    url: Annotated[str, Field(min_length=1)]
-    destination_path: Annotated[str, Field(alias="destinationPath")]
+    url: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+    destination_path: Annotated[str, Field(alias="destinationPath", max_length=MAX_TEXT_CHARS)]
     sha256: str | None = None
 
     @field_validator("url")
@@ -133,35 +290,117 @@ class Resource(_ConfigModel):
         return value.lower()
 
 
+def memory_bytes(size: str) -> int:
+    """Bytes in a Docker memory size (``512m``, ``4g``, ``1048576``); ValueError if malformed."""
+    match = _MEMORY_SIZE.fullmatch(size)
+    if match is None:
+        raise ValueError("memory must be a size such as 512m or 4g")
+    return int(match.group(1)) * _MEMORY_UNITS[match.group(2).lower()]
+
+
 class Limits(_ConfigModel):
-    cpus: Annotated[float, Field(gt=0, le=1024)] | None = None
-    memory: str | None = None
-    timeout_seconds: Annotated[int, Field(alias="timeoutSeconds", gt=0)] = 3600
-    pids: Annotated[int, Field(gt=0)] = 4096
+    """The training container's limits; every one bounded (``MIN_*``/``MAX_*`` above).
+
+    Numbers are strict: YAML's ``yes`` or ``1.5`` is not silently taken for an integer.
+    """
+
+    cpus: Annotated[float, Field(strict=True, ge=MIN_CPUS, le=MAX_CPUS)] | None = None
+    memory: Annotated[str, Field(max_length=32)] | None = None
+    timeout_seconds: Annotated[
+        int, Field(alias="timeoutSeconds", strict=True, ge=1, le=MAX_TIMEOUT_SECONDS)
+    ] = 3600
+    pids: Annotated[int, Field(strict=True, ge=1, le=MAX_PIDS)] = 4096
 
     @field_validator("memory")
     @classmethod
     def _memory_size(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[0-9]+[bkmgBKMG]?", value):
-            raise ValueError("memory must be a size such as 512m or 4g")
+        if value is None:
+            return value
+        size = memory_bytes(value)
+        if not MIN_MEMORY_BYTES <= size <= MAX_MEMORY_BYTES:
+            raise ValueError(
+                f"memory must be between 6m (Docker's minimum) and 16384g, got {value!r}"
+            )
         return value
+
+
+class Outputs(_ConfigModel):
+    """``outputs`` as a mapping: the folder and how many files the run must leave in it.
+
+    ``outputs: /workspace/outputs`` (the seed's form) is the same as ``{path: ..., minFiles:
+    0}``; the mapping is measured as written, so a verifier sees the requirement.
+    """
+
+    path: Annotated[str, Field(max_length=MAX_TEXT_CHARS)] = DEFAULT_OUTPUTS
+    min_files: Annotated[
+        int, Field(alias="minFiles", strict=True, ge=0, le=MAX_MIN_OUTPUT_FILES)
+    ] = 0
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return _outputs_path(value)
+
+
+def _outputs_path(value: str) -> str:
+    path = PurePosixPath(value)
+    if not path.is_absolute() or ".." in path.parts or not path.is_relative_to(WORKSPACE):
+        raise ValueError("outputs must be an absolute path under /workspace")
+    for reserved in ("src", "resources"):
+        if path == WORKSPACE or path.is_relative_to(WORKSPACE / reserved):
+            raise ValueError(f"outputs must not be /workspace or inside /workspace/{reserved}")
+    return str(path)
+
+
+def _outputs_form(value: Any) -> str:
+    # A mapping is the ``Outputs`` form; anything else is validated (and refused) as a path.
+    return "mapping" if isinstance(value, dict | Outputs) else "path"
+
+
+OutputsPath = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 
 
 class RunConfig(_ConfigModel):
     """The validated ``aicert.yaml``. Its canonical JSON is measured into PCR 14."""
 
     kind: Literal["python"] = "python"
-    name: Annotated[str | None, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")] = None
+    name: Annotated[str, Field(max_length=MAX_TEXT_CHARS)] | None = None
     python_version: Annotated[str, Field(alias="pythonVersion")] = SUPPORTED_PYTHON
     source: GitSource
-    python_entry_point: Annotated[str | None, Field(alias="pythonEntryPoint")] = None
-    command: list[str] | None = None
-    resources: list[Resource] = []
-    image: str = DEFAULT_BASE_IMAGE
-    outputs: str = "/workspace/outputs"
+    python_entry_point: Annotated[Text | None, Field(alias="pythonEntryPoint")] = None
+    command: Annotated[list[Text], Field(max_length=MAX_COMMAND_ARGUMENTS)] | None = None
+    resources: Annotated[list[Resource], Field(max_length=MAX_RESOURCES)] = []
+    image: Annotated[str, Field(max_length=MAX_IMAGE_REFERENCE_CHARS)] = DEFAULT_BASE_IMAGE
+    outputs: Annotated[
+        Annotated[OutputsPath, Tag("path")] | Annotated[Outputs, Tag("mapping")],
+        Discriminator(_outputs_form),
+    ] = DEFAULT_OUTPUTS
     limits: Limits = Limits()
-    gpus: Annotated[int, Field(ge=0)] = 0
-    env: dict[str, str] = {}
+    gpus: Annotated[int, Field(strict=True, ge=0, le=MAX_GPUS)] = 0
+    env: Annotated[dict[str, Text], Field(max_length=MAX_ENV_VARIABLES)] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME.fullmatch(value):
+            raise ValueError(
+                "name must be 1 to 63 characters: lowercase letters, digits and '-', "
+                f"starting with a letter or a digit (got {value!r})"
+            )
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        match = IMAGE_REFERENCE.fullmatch(value)
+        if match is None:
+            raise ValueError(
+                f"{value!r} is not a Docker image reference ([registry[:port]/]name[:tag]"
+                "[@sha256:digest]; lowercase name components)"
+            )
+        if len(match.group("name")) > MAX_IMAGE_NAME_CHARS:
+            raise ValueError(f"the image name is longer than {MAX_IMAGE_NAME_CHARS} characters")
+        return value
 
     @field_validator("python_version", mode="before")
     @classmethod
@@ -187,14 +426,8 @@ class RunConfig(_ConfigModel):
 
     @field_validator("outputs")
     @classmethod
-    def _outputs(cls, value: str) -> str:
-        path = PurePosixPath(value)
-        if not path.is_absolute() or ".." in path.parts or not path.is_relative_to(WORKSPACE):
-            raise ValueError("outputs must be an absolute path under /workspace")
-        for reserved in ("src", "resources"):
-            if path == WORKSPACE or path.is_relative_to(WORKSPACE / reserved):
-                raise ValueError(f"outputs must not be /workspace or inside /workspace/{reserved}")
-        return str(path)
+    def _outputs(cls, value: str | Outputs) -> str | Outputs:
+        return value if isinstance(value, Outputs) else _outputs_path(value)
 
     @field_validator("env")
     @classmethod
@@ -219,6 +452,16 @@ class RunConfig(_ConfigModel):
     # -- derived values ------------------------------------------------------------------
 
     @property
+    def outputs_path(self) -> str:
+        """The outputs folder in the container (``outputs`` or ``outputs.path``)."""
+        return self.outputs.path if isinstance(self.outputs, Outputs) else self.outputs
+
+    @property
+    def min_output_files(self) -> int:
+        """How many files the run must leave in its outputs (``outputs.minFiles``, else 0)."""
+        return self.outputs.min_files if isinstance(self.outputs, Outputs) else 0
+
+    @property
     def entry_command(self) -> list[str]:
         if self.command:
             return list(self.command)
@@ -238,80 +481,174 @@ class RunConfig(_ConfigModel):
         return self.model_dump(mode="json", by_alias=True)
 
 
-def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
-    """Map each YAML key/item path to its 1-based line, for error messages."""
-    lines: dict[tuple[str | int, ...], int] = {}
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
+Location = tuple[str | int, ...]
 
-    def walk(node: yaml.Node, path: tuple[str | int, ...]) -> None:
-        lines[path] = node.start_mark.line + 1
+
+def _node_index(root: yaml.Node | None) -> dict[Location, yaml.Node]:
+    """Map each YAML key/item path to its node (the key's node for a mapping entry).
+
+    The strict loader refused aliases, so the node graph is a tree: this walk is linear.
+    """
+    nodes: dict[Location, yaml.Node] = {}
+
+    def walk(node: yaml.Node, path: Location) -> None:
+        nodes.setdefault(path, node)
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
-                key = key_node.value
-                lines[(*path, key)] = key_node.start_mark.line + 1
-                walk(value_node, (*path, key))
-                lines[(*path, key)] = key_node.start_mark.line + 1
+                key = (*path, key_node.value)
+                nodes[key] = key_node
+                walk(value_node, key)
         elif isinstance(node, yaml.SequenceNode):
             for index, item in enumerate(node.value):
                 walk(item, (*path, index))
 
     if root is not None:
         walk(root, ())
-    return lines
+    return nodes
 
 
-def _field_path(location: tuple[str | int, ...]) -> str:
+def _value_node(root: yaml.Node | None, path: Location) -> yaml.ScalarNode | None:
+    """The scalar node holding the value at ``path`` (to quote what the YAML said)."""
+    node = root
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            node = node.value[part] if part < len(node.value) else None
+        else:
+            return None
+    return node if isinstance(node, yaml.ScalarNode) else None
+
+
+def _field_path(location: Location) -> str:
     text = ""
     for part in location:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text or "(top level)"
 
 
-def parse_config(data: Any, *, text: str | None = None, source: str = "config") -> RunConfig:
+# The allowed range of each number, as the out-of-range message gives it.
+_RANGES: dict[Location, str] = {
+    ("limits", "cpus"): f"{MIN_CPUS} to {MAX_CPUS:g} CPUs",
+    ("limits", "timeoutSeconds"): f"1 to {MAX_TIMEOUT_SECONDS} seconds (30 days)",
+    ("limits", "pids"): f"1 to {MAX_PIDS} processes (Linux's largest pid_max)",
+    ("gpus",): f"0 to {MAX_GPUS} GPUs",
+    ("outputs", "minFiles"): f"0 to {MAX_MIN_OUTPUT_FILES} files",
+}
+_RANGE_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal"})
+
+_YAML_KINDS: tuple[tuple[type, str], ...] = (
+    (bool, "a true/false value"),
+    (int, "a number"),
+    (float, "a number"),
+)
+
+
+def _type_hint(error_type: str, value: object, node: yaml.ScalarNode | None) -> str | None:
+    """Explain a type error that YAML's implicit typing caused (an unquoted all-digit
+    sha256 becomes an integer, ``yes`` becomes true): say what YAML read, and to quote it."""
+    kind = next((name for cls, name in _YAML_KINDS if isinstance(value, cls)), None)
+    if kind is None:
+        return None
+    written = node.value if node is not None and node.style is None else str(value)
+    if error_type == "string_type":
+        return f'YAML read {written} as {kind}, not text: quote it ("{written}")'
+    if error_type in {"int_type", "float_type"} and isinstance(value, bool):
+        return f"YAML read {written} as {kind}, not a number"
+    if error_type == "int_type" and isinstance(value, float):
+        return f"expected a whole number, got {written}"
+    return None
+
+
+def _location(loc: tuple[str | int, ...]) -> Location:
+    """The field's path as the YAML spells it: without pydantic's internal steps, nor the tag
+    (``path``/``mapping``) of the form ``outputs`` was given in."""
+    location = tuple(part for part in loc if part != "function-after")
+    if location[:1] == ("outputs",) and location[1:2] in (("path",), ("mapping",)):
+        location = location[:1] + location[2:]
+    return location
+
+
+def _problems(exc: ValidationError, root: yaml.Node | None) -> list[str]:
+    nodes = _node_index(root)
+    problems = []
+    for error in exc.errors():
+        location = _location(error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling)"
+        elif error["type"] == "missing":
+            message = "required field is missing"
+        elif error["type"] in _RANGE_ERRORS and location in _RANGES:
+            message = f"{error.get('input')!r} is out of range: allowed {_RANGES[location]}"
+        else:
+            hint = _type_hint(error["type"], error.get("input"), _value_node(root, location))
+            message = hint or message
+        line = None
+        probe = location
+        while probe and line is None:
+            node = nodes.get(probe)
+            line = node.start_mark.line + 1 if node is not None else None
+            probe = probe[:-1]
+        where = f" (line {line})" if line else ""
+        problems.append(f"{_field_path(location)}{where}: {message}")
+    return problems
+
+
+def _validate(data: Any, root: yaml.Node | None, source: str) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        lines = _line_index(text) if text is not None else {}
-        problems = []
-        for error in exc.errors():
-            location = tuple(part for part in error["loc"] if part not in ("function-after",))
-            message = error["msg"].removeprefix("Value error, ")
-            if error["type"] == "extra_forbidden":
-                message = "unknown field (check the spelling)"
-            elif error["type"] == "missing":
-                message = "required field is missing"
-            line = None
-            probe = location
-            while probe and line is None:
-                line = lines.get(probe)
-                probe = probe[:-1]
-            where = f" (line {line})" if line else ""
-            problems.append(f"{_field_path(location)}{where}: {message}")
-        raise ConfigError(problems, source) from None
+        raise ConfigError(_problems(exc, root), source) from None
+
+
+def parse_config(data: Any, *, text: str | None = None, source: str = "config") -> RunConfig:
+    """Validate a configuration given as data; ``text``, the YAML it came from, adds lines.
+
+    Raises:
+        ConfigError: every problem, each naming the field (and line).
+    """
+    root = None
+    if text is not None:
+        try:
+            root = _compose_strict(text)[1]
+        except yaml.YAMLError:
+            root = None  # the caller parsed it; without the tree, errors just have no line
+    return _validate(data, root, source)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}: " if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    label = "" if isinstance(exc, RefusedYamlError) else "invalid YAML: "
+    return f"{where}{label}{problem}"
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Read and validate an ``aicert.yaml``; raise ConfigError naming the field and line."""
+    """Read and validate an ``aicert.yaml``; raise ConfigError naming the field and line.
+
+    The file is read strictly (``strict_yaml_load``) and at most ``MAX_CONFIG_BYTES`` of it.
+    """
     config_path = Path(path)
     try:
-        text = config_path.read_text(encoding="utf-8")
+        with config_path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError([f"cannot read the file: {exc.strerror}"], str(config_path)) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"larger than {MAX_CONFIG_BYTES} bytes"], str(config_path))
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(["the file is not UTF-8 text"], str(config_path)) from None
     try:
-        data = yaml.safe_load(text)
+        data, root = _compose_strict(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"{where}invalid YAML: {problem}"], str(config_path)) from None
+        raise ConfigError([_yaml_problem(exc)], str(config_path)) from None
     if not isinstance(data, dict):
         raise ConfigError(["the top level must be a mapping of fields"], str(config_path))
-    return parse_config(data, text=text, source=str(config_path))
+    return _validate(data, root, str(config_path))
 
 
 def resolve_local_source(config: RunConfig, config_dir: Path) -> RunConfig:

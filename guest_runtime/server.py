@@ -26,6 +26,7 @@ from aicert.guest_runtime.agent import (
     CertificationAgent,
     DependencyError,
     InputMismatchError,
+    MissingOutputsError,
     StepOrderError,
     TrainingFailedError,
     UnsafeOutputError,
@@ -56,6 +57,7 @@ _STATUS = {
     TrainingFailedError: 422,
     DependencyError: 422,
     UnsafeOutputError: 422,
+    MissingOutputsError: 422,
 }
 # Matched by name: the TPM module needs libtss2, which this module must import without.
 _UNAVAILABLE_KINDS = frozenset({"TpmUnreachableError"})

@@ -20,6 +20,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
+from aicert.appevents import OutputFileEvent
 from aicert.flows.providers.attestation import MachineAttestation, attest_machine
 from aicert.flows.providers.base import (
     DEFAULT_AGENT_START_TIMEOUT_S,
@@ -337,11 +338,20 @@ class TrainingFailed(RuntimeError):
     retry_condition_fn=_only_if_unreachable,
 )
 def measure_outputs(machine: Machine, run_id: str, project: str) -> list[AppEvent]:
+    """Have the agent measure the outputs into PCR 15; warn when the run left none (the
+    certificate then certifies an empty outputs folder; ``outputs.minFiles`` makes that a
+    failure, refused by the agent before PCR 15 is touched)."""
     with _client(machine) as client:
         events = _call_with_progress(
             machine, f"aicert-{project}-hashing-outputs", lambda: client.measure_outputs(run_id)
         )
     _log_events(events)
+    if not any(event.type == OutputFileEvent.TYPE for event in events):
+        get_run_logger().warning(
+            "run %s left no output files: its certificate lists no outputs (set "
+            "outputs.minFiles in the config to make such a run fail)",
+            run_id,
+        )
     return events
 
 
