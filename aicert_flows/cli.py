@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 error_console = Console(stderr=True)
@@ -33,14 +34,24 @@ def run(
     ] = None,
 ) -> None:
     """Certify a training run: measure inputs, train without network, measure outputs, quote."""
+    from aicert.flows.output_target import OutputTargetError, check_output_target
     from aicert.guest_runtime.config import ConfigError, load_config
 
+    # Bad input is exit code 2, before anything is provisioned. What the user wrote is
+    # printed with markup off: a regex's [a-z0-9] is not a rich style tag.
     try:
-        load_config(config)  # bad input is exit code 2, before anything is provisioned
+        load_config(config)
     except ConfigError as exc:
-        error_console.print(f"[bold red]invalid config[/bold red] {exc.source}")
+        error_console.print("[bold red]invalid config[/bold red]", escape(exc.source))
         for problem in exc.problems:
-            error_console.print(f"  - {problem}")
+            error_console.print(f"  - {problem}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    try:
+        check_output_target(output_bom)
+    except OutputTargetError as exc:
+        error_console.print(
+            "[bold red]invalid --output-bom[/bold red]", escape(str(exc)), soft_wrap=True
+        )
         raise typer.Exit(2) from None
     from aicert.flows.flows import certify_training
     from aicert.flows.providers import PROVIDERS
@@ -56,7 +67,9 @@ def run(
             outputs_dir=str(outputs_dir) if outputs_dir else None,
         )
     except Exception as exc:
-        error_console.print(f"[bold red]certification failed[/bold red]: {exc}")
+        error_console.print(
+            f"[bold red]certification failed[/bold red]: {escape(str(exc))}", soft_wrap=True
+        )
         raise typer.Exit(1) from None
     console.print(
         f"[bold green]certified[/bold green] run {result['run_id']}: "

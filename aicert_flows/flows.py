@@ -37,6 +37,7 @@ from aicert.flows.assemble import (
     summary_markdown,
     summary_table,
 )
+from aicert.flows.output_target import OutputTargetError, check_output_target
 from aicert.flows.providers import get_provider, provider_for_machine
 from aicert.flows.providers.base import EnrolledKey, Machine, Provider
 from aicert.flows.settings import aicert_home
@@ -236,7 +237,17 @@ def store_certificate(
     )
     published = certificate_path
     if output_bom:
-        published = str(write_atomic(Path(output_bom).resolve(), data))
+        # Checked again: the target may have changed during the run. The run is certified
+        # either way, so the message points at the verified certificate kept with the run.
+        try:
+            published = str(write_atomic(check_output_target(Path(output_bom)), data))
+        except (OutputTargetError, OSError) as exc:
+            reason = exc.reason if isinstance(exc, OutputTargetError) else exc.strerror
+            raise OutputTargetError(
+                Path(output_bom),
+                f"cannot write the certificate there ({reason}); the run is certified and "
+                f"its verified certificate is {certificate_path}",
+            ) from None
         logger.info("certificate written to %s", published)
 
     storage = get_default_result_storage()
