@@ -11,13 +11,13 @@ number has documented bounds (``Limits``), and the image reference follows Docke
 
 from __future__ import annotations
 
+import datetime
 import re
 from collections.abc import Hashable
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import yaml
-import yaml.nodes
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -46,7 +46,7 @@ MAX_MEMORY_BYTES = 16 * 1024**4  # 16 TiB: more than any single machine offers
 MAX_TIMEOUT_SECONDS = 30 * 24 * 3600  # 30 days
 MAX_PIDS = 4_194_304  # Linux's largest pid_max (2**22)
 MAX_GPUS = 32
-# A certificate holds at most 100 000 events (aicert.model.MAX_EVENTS).
+# Within what one certificate can list (aicert.model.MAX_EVENTS events in all).
 MAX_MIN_OUTPUT_FILES = 100_000
 MAX_RESOURCES = 1000
 MAX_ENV_VARIABLES = 1000
@@ -136,7 +136,7 @@ class _StrictLoader(yaml.SafeLoader):
                 f"nested more than {MAX_YAML_DEPTH} levels deep", event.start_mark
             )
         try:
-            return super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+            return super().compose_node(parent, index)
         finally:
             self._depth -= 1
 
@@ -148,7 +148,7 @@ class _StrictLoader(yaml.SafeLoader):
                 raise RefusedYamlError("YAML merge keys (<<) are not allowed", key_node.start_mark)
             if not isinstance(key_node, yaml.ScalarNode):
                 raise RefusedYamlError("a key must be a plain name", key_node.start_mark)
-            key = self.construct_object(key_node)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node)
             if key in first_seen:
                 raise RefusedYamlError(
                     f"duplicate key {key_node.value!r} (first given on line "
@@ -156,7 +156,7 @@ class _StrictLoader(yaml.SafeLoader):
                     key_node.start_mark,
                 )
             first_seen[key] = line
-        return super().construct_mapping(node, deep=deep)  # type: ignore[no-untyped-call]
+        return super().construct_mapping(node, deep=deep)
 
 
 def _compose_strict(text: str) -> tuple[Any, yaml.Node | None]:
@@ -165,10 +165,10 @@ def _compose_strict(text: str) -> tuple[Any, yaml.Node | None]:
         raise RefusedYamlError(f"larger than {MAX_CONFIG_BYTES} bytes", None)
     loader = _StrictLoader(text)
     try:
-        root = loader.get_single_node()  # type: ignore[no-untyped-call]
-        data = None if root is None else loader.construct_document(root)  # type: ignore[no-untyped-call]
+        root = loader.get_single_node()
+        data = None if root is None else loader.construct_document(root)
     finally:
-        loader.dispose()  # type: ignore[no-untyped-call]
+        loader.dispose()
     return data, root
 
 
@@ -331,7 +331,7 @@ class Outputs(_ConfigModel):
     0}``; the mapping is measured as written, so a verifier sees the requirement.
     """
 
-    path: Annotated[str, Field(max_length=MAX_TEXT_CHARS)] = DEFAULT_OUTPUTS
+    path: Text = DEFAULT_OUTPUTS
     min_files: Annotated[
         int, Field(alias="minFiles", strict=True, ge=0, le=MAX_MIN_OUTPUT_FILES)
     ] = 0
@@ -357,9 +357,6 @@ def _outputs_form(value: Any) -> str:
     return "mapping" if isinstance(value, dict | Outputs) else "path"
 
 
-OutputsPath = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
-
-
 class RunConfig(_ConfigModel):
     """The validated ``aicert.yaml``. Its canonical JSON is measured into PCR 14."""
 
@@ -372,7 +369,7 @@ class RunConfig(_ConfigModel):
     resources: Annotated[list[Resource], Field(max_length=MAX_RESOURCES)] = []
     image: Annotated[str, Field(max_length=MAX_IMAGE_REFERENCE_CHARS)] = DEFAULT_BASE_IMAGE
     outputs: Annotated[
-        Annotated[OutputsPath, Tag("path")] | Annotated[Outputs, Tag("mapping")],
+        Annotated[Text, Tag("path")] | Annotated[Outputs, Tag("mapping")],
         Discriminator(_outputs_form),
     ] = DEFAULT_OUTPUTS
     limits: Limits = Limits()
@@ -541,6 +538,7 @@ _YAML_KINDS: tuple[tuple[type, str], ...] = (
     (bool, "a true/false value"),
     (int, "a number"),
     (float, "a number"),
+    (datetime.date, "a date"),  # also datetime.datetime, a subclass
 )
 
 

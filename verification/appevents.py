@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -34,8 +34,8 @@ from aicert.canonical import canonical_sha256
 from aicert.errors import EventLogError
 
 if TYPE_CHECKING:
-    from aicert.tcg_eventlog import TcgEventLog
-from aicert.model import AppEvent, InputRecord, OutputRecord
+    from aicert.tcg_eventlog import TcgEvent, TcgEventLog
+from aicert.model import AppEvent, InputRecord, OutputRecord, check_time
 
 INPUTS_PCR = 14
 OUTPUTS_PCR = 15
@@ -56,6 +56,7 @@ def _aware_iso_timestamp(value: str) -> str:
         raise ValueError("not an ISO 8601 timestamp") from None
     if parsed.tzinfo is None or parsed.utcoffset() is None:
         raise ValueError("the timestamp has no timezone")
+    check_time(parsed, "the timestamp")  # in range: comparing it cannot overflow
     return value
 
 
@@ -207,13 +208,69 @@ def extend(pcr_value: bytes, digest: bytes) -> bytes:
     return hashlib.sha256(pcr_value + digest).digest()
 
 
+# What shim (the first-stage boot loader of Azure's and most distributions' images) measures
+# into PCR 14: one EV_IPL event per MOK list, whose data is the variable's name and a NUL and
+# whose digest covers the list. Nothing else of a boot lands in the application's PCRs.
+EV_IPL = 0x0000000D
+ShimMokVariable = Literal["MokList", "MokListX", "MokListTrusted"]
+SHIM_MOK_VARIABLES: tuple[str, ...] = get_args(ShimMokVariable)
+
+
+def _shim_mok_variable(event: TcgEvent) -> str | None:
+    """The MOK list a boot-log event is shim's measurement of, None for any other event."""
+    if event.pcr != INPUTS_PCR or event.event_type != EV_IPL:
+        return None
+    for name in SHIM_MOK_VARIABLES:
+        if event.data == name.encode("ascii") + b"\x00":
+            return name
+    return None
+
+
+def check_application_pcrs_in_boot_log(log: TcgEventLog) -> None:
+    """Refuse a boot event log that carries anything in PCR 14 or 15 but shim's MOK lists.
+
+    The application event log must be the only source of application events: a boot log
+    event in PCR 15, or in PCR 14 other than shim's ``EV_IPL`` MokList / MokListX /
+    MokListTrusted event (each at most once), could be an application event moved out of the
+    application log, which would then vanish from the report while every replay still gives
+    the quote. Raises ``EventLogError`` naming the PCR and the event index: the boot log
+    holds what only the application log may hold, whatever the platform's reference values.
+    Whether shim's events carry the digests of the reference boot, and that nothing else is
+    logged outside PCR 0-9, is the reference values' check
+    (``aicert.reference_values.check_boot_log``, ``PlatformError``).
+    """
+    seen: set[str] = set()
+    for event in log.events:
+        if event.pcr not in (INPUTS_PCR, OUTPUTS_PCR):
+            continue
+        where = f"boot event log: PCR {event.pcr} event #{event.index} ({event.event_type_name})"
+        if event.pcr == OUTPUTS_PCR:
+            raise EventLogError(
+                f"{where}: PCR {OUTPUTS_PCR} belongs to the application event log (the run's "
+                "outputs); no boot component measures there"
+            )
+        name = _shim_mok_variable(event)
+        if name is None:
+            raise EventLogError(
+                f"{where}: in PCR {INPUTS_PCR} a boot logs only shim's EV_IPL "
+                f"{'/'.join(SHIM_MOK_VARIABLES)} events; anything else could be an "
+                "application event moved out of the application event log"
+            )
+        if name in seen:
+            raise EventLogError(f"{where}: shim measures {name} once, this is a second {name}")
+        seen.add(name)
+
+
 def application_pcr_start(boot_event_log: bytes | TcgEventLog | None) -> dict[int, bytes]:
     """PCR 14 and 15 when the OS hands over to the agent: the reset value, or what the boot
     extended there, per the boot event log (shim measures its MOK lists into PCR 14).
 
-    Taking the boot's PCR 14 events as the start hides nothing: they replay strictly before
-    the agent's first event, so an event moved there from the application log (or removed
-    from it) changes the chain and the replay no longer gives the quoted value."""
+    Only shim's MOK-list events may be the start (``check_application_pcrs_in_boot_log``,
+    ``EventLogError`` otherwise): an application event moved into the boot log would replay
+    to the same quoted value while vanishing from the report. That shim's events carry the
+    reference boot's digests is for the platform check to judge (``check_boot_log``); an
+    event that is not shim's genuine one fails there. PCR 15 always starts at the reset
+    value. Only the SHA-256 bank is read: it is the bank the quote covers."""
     start = {INPUTS_PCR: PCR_RESET_VALUE, OUTPUTS_PCR: PCR_RESET_VALUE}
     if boot_event_log is None:
         return start
@@ -224,6 +281,7 @@ def application_pcr_start(boot_event_log: bytes | TcgEventLog | None) -> dict[in
         if isinstance(boot_event_log, bytes | bytearray)
         else boot_event_log
     )
+    check_application_pcrs_in_boot_log(log)
     boot = log.replay().get("sha256", {})
     return {pcr: boot.get(pcr, value) for pcr, value in start.items()}
 

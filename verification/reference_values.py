@@ -33,7 +33,12 @@ shim, GRUB and the kernel from the image's disk, with Secure Boot on.
   command line in PCR 8/9, kernel and initrd files in PCR 9), each with its accepted
   digests, so that a mismatch names the component rather than only the PCR it lands in.
 
-``check_boot_log`` replays the log against the quoted PCR 0-9 and then compares each
+Both kinds list ``mok_events``: the only events a boot log may carry outside PCR 0-9 (shim's
+``EV_IPL`` MokList / MokListX / MokListTrusted measurements into PCR 14, where the application's
+replay starts), with their accepted digests; a qemu direct kernel boot has none.
+
+``check_boot_log`` replays the log against the quoted PCR 0-9, refuses anything outside PCR 0-9
+that the set does not list (:func:`check_events_outside_boot_pcrs`), and then compares each
 component, raising :class:`PlatformError` that names the first component that differs:
 "kernel command line", "initrd", "kernel", "boot loader (...)", "Secure Boot policy (PCR 7)",
 "firmware (PCR n)".
@@ -74,6 +79,11 @@ from pydantic import (
     model_validator,
 )
 
+from aicert.appevents import (
+    INPUTS_PCR,
+    ShimMokVariable,
+    check_application_pcrs_in_boot_log,
+)
 from aicert.chain import (
     PINNED_ROOT_FINGERPRINTS,
     leaf_public_key_matches,
@@ -109,12 +119,14 @@ __all__ = [
     "BootChainReport",
     "ExpectedEvent",
     "MeasuredEvent",
+    "MokListEvent",
     "PlatformReferenceValues",
     "QemuReferenceValueSet",
     "ReferenceValueSet",
     "VmShape",
     "check_azure_boot_log",
     "check_boot_log",
+    "check_events_outside_boot_pcrs",
     "classify_boot_events",
     "derive_azure_reference_values",
     "load_options_digest",
@@ -152,6 +164,45 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+AcceptedDigests = Annotated[list[Sha256Hex], Field(min_length=1, max_length=64)]
+
+
+def _no_repeats(values: Sequence[str], where: str) -> None:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{where}: a value is listed twice")
+
+
+class MokListEvent(_Model):
+    """An event a boot may log outside PCR 0-9: shim's ``EV_IPL`` measurement of one of its
+    MOK lists into PCR 14 (event data: the variable's name and a NUL; digest: over the
+    list's content, which the log does not carry), with the SHA-256 digests accepted.
+
+    A reference-value set lists, in log order, every event a good boot logs outside PCR 0-9;
+    the boot log of a certificate must carry exactly those (see
+    :func:`check_events_outside_boot_pcrs`). PCR 14 is where the application's replay starts,
+    so these digests decide that start: nothing else may be listed."""
+
+    pcr: Literal[14] = 14
+    variable: ShimMokVariable
+    sha256: AcceptedDigests
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MokListEvent:
+        _no_repeats(self.sha256, f"mok_events {self.variable}")
+        return self
+
+
+MokEvents = Annotated[list[MokListEvent], Field(max_length=3)]
+
+
+def _one_of_each_variable(events: Sequence[MokListEvent]) -> None:
+    names = [event.variable for event in events]
+    if len(set(names)) != len(names):
+        raise ValueError(
+            f"mok_events: a MOK list is listed twice ({names}); shim measures each once"
+        )
+
+
 class VmShape(_Model):
     """The virtual machine the firmware values were observed on: the same image on another
     qemu, OVMF build, memory size or CPU count measures other PCR 0-7 values."""
@@ -180,11 +231,15 @@ class ReferenceValueSet(_Model):
     load_options_sha256: Sha256Hex  # PCR 9 "LOADED_IMAGE::LoadOptions", from load_options
     observed: bool = False  # pcrs (and an observed kernel digest) come from a real boot
     pcrs: dict[BootPcrIndex, Sha256Hex] = Field(default_factory=dict)
+    # The only events the boot log may carry outside PCR 0-9: none under qemu's direct kernel
+    # boot (no shim); listed when an image boots through shim.
+    mok_events: MokEvents = Field(default_factory=list)
     vm: VmShape | None = None
     build: dict[str, Any] = Field(default_factory=dict)  # provenance only, never checked
 
     @model_validator(mode="after")
     def _consistent(self) -> ReferenceValueSet:
+        _one_of_each_variable(self.mok_events)
         if self.load_options_sha256 != load_options_digest(self.load_options).hex():
             raise ValueError("load_options_sha256 is not the digest of load_options")
         if (self.kernel_pcr4_digest is None) != (self.kernel_pcr4_digest_source is None):
@@ -276,12 +331,6 @@ _AZURE_PCR_COMPONENTS = {
     8: "boot loader (PCR 8: GRUB commands and kernel command line)",
     9: "boot loader (PCR 9: files GRUB read, kernel EFI stub)",
 }
-AcceptedDigests = Annotated[list[Sha256Hex], Field(min_length=1, max_length=64)]
-
-
-def _no_repeats(values: Sequence[str], where: str) -> None:
-    if len(set(values)) != len(values):
-        raise ValueError(f"{where}: a value is listed twice")
 
 
 class ExpectedEvent(_Model):
@@ -324,10 +373,13 @@ class AzureReferenceValueSet(_Model):
         BootPcrIndex, Annotated[str, StringConstraints(min_length=1, max_length=1024)]
     ] = Field(default_factory=dict)  # PCR -> why it is not checked
     events: Annotated[list[ExpectedEvent], Field(max_length=4096)] = Field(default_factory=list)
+    # The only events the boot log may carry outside PCR 0-9: shim's MOK lists in PCR 14.
+    mok_events: MokEvents = Field(default_factory=list)
     provenance: dict[str, Any] = Field(default_factory=dict)  # how it was derived; never checked
 
     @model_validator(mode="after")
     def _consistent(self) -> AzureReferenceValueSet:
+        _one_of_each_variable(self.mok_events)
         checked = {int(index) for index in self.pcrs}
         unchecked = {int(index) for index in self.unchecked_pcrs}
         if both := sorted(checked & unchecked):
@@ -463,6 +515,62 @@ def _replay_against_quote(log: TcgEventLog, quoted_pcrs: Mapping[int, bytes]) ->
             )
 
 
+def _describe_boot_event(event: TcgEvent) -> str:
+    data = event.data.rstrip(b"\x00")
+    shown = (
+        data.decode("ascii") if data.isascii() and data.isalnum() else f"{len(event.data)} bytes"
+    )
+    return f"boot event log: PCR {event.pcr} event #{event.index} ({event.event_type_name} {shown})"
+
+
+def check_events_outside_boot_pcrs(log: TcgEventLog, reference: PlatformReferenceValues) -> None:
+    """The boot log carries, outside PCR 0-9, exactly the events ``reference.mok_events``
+    lists, in that order, each with an accepted SHA-256 digest.
+
+    Every event counts, ``EV_NO_ACTION`` included, in any PCR from 10 up (PCR 16-23 are not
+    quoted and PCR 10-13 are not replayed, so nothing else would ever judge them); an event
+    the set does not list, one whose digest it does not accept, or one it lists that the log
+    lacks is a ``PlatformError`` naming the PCR and the event index: the boot is not the
+    reference boot. Only the SHA-256 digest is judged: it is the bank the quote covers, and
+    the other banks' digests cannot be recomputed from the log (shim logs the name of a MOK
+    list, not its content). Before that, anything in PCR 14/15 that is not shim's is an
+    ``EventLogError`` (``check_application_pcrs_in_boot_log``): the application event log is
+    the only source of application events, whatever a set lists.
+    """
+    check_application_pcrs_in_boot_log(log)
+    allowed = list(reference.mok_events)
+    outside = [event for event in log.events if event.pcr not in BOOT_PCRS]
+    for position, event in enumerate(outside):
+        where = _describe_boot_event(event)
+        if position >= len(allowed):
+            listed = ", ".join(f"PCR {e.pcr} {e.variable}" for e in allowed) or "nothing"
+            raise PlatformError(
+                f"{where}: reference values {reference.id} list {listed} outside PCR 0-9, "
+                "and this event is not one of them"
+            )
+        want = allowed[position]
+        expected_data = want.variable.encode("ascii") + b"\x00"
+        if event.pcr != want.pcr or event.event_type != EV_IPL or event.data != expected_data:
+            raise PlatformError(
+                f"{where}: reference values {reference.id} expect shim's EV_IPL "
+                f"{want.variable} in PCR {want.pcr} here"
+            )
+        digest = _sha256_digest(event).hex()
+        if digest not in want.sha256:
+            raise PlatformError(
+                f"{where}: measured {digest}, not one of the {len(want.sha256)} digest(s) "
+                f"reference values {reference.id} accept for {want.variable} "
+                f"({', '.join(want.sha256)})"
+            )
+    if len(outside) < len(allowed):
+        missing = ", ".join(e.variable for e in allowed[len(outside) :])
+        raise PlatformError(
+            f"boot event log: PCR {allowed[len(outside)].pcr}: shim's {missing} measurement(s), "
+            f"which reference "
+            f"values {reference.id} list, are not in the log"
+        )
+
+
 def _check_pcr9(log: TcgEventLog, reference: ReferenceValueSet) -> None:
     load_options: list[bytes] = []
     initrds: list[bytes] = []
@@ -546,6 +654,7 @@ def _check_qemu_boot_log(
     naming that component). The quote itself is the caller's check (``verify_quote``).
     """
     _replay_against_quote(log, quoted_pcrs)
+    check_events_outside_boot_pcrs(log, reference)
     if not reference.observed or set(reference.pcrs) != {str(i) for i in BOOT_PCRS}:
         raise PlatformError(
             f"firmware: reference values {reference.id} hold no observed PCR 0-9 values "
@@ -764,6 +873,7 @@ def check_azure_boot_log(
     compared, and the report's note lists them with the reasons.
     """
     _replay_against_quote(log, quoted_pcrs)
+    check_events_outside_boot_pcrs(log, reference)
     checked = reference.checked_pcrs()
     measured = [event for event in classify_boot_events(log) if event.pcr in checked]
     # Components first, so that the error names what changed rather than the PCR it lands in.
@@ -827,6 +937,29 @@ def _boot_application_name(path: str, position: int, count: int) -> str:
     return f"boot application ({path or 'no file path'})"
 
 
+def _reference_mok_events(log: TcgEventLog) -> list[MokListEvent]:
+    """Shim's MOK-list events of a reference boot, with their digests: what its set lets a
+    boot log carry outside PCR 0-9. Anything else there is refused (EventLogError in PCR 14
+    and 15, PlatformError elsewhere): a certificate's boot log could not carry it either."""
+    check_application_pcrs_in_boot_log(log)
+    events: list[MokListEvent] = []
+    for event in log.events:
+        if event.pcr in BOOT_PCRS:
+            continue
+        if event.pcr != INPUTS_PCR:
+            raise PlatformError(
+                f"{_describe_boot_event(event)}: a reference boot may log nothing outside PCR "
+                "0-9 but shim's MOK lists in PCR 14"
+            )
+        variable = event.data.rstrip(b"\x00").decode("ascii")
+        events.append(
+            MokListEvent.model_validate(
+                {"variable": variable, "sha256": [_sha256_digest(event).hex()]}
+            )
+        )
+    return events
+
+
 def _default_reference_id(image_version_id: str) -> str:
     parts = image_version_id.strip("/").split("/")
     words = [parts[-3], parts[-1]] if len(parts) >= 4 else parts[-1:]
@@ -860,6 +993,7 @@ def derive_azure_reference_values(
         raise TypeError(f"event_log must be bytes or a TcgEventLog, not {type(log).__name__}")
     _replay_against_quote(log, quoted_pcrs)
     _require_secure_boot(log)
+    mok_events = _reference_mok_events(log)
     firmware = sorted(set(check_firmware_pcrs))
     if not set(firmware) <= set(DEFAULT_AZURE_UNCHECKED_REASONS):
         raise ValueError(
@@ -904,6 +1038,7 @@ def derive_azure_reference_values(
             if index not in checked
         },
         events=expected,
+        mok_events=mok_events,
         provenance={**derived, **dict(provenance or {})},
     )
 
@@ -926,12 +1061,16 @@ def merge_azure_reference_values(
     def shape(reference: AzureReferenceValueSet) -> list[tuple[int, str, str]]:
         return [(event.pcr, event.kind, event.component) for event in reference.events]
 
+    def mok_shape(reference: AzureReferenceValueSet) -> list[str]:
+        return [event.variable for event in reference.mok_events]
+
     for other in sets[1:]:
         for what, mine, theirs in (
             ("id", first.id, other.id),
             ("image", first.image, other.image),
             ("checked PCRs", first.checked_pcrs(), other.checked_pcrs()),
             ("components", shape(first), shape(other)),
+            ("MOK lists", mok_shape(first), mok_shape(other)),
         ):
             if mine != theirs:
                 raise PlatformError(
@@ -950,6 +1089,11 @@ def merge_azure_reference_values(
         pcrs={index: _union(reference.pcrs[index] for reference in sets) for index in first.pcrs},
         unchecked_pcrs=dict(first.unchecked_pcrs),
         events=events,
+        mok_events=[
+            event.model_copy(update={"sha256": _union(same.sha256 for same in group)})
+            for event, *rest in zip(*(reference.mok_events for reference in sets), strict=True)
+            for group in [[event, *rest]]
+        ],
         provenance={"merged_from": [reference.provenance for reference in sets]},
     )
 
@@ -973,9 +1117,12 @@ def check_boot_log(
     """Check a boot event log against quoted PCR 0-9 and a reference-value set of either
     platform (see :func:`check_azure_boot_log` for Azure).
 
-    The log must replay to the quoted PCR 0-9 (else EventLogError); then the command line,
-    the initrd, the kernel and the firmware PCRs must equal the reference (else PlatformError
-    naming that component). The quote itself is the caller's check (``verify_quote``).
+    The log must replay to the quoted PCR 0-9 (else EventLogError) and carry nothing outside
+    PCR 0-9 but the set's ``mok_events`` (see :func:`check_events_outside_boot_pcrs`:
+    EventLogError for anything but shim's events in PCR 14/15, PlatformError otherwise); then
+    the command line, the initrd, the kernel and the firmware PCRs must equal the reference
+    (else PlatformError naming that component). The quote itself is the caller's check
+    (``verify_quote``).
     """
     if isinstance(reference, AzureReferenceValueSet):
         return check_azure_boot_log(log, quoted_pcrs, reference)

@@ -25,10 +25,12 @@ from prefect.client.orchestration import SyncPrefectClient
 from typer.testing import CliRunner
 
 import aicert
+from aicert.flows.blocks import AicertRunConfig
 from aicert.flows.cli import run
 from aicert.flows.flows import certify_training
 from aicert.flows.output_target import OutputTargetError, check_output_target
 from aicert.flows.providers.local import platform_ca_certificate_path
+from aicert.guest_runtime.config import ConfigError
 
 from .conftest import (
     TRAIN_SCRIPT,
@@ -93,6 +95,21 @@ def test_an_alias_bomb_exits_2_at_once(home: Path, tmp_path: Path) -> None:
     result = refused(home, config, tmp_path / "proof.json")
     assert time.monotonic() - started < 0.5
     assert "line 1: YAML anchors and aliases (&name, *name) are not allowed" in result.stderr
+
+
+def test_a_config_block_refuses_aliases_and_duplicate_keys_too() -> None:
+    with pytest.raises(ConfigError) as caught:
+        AicertRunConfig(config_yaml=VALID_CONFIG + "env: &e {A: b}\nx: *e\n").load_config()
+    assert caught.value.problems == [
+        "config_yaml: line 7: invalid YAML: YAML anchors and aliases (&name, *name) are not "
+        "allowed: a training config has no need for them, and aliases can expand exponentially"
+    ]
+    with pytest.raises(ConfigError) as caught:
+        AicertRunConfig(config_yaml=VALID_CONFIG + "name: other\n").load_config()
+    assert caught.value.problems == [
+        "config_yaml: line 7: invalid YAML: duplicate key 'name' (first given on line 2): a "
+        "repeated key would silently replace the first"
+    ]
 
 
 def test_a_bad_image_reference_exits_2_naming_the_field(home: Path, tmp_path: Path) -> None:

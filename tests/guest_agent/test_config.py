@@ -399,6 +399,13 @@ def test_an_unquoted_number_in_env_says_to_quote_it(tmp_path: Path) -> None:
     ]
 
 
+def test_an_unquoted_date_says_to_quote_it(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, VALID.format(sha=SHA).replace("tag: v1.0", "tag: 2026-12-02"))
+    assert problems == [
+        'source.tag (line 6): YAML read 2026-12-02 as a date, not text: quote it ("2026-12-02")'
+    ]
+
+
 def test_a_bad_name_is_explained_without_a_regex(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, VALID.format(sha=SHA) + "name: Flowers_v2\n")
     assert problems == [

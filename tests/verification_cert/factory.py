@@ -68,6 +68,7 @@ from aicert.model import (
     Quote,
     RunInfo,
 )
+from aicert.tcg_eventlog import EV_NO_ACTION, parse_event_log
 from aicert.tpm_structures import TPM_ALG_RSASSA, TPM_ALG_SHA256
 
 PlatformKind = Literal["local", "qemu", "azure"]
@@ -310,10 +311,19 @@ class TpmRig:
         return self.tpm
 
     def measure(
-        self, events: Sequence[AppEvent], extend_before: Mapping[int, bytes] | None = None
+        self,
+        events: Sequence[AppEvent],
+        extend_before: Mapping[int, bytes] | None = None,
+        boot_event_log: bytes | None = None,
     ) -> Tpm:
-        """Power-cycle, then extend ``extend_before`` and every event's digest, in order."""
+        """Power-cycle, then extend the SHA-256 digests of ``boot_event_log``'s events (as the
+        firmware, shim and boot loader of that boot did, PCR 14 included), ``extend_before``,
+        and every event's digest, in order."""
         tpm = self.power_cycle()
+        if boot_event_log is not None:
+            for boot_event in parse_event_log(boot_event_log).events:
+                if boot_event.event_type != EV_NO_ACTION:
+                    tpm.pcr_extend(boot_event.pcr, boot_event.digests["sha256"])
         for pcr, digest in (extend_before or {}).items():
             tpm.pcr_extend(pcr, digest)
         for event in events:
@@ -355,6 +365,8 @@ class CertificateFactory:
         *,
         events: Sequence[AppEvent] | Callable[[list[AppEvent]], list[AppEvent]] | None = None,
         extend_before: Mapping[int, bytes] | None = None,
+        boot_event_log: bytes | None = None,
+        reference_values: str | None = None,
         **overrides: Any,
     ) -> MadeCertificate:
         """A certificate over ``params`` (or ``RunParams.new(**overrides)``).
@@ -362,6 +374,8 @@ class CertificateFactory:
         ``events``: the log to measure instead of ``params.events()``, or a function that
         edits that log (the quote then really covers the edited log). ``extend_before``:
         PCR -> digest extended before the application events (a dirty platform).
+        ``boot_event_log``: a TCG boot log measured first and carried by the certificate (a
+        qemu or Azure VM's boot), whose reference-value set is ``reference_values``.
         """
         if params is None:
             params = RunParams.new(**overrides)
@@ -373,7 +387,7 @@ class CertificateFactory:
             log = events(params.events())
         else:
             log = list(events)
-        tpm = self.rig.measure(log, extend_before)
+        tpm = self.rig.measure(log, extend_before, boot_event_log)
         quote = tpm.quote(self.rig.ak, QUOTED_PCRS, params.nonce)
         evidence = Evidence(
             attest=quote.attest,
@@ -382,7 +396,7 @@ class CertificateFactory:
             nonce=params.nonce,
             ak_public=self.rig.ak.public_bytes,
             event_log=log,
-            boot_event_log=None,
+            boot_event_log=boot_event_log,
             started_at=params.started_at.isoformat(),
             finished_at=params.finished_at.isoformat(),
             exit_code=params.exit_code,
@@ -399,6 +413,7 @@ class CertificateFactory:
                 enrolled=enrolled,
                 project=params.project,
                 provider=params.platform,
+                reference_values=reference_values,
             )
         except EventLogError:
             # The assembler refuses a log it cannot interpret; a producer that does not care
@@ -465,7 +480,7 @@ def _certificate_without_interpretation(
             for path, content in sorted(params.outputs.items())
         ],
         event_log=list(evidence.event_log),
-        boot_event_log=None,
+        boot_event_log=evidence.boot_event_log,
         platform=Platform(kind=params.platform, description=PLATFORM_DESCRIPTIONS[params.platform]),
         attestation=Attestation(
             quote=Quote(attest=evidence.attest, signature=evidence.signature, pcrs=evidence.pcrs),
