@@ -215,25 +215,19 @@ def test_all_outputs_moved_are_refused_by_verify_artifact(
 # -- prefixes of each PCR, and each event alone ---------------------------------------------
 
 
-@pytest.mark.parametrize("count", range(1, 9))
-def test_a_prefix_of_pcr14_events_moved_is_refused(
-    three_mok: MadeCertificate, three_mok_reference: AzureReferenceValueSet, count: int
-) -> None:
-    prefix = positions_in(three_mok, 14)[:count]
-    assert len(prefix) == count
-    forged = moved_into_boot_log(three_mok, prefix)
-    with pytest.raises(EventLogError, match=BOOT_LOG_EVENT.format(pcr=14)):
-        forged.verify(reference_values=[three_mok_reference])
+PREFIXES = [(14, count) for count in range(1, 9)] + [(15, count) for count in range(1, 4)]
 
 
-@pytest.mark.parametrize("count", range(1, 4))
-def test_a_prefix_of_pcr15_events_moved_is_refused(
-    three_mok: MadeCertificate, three_mok_reference: AzureReferenceValueSet, count: int
+@pytest.mark.parametrize(("pcr", "count"), PREFIXES)
+def test_a_prefix_of_a_pcrs_events_moved_is_refused(
+    three_mok: MadeCertificate, three_mok_reference: AzureReferenceValueSet, pcr: int, count: int
 ) -> None:
-    prefix = positions_in(three_mok, 15)[:count]
+    """PCR 14: the channel key, then the runtime event, config, images, source, resource,
+    package; PCR 15: the outputs, then the result."""
+    prefix = positions_in(three_mok, pcr)[:count]
     assert len(prefix) == count
     forged = moved_into_boot_log(three_mok, prefix)
-    with pytest.raises(EventLogError, match=BOOT_LOG_EVENT.format(pcr=15)):
+    with pytest.raises(EventLogError, match=BOOT_LOG_EVENT.format(pcr=pcr)):
         forged.verify(reference_values=[three_mok_reference])
 
 

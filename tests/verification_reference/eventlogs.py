@@ -16,6 +16,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import replace
 
+from aicert.reference_values import ReferenceValueSet, load_options_digest
 from aicert.tcg_eventlog import TcgEvent, TcgEventLog, parse_event_log
 from tests.data import EVENTLOGS
 
@@ -117,3 +118,17 @@ def find_event(raw: bytes, predicate: Callable[[TcgEvent], bool]) -> TcgEvent:
 
 def ipl_text_startswith(prefix: bytes, pcr: int) -> Callable[[TcgEvent], bool]:
     return lambda e: e.pcr == pcr and e.event_type == EV_IPL and e.data.startswith(prefix)
+
+
+def minimal_qemu_set(reference_id: str) -> ReferenceValueSet:
+    """A qemu set with placeholder values (no observed boot): enough where only its id, its
+    platform or its (empty) ``mok_events`` matter."""
+    return ReferenceValueSet(
+        id=reference_id,
+        platform="qemu",
+        kernel_sha256="00" * 32,
+        initrd_sha256="00" * 32,
+        command_line="console=ttyS0",
+        load_options="console=ttyS0 initrd=initrd",
+        load_options_sha256=load_options_digest("console=ttyS0 initrd=initrd").hex(),
+    )

@@ -30,6 +30,7 @@ from .eventlogs import (
     EV_EFI_BOOT_SERVICES_APPLICATION,
     IMAGE_VERSION_ID,
     REFERENCE_ID,
+    minimal_qemu_set,
     read_log,
     replayed_pcrs,
     with_other_digest,
@@ -164,17 +165,7 @@ def test_azure_certificate_of_another_kernel_names_the_kernel(
 @pytest.fixture
 def guest_qemu_set() -> object:
     """A qemu set that happens to carry the Azure set's id."""
-    from aicert.reference_values import ReferenceValueSet, load_options_digest
-
-    return ReferenceValueSet(
-        id=REFERENCE_ID,
-        platform="qemu",
-        kernel_sha256="00" * 32,
-        initrd_sha256="00" * 32,
-        command_line="console=ttyS0",
-        load_options="console=ttyS0 initrd=initrd",
-        load_options_sha256=load_options_digest("console=ttyS0 initrd=initrd").hex(),
-    )
+    return minimal_qemu_set(REFERENCE_ID)
 
 
 MOKLIST_EVENT = 30  # EV_IPL "MokList" in PCR 14 of the main log: shim measures it at boot

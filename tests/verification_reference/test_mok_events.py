@@ -16,11 +16,9 @@ from aicert.errors import EventLogError, PlatformError
 from aicert.reference_values import (
     AzureReferenceValueSet,
     MokListEvent,
-    ReferenceValueSet,
     check_boot_log,
     check_events_outside_boot_pcrs,
     derive_azure_reference_values,
-    load_options_digest,
     merge_azure_reference_values,
 )
 from aicert.tcg_eventlog import parse_event_log
@@ -30,6 +28,7 @@ from .eventlogs import (
     IMAGE_VERSION_ID,
     MAIN_LOG,
     REFERENCE_ID,
+    minimal_qemu_set,
     read_log,
     replayed_pcrs,
     with_event_inserted,
@@ -116,15 +115,7 @@ def test_an_ev_no_action_event_beyond_pcr_9_is_refused() -> None:
 
 
 def test_a_qemu_set_lists_nothing_outside_pcr_0_9_by_default() -> None:
-    qemu = ReferenceValueSet(
-        id="qemu-test",
-        platform="qemu",
-        kernel_sha256="00" * 32,
-        initrd_sha256="00" * 32,
-        command_line="console=ttyS0",
-        load_options="console=ttyS0 initrd=initrd",
-        load_options_sha256=load_options_digest("console=ttyS0 initrd=initrd").hex(),
-    )
+    qemu = minimal_qemu_set("qemu-test")
     assert qemu.mok_events == []
     with pytest.raises(
         PlatformError, match=r"^boot event log: PCR 14 event #30 \(EV_IPL MokList\).*list nothing"
