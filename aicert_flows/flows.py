@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run as current_flow_run
-from pydantic import BaseModel, ConfigDict
 
 from aicert.flows.assemble import (
     assemble_certificate,
@@ -37,10 +37,19 @@ from aicert.flows.assemble import (
     summary_markdown,
     summary_table,
 )
+from aicert.flows.lifecycle import (
+    ActiveRun,
+    ProcessIdentity,
+    cleanup_abandoned_runs,
+    discard_record,
+    load_record,
+    record_path,
+    save_record,
+    teardown_record,
+)
 from aicert.flows.output_target import OutputTargetError, check_output_target
-from aicert.flows.providers import get_provider, provider_for_machine
+from aicert.flows.providers import get_provider
 from aicert.flows.providers.base import EnrolledKey, Machine, Provider
-from aicert.flows.settings import aicert_home
 from aicert.guest_runtime.api_models import Evidence
 from aicert.guest_runtime.config import RunConfig, parse_config
 from aicert.model import write_atomic
@@ -62,41 +71,51 @@ from aicert.tasks import (
     verify_certificate,
     wait_for_agent,
 )
+from aicert.tasks.certification import MachineFailed, check_tpm
 
 CERTIFICATE_CREATED = "aicert.certificate.created"
 CERTIFICATE_FAILED = "aicert.certificate.failed"
 DEFAULT_CONFIG_PATH = "aicert.yaml"
 
 
-class ActiveRun(BaseModel):
-    """What a hook needs to clean up after a flow run that did not finish normally."""
+# The runs this process started, newest last: ``aicert run`` says where an interrupted run
+# kept its outputs and logs (the record on disk is gone once the run is torn down).
+_RUNS_STARTED_HERE: list[ActiveRun] = []
 
-    model_config = ConfigDict(extra="forbid")
 
-    flow_run_id: str
-    run_id: str
-    project: str
-    machine: Machine | None = None
-    torn_down: bool = False
+def runs_started_here() -> list[ActiveRun]:
+    """The records of the runs this process started (newest last), as last saved."""
+    return list(_RUNS_STARTED_HERE)
 
 
 def _active_record(flow_run_id: str) -> Path:
-    return aicert_home() / "active" / f"{flow_run_id}.json"
+    return record_path(flow_run_id)
 
 
 def _save_record(record: ActiveRun) -> None:
-    write_atomic(_active_record(record.flow_run_id), record.model_dump_json().encode())
+    save_record(record)
 
 
 def _load_record(flow_run_id: str) -> ActiveRun | None:
-    try:
-        return ActiveRun.model_validate_json(_active_record(flow_run_id).read_bytes())
-    except (OSError, ValueError):
-        return None
+    return load_record(flow_run_id)
 
 
 def _discard_record(flow_run_id: str) -> None:
-    _active_record(flow_run_id).unlink(missing_ok=True)
+    discard_record(flow_run_id)
+
+
+def _cleanup_before_run() -> None:
+    """Tear down runs of this host whose owning process died (a SIGKILLed ``aicert run``, a
+    lost worker), before this run starts; logged. A failed cleanup does not stop this run:
+    the record stays for the next one, or for ``aicert cleanup``."""
+    logger = get_run_logger()
+    try:
+        report = cleanup_abandoned_runs(log=lambda line: logger.info("cleanup: %s", line))
+    except Exception as exc:
+        logger.warning("cleanup of abandoned runs failed: %s: %s", type(exc).__name__, exc)
+        return
+    for flow_run_id in report.failed:
+        logger.warning("cleanup: the record %s stays", record_path(flow_run_id))
 
 
 def _after_unsuccessful_run(flow_run: Any, state: Any) -> None:
@@ -108,11 +127,14 @@ def _after_unsuccessful_run(flow_run: Any, state: Any) -> None:
     flow_run_id = str(flow_run.id)
     record = _load_record(flow_run_id)
     teardown_error: str | None = None
-    if record is not None and record.machine is not None and not record.torn_down:
+    if record is not None and not record.torn_down:
         try:
-            provider_for_machine(record.machine).teardown(record.machine)
+            teardown_record(record)
             record.torn_down = True
-            _save_record(record)
+            # Only a hint for a later cleanup (the record is removed below): a full disk
+            # must not turn a finished teardown into a failed one.
+            with contextlib.suppress(OSError):
+                _save_record(record)
         except Exception as exc:  # still report the failed run; the record stays
             teardown_error = f"{type(exc).__name__}: {exc}"
     resource_id = (
@@ -158,6 +180,23 @@ def _on_crashed(flow: Any, flow_run: Any, state: Any) -> None:
 
 def _on_cancellation(flow: Any, flow_run: Any, state: Any) -> None:
     _after_unsuccessful_run(flow_run, state)
+
+
+def _raise_machine_failure(
+    platform: Provider, machine: Machine, kept_in: Path | None, error: Exception
+) -> None:
+    """When a step failed because the machine itself died (its TPM or agent exited), raise
+    ``MachineFailed`` saying so, and where the run's outputs and logs are kept, instead of
+    the step's own error (a refused connection, a TSS error code)."""
+    try:
+        problem = platform.machine_problem(machine)
+    except Exception:  # the diagnosis must not hide the original error
+        return
+    if problem is not None:
+        where = kept_in or Path(machine.state_dir)
+        raise MachineFailed(
+            f"{problem}; no certificate; outputs and logs kept in {where}"
+        ) from error
 
 
 def resolve_platform(provider: str, platform_block: str | None) -> Provider:
@@ -331,8 +370,19 @@ def certify_training(
     nonce = new_nonce()
     logger.info("certifying %s as run %s on the %s platform", project, run_id, platform.kind)
 
-    record = ActiveRun(flow_run_id=str(current_flow_run.id), run_id=run_id, project=project)
+    _cleanup_before_run()
+    run_dir = getattr(platform, "run_dir", None)
+    record = ActiveRun(
+        flow_run_id=str(current_flow_run.id),
+        run_id=run_id,
+        project=project,
+        provider=platform.kind,
+        state_dir=str(run_dir(run_id)) if callable(run_dir) else None,
+        owner=ProcessIdentity.current(),
+        created_at=datetime.now(UTC),
+    )
     _save_record(record)
+    _RUNS_STARTED_HERE.append(record)
     machine: Machine | None = None
     early_teardown: PrefectFuture[None] | None = None
     succeeded = False
@@ -351,6 +401,12 @@ def certify_training(
         build_image(machine, run_id, project)
         local_outputs = platform.outputs_path(machine)
         try:
+            check_tpm(platform, machine)
+        except MachineFailed as exc:
+            raise MachineFailed(
+                f"{exc}; nothing was trained; logs kept in {machine.state_dir}"
+            ) from exc
+        try:
             run_training(machine, run_id, project)
         except TrainingFailed:
             if local_outputs is None:
@@ -359,8 +415,15 @@ def certify_training(
                 )
             logger.error("no certificate; outputs and training log kept in %s", local_outputs)
             raise
-        measure_outputs(machine, run_id, project)
-        evidence = collect_quote(machine, run_id)
+        except Exception as exc:
+            _raise_machine_failure(platform, machine, local_outputs, exc)
+            raise
+        try:
+            measure_outputs(machine, run_id, project)
+            evidence = collect_quote(machine, run_id)
+        except Exception as exc:
+            _raise_machine_failure(platform, machine, local_outputs, exc)
+            raise
         if local_outputs is None:
             # The machine keeps its files: fetch them before it is torn down.
             local_outputs = Path(

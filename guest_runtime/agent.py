@@ -693,7 +693,7 @@ class CertificationAgent:
             run.log_condition.notify_all()
 
     def _train(self, run: RunState) -> None:
-        from aicert.guest_runtime.container import run_training_container
+        from aicert.guest_runtime.container import describe_ending, run_training_container
 
         try:
             assert run.source_dir is not None and run.training_image_id is not None
@@ -720,12 +720,9 @@ class CertificationAgent:
             run.duration_ms = result.duration_ms
             run.timed_out = result.timed_out
             run.finished_at = datetime.now(UTC)
-            if result.timed_out:
-                run.training_error = (
-                    f"training timed out after {limits.timeout_seconds} s (limits.timeoutSeconds)"
-                )
-            elif result.exit_code != 0:
-                run.training_error = f"training exited with code {result.exit_code}"
+            run.training_error = describe_ending(
+                result, memory_limit=limits.memory, timeout_s=limits.timeout_seconds
+            )
         except Exception as exc:  # reported through training_status, never lost
             log.exception("training container failed")
             run.training_error = f"the training container could not run: {exc}"

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import stat
 import threading
 import time
@@ -76,6 +77,35 @@ class ContainerResult:
     image_id: str
     oom_killed: bool = False
     log_path: Path | None = None
+
+
+def describe_ending(
+    result: ContainerResult, *, memory_limit: str | None, timeout_s: float
+) -> str | None:
+    """Why the job did not succeed, from Docker's view of the container, or None when it
+    exited 0. An exit code of 137 alone does not tell an out-of-memory kill from a
+    ``docker kill``: Docker's ``State.OOMKilled`` does, and a timeout is ours."""
+    code = result.exit_code
+    if result.timed_out:
+        return f"training timed out after {timeout_s:g} s (limits.timeoutSeconds) and was killed"
+    if result.oom_killed:
+        limit = f"limits.memory {memory_limit}" if memory_limit else "the host's memory"
+        return (
+            f"training ran out of memory: Docker OOM-killed the container ({limit}; "
+            f"exit code {code})"
+        )
+    if code == 0:
+        return None
+    if 128 < code < 128 + 65:
+        try:
+            name = signal.Signals(code - 128).name
+        except ValueError:
+            name = f"signal {code - 128}"
+        return (
+            f"training was killed by {name} (exit code {code}), not for lack of memory "
+            "(Docker reports no OOM kill): something outside the job stopped it"
+        )
+    return f"training exited with code {code}"
 
 
 class _LineSplitter:

@@ -311,6 +311,33 @@ def build_image(machine: Machine, run_id: str, project: str) -> list[AppEvent]:
     return events
 
 
+# How long the TPM may take to answer the liveness check (a quote takes well under a second
+# on a software TPM, a few seconds on a busy vTPM).
+TPM_CHECK_TIMEOUT_S = 30.0
+
+
+@task(name="check-tpm", task_run_name="check-tpm-{machine.run_id}", cache_policy=NO_CACHE)
+def check_tpm(provider: Provider, machine: Machine) -> None:
+    """Right before the training starts: the machine's TPM must still answer, or the run
+    would train for nothing (its outputs could not be measured or quoted).
+
+    The platform's own view first (the swtpm or VM process alive), then a real TPM command
+    through the agent: a platform quote over a fresh challenge, which changes no PCR.
+    Raises ``MachineFailed`` naming the cause; nothing is retried.
+    """
+    problem = provider.machine_problem(machine)
+    if problem is None:
+        try:
+            with _client(machine, timeout_s=TPM_CHECK_TIMEOUT_S) as client:
+                client.platform_quote(os.urandom(32))
+        except AgentCallError as exc:
+            # The agent may have died with its TPM meanwhile: the platform says which.
+            problem = provider.machine_problem(machine) or f"the TPM did not answer: {exc}"
+    if problem is not None:
+        raise MachineFailed(f"the machine's TPM is not usable before training: {problem}")
+    get_run_logger().info("TPM answers (platform quote over a fresh challenge)")
+
+
 @task(name="run-training", task_run_name="run-training-{project}", cache_policy=NO_CACHE)
 def run_training(machine: Machine, run_id: str, project: str) -> TrainingStatus:
     """Run the job and stream its logs into this task's logs. Never retried: a non-zero

@@ -254,7 +254,12 @@ class LocalProvider(Provider):
             run_id=run_id,
             agent_url=f"{scheme}://127.0.0.1:{port}",
             state_dir=str(run_dir),
-            details={"tpm_state": str(tpm_dir)},
+            # Everything a teardown in another process needs, recorded with the run.
+            details={
+                "tpm_state": str(tpm_dir),
+                "agent_port": port,
+                "container": f"aicert-{run_id}",
+            },
         )
         with (run_dir / "agent.log").open("ab") as agent_log:
             agent = subprocess.Popen(
@@ -287,6 +292,7 @@ class LocalProvider(Provider):
             self._swtpms[run_id] = tpm
             # The provider owns the process now (stopped by pid in teardown, wherever that
             # runs), not the LocalSwtpm object's finalizer.
+            machine.details["swtpm_port"] = tpm.port
             machine.details["swtpm_pid"] = tpm.detach()
             assert agent.stdin is not None
             agent.stdin.write(f"{tpm.tcti}\n".encode())
