@@ -4,6 +4,12 @@ On Azure the AK certificate comes from Microsoft. Here, the platform CA checks t
 certificate against the swtpm_localca CA the project configured, proves with
 MakeCredential/ActivateCredential that the AK lives in the TPM holding that EK, and then
 issues an X.509 certificate for the AK. The verifier trusts this CA only when asked to.
+
+The AK certificate carries, besides the key, the AK binding extension (``aicert.chain.
+AkBinding``, non-critical): the AK's TPM name, the very name MakeCredential bound the
+activation to (it covers every attribute bit of the TPMT_PUBLIC, so a verifier can tell an
+edited ``ak.public`` from the activated one), and the SHA-256 of the EK certificate checked
+here. Its keyUsage is digitalSignature only: the AK signs quotes.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPMA_OBJECT
 from tpm2_pytss.types import TPMT_PUBLIC
 from tpm2_pytss.utils import make_credential
 
+from aicert.chain import AkBinding
 from aicert.guest_runtime.hostutil import file_lock
 
 from .tpm import AK_REQUIRED_ATTRIBUTES
@@ -84,6 +91,7 @@ class ActivationChallenge:
     encrypted_secret: bytes
     ak_public: bytes  # TPMT_PUBLIC, marshalled
     ak_name: bytes
+    ek_certificate_sha256: bytes  # of the verified EK certificate's DER
     secret: bytes = field(repr=False)
 
 
@@ -331,6 +339,7 @@ class PlatformCA:
             encrypted_secret=bytes(encrypted_secret),
             ak_public=bytes(ak_public),
             ak_name=ak_name,
+            ek_certificate_sha256=hashlib.sha256(ek.der).digest(),
             secret=secret,
         )
 
@@ -341,9 +350,13 @@ class PlatformCA:
         ak_area = parse_tpmt_public(challenge.ak_public, "AK public")
         check_ak_public(ak_area)
         ak_key = public_key_of(ak_area, "AK public")
-        return self._issue_ak_certificate(ak_key, challenge.ak_name)
+        binding = AkBinding(
+            ak_name=challenge.ak_name, ek_certificate_sha256=challenge.ek_certificate_sha256
+        )
+        return self._issue_ak_certificate(ak_key, binding)
 
-    def _issue_ak_certificate(self, ak_key: AkPublicKey, ak_name: bytes) -> str:
+    def _issue_ak_certificate(self, ak_key: AkPublicKey, binding: AkBinding) -> str:
+        ak_name = binding.ak_name
         name_hex = ak_name[2:].hex()[:AK_NAME_PREFIX_HEX]
         now = _utcnow()
         ca_public = self._key.public_key()
@@ -382,6 +395,9 @@ class PlatformCA:
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_public), critical=False
             )
+            # Non-critical: a verifier that does not know it still reads the certificate;
+            # AICert's verifier requires it on certificates from this CA.
+            .add_extension(binding.extension(), critical=False)
         )
         certificate = builder.sign(self._key, hashes.SHA256())
         return certificate.public_bytes(serialization.Encoding.PEM).decode()

@@ -13,6 +13,12 @@ relax or replace only what differs for TPM AK certificates (TCG EK/AK profile, A
 - the leaf may lack an authorityKeyIdentifier (small platform CAs often omit it);
 - the leaf must allow digital signatures: the AK signs quotes.
 
+A local/qemu AK certificate (issued by the project's platform CA after MakeCredential /
+ActivateCredential) also carries the AK binding extension (``AK_BINDING_OID``, non-critical):
+the AK's TPM name, which covers every attribute of its TPMT_PUBLIC, and the SHA-256 of the EK
+certificate the CA verified. ``AkBinding`` encodes and decodes it; the verifier compares it
+with the certificate's ``attestation.ak.public`` and ``attestation.ek.certificate``.
+
 Trust anchors are explicit: the certificates the caller passes, plus self-signed certificates
 that travel in the evidence and whose SHA-256 fingerprint is pinned (how Microsoft's Azure
 vTPM root is trusted without shipping it). Any failure is a ``CertificateChainError``.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,9 +50,12 @@ from cryptography.x509.verification import VerificationError as X509Verification
 from aicert.errors import CertificateChainError
 
 __all__ = [
+    "AK_BINDING_OID",
+    "AK_BINDING_UUID",
     "AZURE_VTPM_ROOT_2023_SHA256",
     "PINNED_ROOT_FINGERPRINTS",
     "TCG_KP_AIK_CERTIFICATE",
+    "AkBinding",
     "ChainVerification",
     "ak_ca_extension_policy",
     "ak_leaf_extension_policy",
@@ -64,6 +74,15 @@ PINNED_ROOT_FINGERPRINTS: dict[str, str] = {"azure": AZURE_VTPM_ROOT_2023_SHA256
 # TCG key purpose "tcg-kp-AIKCertificate": the certified key is a TPM attestation key.
 TCG_KP_AIK_CERTIFICATE = x509.ObjectIdentifier("2.23.133.8.3")
 
+# The AK binding extension. Its OID is in the 2.25 arc, whose arcs are UUIDs as integers
+# (ITU-T X.667 | ISO/IEC 9834-8): a random UUID needs no registration. This one was minted
+# for AICert once; it must never change (certificates already issued carry it).
+AK_BINDING_UUID = uuid.UUID("6dd9c643-7d86-4b52-ba4b-055c61dcdc17")
+AK_BINDING_OID = x509.ObjectIdentifier(f"2.25.{AK_BINDING_UUID.int}")
+# TPM name algorithms the binding accepts (TPM_ALG_ID -> digest size): SHA-256 and stronger.
+_NAME_DIGEST_SIZES = {0x000B: 32, 0x000C: 48, 0x000D: 64}
+_DER_SEQUENCE, _DER_OCTET_STRING = 0x30, 0x04
+
 _AK_KEY_PURPOSES = frozenset({TCG_KP_AIK_CERTIFICATE, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE})
 _SHA256_HEX = re.compile("[0-9a-f]{64}")
 
@@ -80,6 +99,79 @@ class ChainVerification:
     # whole is valid between these two instants.
     not_before: datetime
     not_after: datetime
+
+
+@dataclass(frozen=True)
+class AkBinding:
+    """The AK binding extension's content::
+
+        AkBinding ::= SEQUENCE {
+            akName               OCTET STRING,  -- TPM name: nameAlg (2 bytes) || H(TPMT_PUBLIC)
+            ekCertificateSha256  OCTET STRING   -- SHA-256 of the EK certificate's DER (32 bytes)
+        }
+
+    The name is exactly what the TPM computes for the AK and what MakeCredential bound the
+    activation to, so it fixes every attribute bit of the AK's TPMT_PUBLIC, not only its key.
+    DER, short lengths only (the whole is under 128 bytes); decoding is strict.
+    """
+
+    ak_name: bytes
+    ek_certificate_sha256: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.ak_name) < 2:
+            raise ValueError("AK binding: the TPM name is shorter than its algorithm id")
+        algorithm = int.from_bytes(self.ak_name[:2], "big")
+        size = _NAME_DIGEST_SIZES.get(algorithm)
+        if size is None:
+            raise ValueError(f"AK binding: name algorithm 0x{algorithm:04x} is not SHA-2 256+")
+        if len(self.ak_name) != 2 + size:
+            raise ValueError(f"AK binding: a 0x{algorithm:04x} name is {2 + size} bytes")
+        if len(self.ek_certificate_sha256) != 32:
+            raise ValueError("AK binding: the EK certificate digest is not 32 bytes")
+
+    def to_der(self) -> bytes:
+        body = b"".join(
+            bytes([_DER_OCTET_STRING, len(value)]) + value
+            for value in (self.ak_name, self.ek_certificate_sha256)
+        )
+        return bytes([_DER_SEQUENCE, len(body)]) + body
+
+    def extension(self) -> x509.UnrecognizedExtension:
+        """The extension value to add (non-critical) to an AK certificate."""
+        return x509.UnrecognizedExtension(AK_BINDING_OID, self.to_der())
+
+    @classmethod
+    def from_der(cls, data: bytes) -> AkBinding:
+        """Decode; ValueError naming what is wrong for anything but the exact DER above."""
+        values: list[bytes] = []
+        if len(data) < 2 or data[0] != _DER_SEQUENCE or data[1] != len(data) - 2:
+            raise ValueError("AK binding: not one DER SEQUENCE with a short length")
+        position = 2
+        while position < len(data):
+            if position + 2 > len(data) or data[position] != _DER_OCTET_STRING:
+                raise ValueError(f"AK binding: byte {position}: expected an OCTET STRING")
+            length = data[position + 1]
+            if length >= 0x80 or position + 2 + length > len(data):
+                raise ValueError(f"AK binding: byte {position}: bad OCTET STRING length")
+            values.append(data[position + 2 : position + 2 + length])
+            position += 2 + length
+        if len(values) != 2:
+            raise ValueError(f"AK binding: {len(values)} fields, expected 2")
+        return cls(ak_name=values[0], ek_certificate_sha256=values[1])
+
+    @classmethod
+    def of(cls, certificate: x509.Certificate) -> AkBinding | None:
+        """The binding a certificate carries, None when it has no such extension; a
+        malformed one is a ValueError."""
+        try:
+            extension = certificate.extensions.get_extension_for_oid(AK_BINDING_OID)
+        except x509.ExtensionNotFound:
+            return None
+        value = extension.value
+        if not isinstance(value, x509.UnrecognizedExtension):
+            raise ValueError("AK binding: the extension did not decode as raw bytes")
+        return cls.from_der(value.value)
 
 
 def fingerprint_sha256(certificate: x509.Certificate) -> str:

@@ -48,6 +48,7 @@ from aicert.appevents import (
     SourceEvent,
     event_digest,
 )
+from aicert.chain import AkBinding
 from aicert.errors import EventLogError
 from aicert.flows.assemble import PLATFORM_DESCRIPTIONS, assemble_certificate
 from aicert.flows.providers.base import EnrolledKey
@@ -69,7 +70,7 @@ from aicert.model import (
     RunInfo,
 )
 from aicert.tcg_eventlog import EV_NO_ACTION, parse_event_log
-from aicert.tpm_structures import TPM_ALG_RSASSA, TPM_ALG_SHA256
+from aicert.tpm_structures import TPM_ALG_RSASSA, TPM_ALG_SHA256, parse_tpmt_public
 
 PlatformKind = Literal["local", "qemu", "azure"]
 
@@ -496,20 +497,39 @@ def _certificate_without_interpretation(
 # -- software keys: evidence no TPM would sign -------------------------------------------
 
 
+def ak_binding_for(ak_public: bytes, ek_certificate_pem: str | None) -> AkBinding:
+    """The AK binding extension the platform CA would add for this TPMT_PUBLIC and EK
+    certificate (no EK certificate: the digest of nothing, which no certificate matches)."""
+    ek_der = (
+        x509.load_pem_x509_certificate(ek_certificate_pem.encode()).public_bytes(
+            serialization.Encoding.DER
+        )
+        if ek_certificate_pem is not None
+        else b""
+    )
+    return AkBinding(
+        ak_name=parse_tpmt_public(ak_public).name(),
+        ek_certificate_sha256=hashlib.sha256(ek_der).digest(),
+    )
+
+
 def issue_ak_certificate(
     ca_dir: Path,
     public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey,
     common_name: str = "AICert AK (software key, test only)",
+    binding: AkBinding | x509.UnrecognizedExtension | None = None,
 ) -> str:
     """An AK certificate in the platform CA's profile, signed with the CA key in ``ca_dir``,
     WITHOUT credential activation: a CA that was fooled or misbehaves. Hand-written because
-    ``PlatformCA`` (rightly) certifies only keys that passed activation and its AK checks."""
+    ``PlatformCA`` (rightly) certifies only keys that passed activation and its AK checks.
+    ``binding``: the AK binding extension to add (an ``AkBinding``, or any raw extension
+    value under its OID); None: none, as no platform CA issues since it has one."""
     ca_key = serialization.load_pem_private_key((ca_dir / CA_KEY_FILE).read_bytes(), None)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise TypeError("the platform CA key is not an EC key")
     ca_certificate = PlatformCA.load_or_create(ca_dir).certificate
     now = datetime.now(UTC)
-    certificate = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_certificate.subject)
@@ -536,8 +556,11 @@ def issue_ak_certificate(
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
         )
-        .sign(ca_key, hashes.SHA256())
     )
+    if binding is not None:
+        value = binding.extension() if isinstance(binding, AkBinding) else binding
+        builder = builder.add_extension(value, critical=False)
+    certificate = builder.sign(ca_key, hashes.SHA256())
     return certificate.public_bytes(serialization.Encoding.PEM).decode()
 
 
@@ -548,6 +571,7 @@ class SoftwareAk:
     key: rsa.RSAPrivateKey
     public_bytes: bytes  # TPMT_PUBLIC, claiming the attributes asked for
     chain: list[str]
+    ek_certificate_pem: str | None = None  # the EK certificate its AK binding names
 
     def sign_attest(self, attest: bytes) -> bytes:
         """TPMT_SIGNATURE (RSASSA, SHA-256) over ``attest``: what a TPM would return."""
@@ -555,23 +579,31 @@ class SoftwareAk:
         return struct.pack(">HHH", TPM_ALG_RSASSA, TPM_ALG_SHA256, len(signature)) + signature
 
 
-def software_ak(ca: PlatformCA, ca_dir: Path, *, restricted: bool) -> SoftwareAk:
+def software_ak(
+    ca: PlatformCA, ca_dir: Path, *, restricted: bool, ek_certificate_pem: str | None = None
+) -> SoftwareAk:
+    """A software key certified by the CA in ``ca_dir`` with the AK binding of its TPMT_PUBLIC
+    and of ``ek_certificate_pem`` (the certificate ``with_software_quote`` then carries)."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     template = ak_template()
     attributes = AK_ATTRIBUTES if restricted else AK_ATTRIBUTES & ~TPMA_OBJECT.RESTRICTED
     template.objectAttributes = attributes
     template.unique.rsa = key.public_key().public_numbers().n.to_bytes(256, "big")
     public_bytes = bytes(template.marshal())
-    chain = [issue_ak_certificate(ca_dir, key.public_key()), ca.certificate_pem]
-    return SoftwareAk(key=key, public_bytes=public_bytes, chain=chain)
+    binding = ak_binding_for(public_bytes, ek_certificate_pem)
+    chain = [issue_ak_certificate(ca_dir, key.public_key(), binding=binding), ca.certificate_pem]
+    return SoftwareAk(
+        key=key, public_bytes=public_bytes, chain=chain, ek_certificate_pem=ek_certificate_pem
+    )
 
 
 def with_software_quote(made: MadeCertificate, ak: SoftwareAk, attest: bytes) -> MadeCertificate:
-    """``made`` re-signed: ``attest`` signed by the software AK, whose public and chain
-    replace the TPM AK's."""
+    """``made`` re-signed: ``attest`` signed by the software AK, whose public, chain and EK
+    certificate (the one its AK binding names, or none) replace the TPM AK's."""
 
     def mutate(document: dict[str, Any]) -> None:
         attestation = document["attestation"]
+        attestation["ek"]["certificate"] = ak.ek_certificate_pem
         attestation["quote"]["attest"] = b64(attest)
         attestation["quote"]["signature"] = b64(ak.sign_attest(attest))
         attestation["ak"]["public"] = b64(ak.public_bytes)

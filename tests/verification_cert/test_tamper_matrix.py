@@ -51,6 +51,7 @@ from .factory import (
     CertificateFactory,
     MadeCertificate,
     TpmRig,
+    ak_binding_for,
     b64,
     flip_bit_b64,
     issue_ak_certificate,
@@ -154,10 +155,12 @@ def test_ak_public_of_another_tpm_is_refused(base: MadeCertificate, other_rig: T
 def test_certified_ak_of_another_tpm_does_not_verify_this_quote(
     base: MadeCertificate, other_rig: TpmRig
 ) -> None:
-    # The other TPM's AK with its own valid chain (same CA): the quote was not signed by it.
+    # The other TPM's AK with its own valid chain (same CA) and the EK certificate its AK
+    # binding names: the quote was not signed by it.
     def mutate(document: dict[str, Any]) -> None:
         document["attestation"]["ak"]["public"] = b64(other_rig.ak.public_bytes)
         document["attestation"]["ak"]["certificate_chain"] = other_rig.chain
+        document["attestation"]["ek"]["certificate"] = other_rig.ek_certificate_pem
 
     assert_caught(base, mutate, QuoteSignatureError, "does not verify with the AK")
 
@@ -214,7 +217,8 @@ def test_sha1_signed_quote_is_refused(
     attest, signature, public = factory.sha1_quote(base)
     assert struct.unpack(">HH", signature[:4]) == (0x0014, 0x0004)  # RSASSA, SHA-1
     sha1_key = parse_tpmt_public(public).to_cryptography_key()
-    chain = [issue_ak_certificate(rig.ca_dir, sha1_key), rig.ca.certificate_pem]
+    binding = ak_binding_for(public, rig.ek_certificate_pem)
+    chain = [issue_ak_certificate(rig.ca_dir, sha1_key, binding=binding), rig.ca.certificate_pem]
 
     def mutate(document: dict[str, Any]) -> None:
         attestation = document["attestation"]
