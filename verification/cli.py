@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 import aicert
-from aicert.errors import MalformedCertificateError, VerificationError
+from aicert.errors import MalformedCertificateError, PlatformError, VerificationError
 from aicert.reference_values import load_reference_values
+from aicert.verify import load_trust_roots
 
 app = typer.Typer(
     name="aicert",
@@ -94,10 +95,16 @@ def verify(
             raise typer.Exit(2)
         expected[name] = digest
     try:
+        # The verifier's own inputs: an unreadable or invalid file is bad input (exit 2),
+        # not a certificate that failed verification.
+        roots = load_trust_roots(trust_root or [])
         references = [load_reference_values(path) for path in reference_values or []]
+    except (ValueError, PlatformError) as exc:
+        _fail(exc, as_json, code=2)
+    try:
         report = aicert.load(certificate).verify(
             reference_values=references,
-            trusted_roots=list(trust_root or []),
+            trusted_roots=roots,
             expected_inputs=expected or None,
             allow_dev_platform=allow_dev_platform,
             model=model,
@@ -118,7 +125,7 @@ def verify(
     console.print(_io_table(report))
 
 
-def _fail(exc: Exception, as_json: bool, code: int) -> None:
+def _fail(exc: Exception, as_json: bool, code: int) -> NoReturn:
     if as_json:
         print(json.dumps({"verified": False, "error": type(exc).__name__, "message": str(exc)}))
     else:

@@ -14,10 +14,13 @@ import binascii
 import json
 import os
 import tempfile
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -31,24 +34,100 @@ from pydantic import (
     field_validator,
 )
 
+from aicert.bounded_json import JsonLimits, check_json
 from aicert.errors import MalformedCertificateError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+    from aicert.reference_values import PlatformReferenceValues
+    from aicert.verify import TrustRoot, VerificationReport
 
 FORMAT = "aicert/v1"
 
 # Limits: a certificate is evidence from an untrusted party; refuse absurd sizes before
-# any parsing work is spent on them.
+# any parsing work is spent on them. Sized from a real large certificate (100,000 output files
+# of a dataset-like folder, made by tests/verification_cert/factory.py): 45.9 MB, 2.2 million
+# JSON values and keys, nesting depth 7 (tests/benchmarks/bench_parse_limits.py measures it).
 MAX_CERTIFICATE_BYTES = 64 * 1024 * 1024
-MAX_EVENTS = 100_000
+# Events per list: 100,000 output files plus up to 20,000 inputs (packages, resources).
+MAX_EVENTS = 120_000
 MAX_BOOT_EVENT_LOG_BYTES = 16 * 1024 * 1024
 MAX_CHAIN_LENGTH = 8
 MAX_PEM_CHARS = 16 * 1024
+# The JSON shape, checked on the raw bytes before any object tree is built
+# (aicert.bounded_json). Values and keys: 22 per output file (record + event), 25 per input,
+# so 120,000 events take about 2.7 million; the rest is room for the measured config.
+MAX_JSON_VALUES = 3_000_000
+# Nesting: a certificate is 7 deep; the measured config is YAML a person wrote.
+MAX_JSON_DEPTH = 64
+# One string, as written between its quotes: the longest legitimate one is the base64 of the
+# largest boot event log; every other string has a schema limit of at most MAX_PEM_CHARS.
+MAX_JSON_STRING_BYTES = 4 * ((MAX_BOOT_EVENT_LOG_BYTES + 2) // 3)
+# Digits in a row in a number literal: sizes are below 2**64 (20 digits), a double's shortest
+# form has 17; a 100,000-digit integer is refused before int() (quadratic) ever sees it.
+MAX_JSON_NUMBER_CHARS = 40
+# Escape sequences (backslashes) in the whole certificate: a certificate has a few (line
+# breaks of its PEM chain); the measured config is at most 256 KiB of YAML. Each escape costs
+# the RFC 8785 canonicalizer a Python call when an event is hashed.
+MAX_JSON_ESCAPES = 256 * 1024
+CERTIFICATE_JSON_LIMITS = JsonLimits(
+    max_bytes=MAX_CERTIFICATE_BYTES,
+    max_values=MAX_JSON_VALUES,
+    max_depth=MAX_JSON_DEPTH,
+    max_string_bytes=MAX_JSON_STRING_BYTES,
+    max_number_chars=MAX_JSON_NUMBER_CHARS,
+    max_escapes=MAX_JSON_ESCAPES,
+)
+# Times (run start and end, event timestamps, the caller's at_time): years 2000 to 9000 in
+# UTC, any offset under a day. Far from datetime's year 1 and 9999, where converting an
+# offset to UTC overflows (9999-12-31T23:59:59-23:59 raised OverflowError before any check).
+EARLIEST_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST_TIME = datetime(9000, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
 
 
-def _b64decode(value: Any) -> Any:
+def check_time(value: datetime, name: str) -> datetime:
+    """``value`` in UTC, if it is an aware datetime between EARLIEST_TIME and LATEST_TIME.
+
+    Args:
+        value: the time to check.
+        name: what it is, for the error message (a field or argument name).
+
+    Raises:
+        TypeError: ``value`` is not a datetime.
+        ValueError: it has no timezone, or is out of range; the message names ``name``.
+    """
+    if not isinstance(value, datetime):
+        raise TypeError(f"{name} must be a datetime, not {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} has no timezone (a naive datetime is ambiguous)")
+    # The local year first: within it, the conversion below cannot overflow.
+    if not EARLIEST_TIME.year <= value.year <= LATEST_TIME.year or not (
+        EARLIEST_TIME <= value.astimezone(UTC) <= LATEST_TIME
+    ):
+        raise ValueError(
+            f"{name} {value.isoformat()} is outside {EARLIEST_TIME.isoformat()} to "
+            f"{LATEST_TIME.isoformat()}"
+        )
+    return value.astimezone(UTC)
+
+
+def _bounded_time(value: datetime) -> datetime:
+    check_time(value, "the time")
+    return value
+
+
+BoundedTime = Annotated[AwareDatetime, AfterValidator(_bounded_time)]
+
+
+def _b64decode(value: Any, max_length: int) -> Any:
     if isinstance(value, bytes | bytearray):
         return bytes(value)
     if not isinstance(value, str):
         raise ValueError("expected a base64 string")
+    # Refused before decoding: a 60 MB string for a 4 KB field costs no 45 MB allocation.
+    if len(value) > 4 * ((max_length + 2) // 3):
+        raise ValueError(f"base64 of more than {max_length} bytes")
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -62,7 +141,7 @@ def _b64encode(value: bytes) -> str:
 def Base64Bytes(max_length: int) -> Any:
     return Annotated[
         bytes,
-        BeforeValidator(_b64decode),
+        BeforeValidator(partial(_b64decode, max_length=max_length)),
         Field(max_length=max_length),
         PlainSerializer(_b64encode, return_type=str, when_used="json"),
         WithJsonSchema({"type": "string", "contentEncoding": "base64"}),
@@ -106,8 +185,8 @@ class RunInfo(_Strict):
     id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")]
     project: ShortText
     provider: PlatformKind
-    started_at: AwareDatetime
-    finished_at: AwareDatetime
+    started_at: BoundedTime
+    finished_at: BoundedTime
     exit_code: int
     duration_ms: Annotated[int, Field(ge=0)]
     runtime_version: ShortText
@@ -189,10 +268,16 @@ class Certificate(_Strict):
 
     @classmethod
     def from_json_bytes(cls, data: bytes, *, source: str = "certificate") -> Certificate:
-        if len(data) > MAX_CERTIFICATE_BYTES:
-            raise MalformedCertificateError(
-                f"{source}: {len(data)} bytes exceeds the {MAX_CERTIFICATE_BYTES}-byte limit"
-            )
+        """Parse a certificate (shape limits, duplicate keys, schema; nothing verified yet).
+
+        Args:
+            data: the certificate file's bytes.
+            source: names it in error messages.
+
+        Raises:
+            MalformedCertificateError: naming the limit, key or field that is wrong.
+        """
+        check_json(data, CERTIFICATE_JSON_LIMITS, source)
         try:
             return cls.model_validate_json(data)
         except ValidationError as exc:
@@ -206,12 +291,34 @@ class Certificate(_Strict):
 
     # -- verification (defined in aicert.verify, bound here for the public API) ------------
 
-    def verify(self, **kwargs: Any) -> Any:
+    def verify(
+        self,
+        *,
+        trusted_roots: Iterable[TrustRoot] = (),
+        expected_inputs: Mapping[str, str] | None = None,
+        at_time: datetime | None = None,
+        allow_dev_platform: bool = False,
+        model: str | os.PathLike[str] | None = None,
+        reference_values: PlatformReferenceValues | Iterable[PlatformReferenceValues] | None = None,
+    ) -> VerificationReport:
+        """Verify this certificate: ``aicert.verify.verify_certificate`` (same arguments)."""
         from aicert.verify import verify_certificate
 
-        return verify_certificate(self, **kwargs)
+        return verify_certificate(
+            self,
+            trusted_roots=trusted_roots,
+            expected_inputs=expected_inputs,
+            at_time=at_time,
+            allow_dev_platform=allow_dev_platform,
+            model=model,
+            reference_values=reference_values,
+        )
 
-    def verify_artifact(self, path: str | os.PathLike[str]) -> Any:
+    def verify_artifact(self, path: str | os.PathLike[str]) -> int:
+        """Re-hash a model file or folder against the measured outputs; the matched count.
+
+        See ``aicert.verify.verify_artifact``: the quote and chain are not checked.
+        """
         from aicert.verify import verify_artifact
 
         return verify_artifact(self, Path(path))

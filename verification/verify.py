@@ -47,7 +47,7 @@ from aicert.errors import (
     VerificationError,
 )
 from aicert.hashing import UnsafePathError, hash_tree, sha256_file
-from aicert.model import Certificate, InputRecord, OutputRecord
+from aicert.model import Certificate, InputRecord, OutputRecord, check_time
 from aicert.quote import verify_quote
 from aicert.reference_values import (
     REFERENCE_VALUE_SET_TYPES,
@@ -119,23 +119,96 @@ class VerificationReport:
 
 
 TrustRoot = x509.Certificate | str | bytes | os.PathLike[str]
+# A trust root file is one PEM certificate or a few; a bigger file is not one.
+MAX_TRUST_ROOT_FILE_BYTES = 1024 * 1024
 
 
-def _load_roots(trusted_roots: Iterable[TrustRoot]) -> list[x509.Certificate]:
+def load_trust_roots(trusted_roots: Iterable[TrustRoot]) -> list[x509.Certificate]:
+    """The caller's trust anchors as certificates: each an ``x509.Certificate``, PEM text or
+    bytes, or the path of a PEM file (each PEM may hold several certificates).
+
+    A wrong root is the caller's mistake, not the certificate's fault: it raises ``TypeError``
+    or ``ValueError`` naming ``trusted_roots[i]``, never a ``VerificationError``.
+
+    Args:
+        trusted_roots: the anchors (a list or other iterable, not one root on its own).
+
+    Raises:
+        TypeError: ``trusted_roots`` is a single str, bytes or path, or holds something that
+            is none of the above (an int, None, a key).
+        ValueError: a root is a file that cannot be read or a folder, or is not PEM
+            certificate data (a random file, a PEM private key or CSR).
+    """
+    if isinstance(trusted_roots, str | bytes | bytearray | os.PathLike | x509.Certificate):
+        raise TypeError(
+            "trusted_roots must be a list of roots, not one "
+            f"{type(trusted_roots).__name__} (pass [root])"
+        )
     roots: list[x509.Certificate] = []
-    for root in trusted_roots:
+    for index, root in enumerate(trusted_roots):
+        name = f"trusted_roots[{index}]"
         if isinstance(root, x509.Certificate):
             roots.append(root)
-        elif isinstance(root, bytes) or (isinstance(root, str) and "-----BEGIN" in root):
-            roots.extend(load_pem_certificates(root))
-        else:
+            continue
+        if isinstance(root, bytes | bytearray) or (isinstance(root, str) and "-----BEGIN" in root):
+            data, where = bytes(root) if not isinstance(root, str) else root, "PEM data"
+        elif isinstance(root, str | os.PathLike):
+            where = str(root)
             try:
-                roots.extend(load_pem_certificates(Path(root).read_bytes()))
+                with Path(root).open("rb") as handle:
+                    data = handle.read(MAX_TRUST_ROOT_FILE_BYTES + 1)
             except OSError as exc:
-                raise CertificateChainError(
-                    f"trusted root {root}: cannot read: {exc.strerror}"
-                ) from None
+                raise ValueError(f"{name} {where}: cannot read: {exc.strerror or exc}") from None
+            if len(data) > MAX_TRUST_ROOT_FILE_BYTES:
+                raise ValueError(
+                    f"{name} {where}: larger than {MAX_TRUST_ROOT_FILE_BYTES} bytes, "
+                    "not a PEM certificate file"
+                )
+        else:
+            raise TypeError(
+                f"{name} must be an x509.Certificate, PEM str or bytes, or a path, "
+                f"not {type(root).__name__}"
+            )
+        try:
+            roots.extend(load_pem_certificates(data))
+        except CertificateChainError as exc:
+            raise ValueError(f"{name} {where}: {exc}") from None
     return roots
+
+
+def _judge_time(at_time: datetime | None, claimed: datetime) -> datetime:
+    """The time the AK chain is judged at, in UTC: the caller's ``at_time`` (an aware
+    datetime in range: TypeError or ValueError naming it otherwise) or the run's end."""
+    if at_time is None:
+        return claimed.astimezone(UTC)  # bounded by the schema (aicert.model.check_time)
+    return check_time(at_time, "at_time")
+
+
+_LOAD_HINT = "aicert.reference_values.load_reference_values(path)"
+
+
+def _reference_sets(
+    given: PlatformReferenceValues | Iterable[PlatformReferenceValues] | None,
+) -> tuple[PlatformReferenceValues, ...]:
+    """The caller's reference-value sets; anything else is a TypeError naming the argument
+    (a path given for a set loaded with ``load_reference_values(path)``)."""
+    if given is None:
+        return ()
+    if isinstance(given, REFERENCE_VALUE_SET_TYPES):
+        return (given,)
+    if isinstance(given, str | bytes | os.PathLike) or not isinstance(given, Iterable):
+        raise TypeError(
+            "reference_values must be a reference-value set or a list of them, not "
+            f"{type(given).__name__}; load a file with {_LOAD_HINT}"
+        )
+    sets = tuple(given)
+    for index, item in enumerate(sets):
+        if not isinstance(item, REFERENCE_VALUE_SET_TYPES):
+            raise TypeError(
+                f"reference_values[{index}] must be a reference-value set, not "
+                f"{type(item).__name__}; load a file with {_LOAD_HINT}"
+            )
+    return sets
 
 
 def verify_certificate(
@@ -159,15 +232,18 @@ def verify_certificate(
     several to choose from by the id the certificate names) that judge a qemu or azure boot
     chain.
     """
+    # The caller's arguments first: a mistake there is a TypeError or ValueError naming the
+    # argument, not a verification failure of the certificate.
+    judge_time = _judge_time(at_time, certificate.run.finished_at)
+    roots = load_trust_roots(trusted_roots)
+    reference_values = _reference_sets(reference_values)
     checks: list[Check] = []
     attestation = certificate.attestation
 
     # 2. AK certificate chain to a trusted root, at the run's time or the caller's.
-    claimed_time = certificate.run.finished_at
-    judge_time = (at_time or claimed_time).astimezone(UTC)
     chain = verify_ak_chain(
         attestation.ak.certificate_chain,
-        trusted_roots=_load_roots(trusted_roots),
+        trusted_roots=roots,
         pinned_root_fingerprints=list(PINNED_ROOT_FINGERPRINTS.values()),
         at_time=judge_time,
     )
@@ -531,6 +607,7 @@ __all__ = [
     "Check",
     "VerificationError",
     "VerificationReport",
+    "load_trust_roots",
     "verify_artifact",
     "verify_certificate",
 ]
