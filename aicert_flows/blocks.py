@@ -217,10 +217,14 @@ class QemuPlatform(PlatformBlock):
         title="Guest image",
         description="Image id (qemu-...), folder or manifest; empty means the last one built.",
     )
-    accel: Literal["auto", "tcg", "kvm"] = Field(
-        default="auto",
+    accel: Literal["auto", "tcg", "kvm"] | None = Field(
+        default=None,
         title="Accelerator",
-        description="auto: KVM when it works on this host, else software emulation (tcg).",
+        description=(
+            "auto: KVM when a probe boots the firmware under it on this host, else software "
+            "emulation (tcg; a VM that dies of KVM is booted again with tcg); empty means "
+            "$AICERT_QEMU_ACCEL, else auto."
+        ),
     )
     memory_mib: int = Field(
         default=DEFAULT_QEMU_MEMORY_MIB,

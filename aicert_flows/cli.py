@@ -9,10 +9,11 @@ where its outputs and logs are kept, and exit 130 / 143.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -43,8 +44,25 @@ def run(
     outputs_dir: Annotated[
         Path | None, typer.Option(help="Copy the certified outputs (the model) here.")
     ] = None,
+    qemu_accel: Annotated[
+        Literal["auto", "tcg", "kvm"] | None,
+        typer.Option(
+            "--qemu-accel",
+            help="qemu provider: the accelerator (default: $AICERT_QEMU_ACCEL, else auto: "
+            "KVM when a probe boots the firmware under it, else tcg).",
+        ),
+    ] = None,
 ) -> None:
     """Certify a training run: measure inputs, train without network, measure outputs, quote."""
+    if qemu_accel is not None:
+        if provider != "qemu":
+            error_console.print("[bold red]--qemu-accel[/bold red] applies to --provider qemu")
+            raise typer.Exit(2)
+        from aicert.flows.providers.qemu import ACCEL_ENV
+
+        # The flow builds the provider from its name: the option reaches it through the
+        # variable the provider reads, overriding the environment's value.
+        os.environ[ACCEL_ENV] = qemu_accel
     from aicert.flows.output_target import OutputTargetError, check_output_target
     from aicert.guest_runtime.config import ConfigError, load_config
 

@@ -8,9 +8,27 @@ initrd into PCR 9, and the guest agent reaches the TPM through ``/dev/tpmrm0``. 
 port 8080 is forwarded to a free loopback port; qemu's user-mode network is restricted, so
 the guest reaches nothing outside the VM.
 
-Software emulation (``-accel tcg``) is the default: KVM fails on these machines. A VM that
-does not answer within ``boot_timeout_s`` is reported by ``machine_problem`` (and torn down
-by ``boot``), with the tail of its serial console.
+The accelerator: ``accel`` (the argument, a ``QemuPlatform`` block's field or ``aicert run
+--qemu-accel``) when given, else ``$AICERT_QEMU_ACCEL``, else ``auto``; any other value than
+``auto``, ``tcg`` or ``kvm`` is an error. ``auto`` uses KVM only when ``probe_kvm`` saw guest
+code run under it: the real OVMF firmware, booted with no disk under ``-accel kvm`` with the
+provider's CPU model, must write to its serial console within ``KVM_PROBE_TIMEOUT_S``. It
+answers no when /dev/kvm is missing or not ours, when qemu aborts as the vCPU starts ("failed
+to set MSR"), when qemu reports ``KVM internal error`` / ``emulation failure`` (the guest
+hangs, paused) and when nothing comes out in time. A paused VM that only survives a moment
+is not enough: on some machines KVM sets up the vCPU and then fails on OVMF's first
+instructions. The verdict is cached for the process (a failure answers in well under a
+second, a working KVM in about one).
+
+A boot that still dies of KVM (the internal error in qemu's log, or the VM in run state
+``internal-error`` on its monitor) is booted again under ``-accel tcg`` when the setting was
+``auto``: ``machine_problem`` tears that VM and its vTPM process down, logs why, starts them
+again (same vTPM state, fresh firmware variables; the failed attempt's logs kept as
+``qemu-kvm.log`` and ``serial-kvm.log``) and records ``accel: tcg`` and ``kvm_failure`` in the
+machine's details; later VMs of the process go straight to tcg. With an explicit ``kvm`` the
+failure is reported at once, naming the cause. A VM that does not answer within
+``boot_timeout_s`` is reported by ``machine_problem`` (and torn down by ``boot``), with the
+tail of its serial console.
 """
 
 from __future__ import annotations
@@ -25,9 +43,11 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from aicert.flows.providers.base import EnrolledKey, Machine, Provider
 from aicert.flows.providers.enrollment import enroll_with_platform_ca
@@ -47,6 +67,7 @@ from aicert.reference_values import (
 log = logging.getLogger(__name__)
 
 Accelerator = Literal["auto", "tcg", "kvm"]
+ACCEL_ENV = "AICERT_QEMU_ACCEL"
 
 QEMU_BINARY = "qemu-system-x86_64"
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
@@ -58,14 +79,32 @@ DEFAULT_SMP = 2
 DEFAULT_BOOT_TIMEOUT_S = 180.0
 SWTPM_START_TIMEOUT_S = 10.0
 HOSTFWD_ATTEMPTS = 4
-KVM_PROBE_S = 2.0
+KVM_DEVICE = Path("/dev/kvm")
+# OVMF reaches its console in about a second under a working KVM (6 s under tcg here): a
+# probe still silent after this long is a hang (qemu paused on an error it did not print).
+KVM_PROBE_TIMEOUT_S = 5.0
+KVM_PROBE_MEMORY_MIB = 256
+KVM_LOG_BYTES = 64 * 1024
+MONITOR_ANSWER_BYTES = 1 << 20
+MONITOR_TIMEOUT_S = 2.0
 LOG_TAIL_BYTES = 3000
 INPUTS_DISK = "inputs.tar"
 MONITOR_SOCKET = "monitor.sock"
+QEMU_PIDFILE = "qemu.pid"
+SWTPM_PIDFILE = "swtpm.pid"
+# Where a VM's logs go when it is booted again with tcg (the details naming them, new names).
+KVM_LOGS = {"qemu_log": "qemu-kvm.log", "serial_log": "serial-kvm.log"}
 # Lines of the guest's serial console that mean it will never come up.
 _FATAL_CONSOLE = re.compile(
     r"aicert-init: FAILED.*|Kernel panic.*|the guest agent exited.*|"
     r"BdsDxe: failed to load Boot\S+.*|No bootable option or device was found.*"
+)
+# What qemu prints when KVM cannot run the guest: the internal error (then the VM is paused,
+# so qemu stays up and the guest hangs) or a vCPU it could not set up (then qemu aborts).
+_KVM_FAILURE = re.compile(
+    r"KVM internal error.*|emulation failure.*|error: failed to set MSR.*|"
+    r"kvm_\w+: Assertion.*|Could not access KVM kernel module.*|failed to initialize kvm.*",
+    re.IGNORECASE,
 )
 
 
@@ -119,6 +158,14 @@ def _tail(path: Path, max_bytes: int = LOG_TAIL_BYTES) -> str:
         return "(no log)"
 
 
+def _read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text()[:32].strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -146,25 +193,235 @@ def qemu_version() -> str:
     return match.group(1)
 
 
-_kvm_usable: bool | None = None
+def accel_from(argument: str | None) -> tuple[Accelerator, str]:
+    """The accelerator asked for, and who asked: ``argument`` (a block's field, the CLI)
+    when given, else ``$AICERT_QEMU_ACCEL`` when set and not empty, else ``auto``.
+
+    Raises:
+        QemuProviderError: the argument or the variable is not auto, tcg or kvm.
+    """
+    if argument is not None:
+        return _valid_accel(argument, "accel"), "argument"
+    configured = os.environ.get(ACCEL_ENV, "")
+    if configured.strip():
+        return _valid_accel(configured, ACCEL_ENV), ACCEL_ENV
+    return "auto", "default"
+
+
+def _valid_accel(value: str, origin: str) -> Accelerator:
+    choices: tuple[Accelerator, ...] = get_args(Accelerator)
+    for choice in choices:
+        if value.strip().lower() == choice:
+            return choice
+    raise QemuProviderError(
+        f"{origin}={value[:40]!r} is not a qemu accelerator: choose one of {', '.join(choices)}"
+    )
+
+
+@dataclass(frozen=True)
+class KvmVerdict:
+    """What the KVM probe found.
+
+    Attributes:
+        usable: OVMF ran under KVM up to its console.
+        reason: Why (the first line of qemu's complaint, or how far the firmware got).
+        seconds: How long the probe took.
+    """
+
+    usable: bool
+    reason: str
+    seconds: float
+
+
+def probe_kvm(
+    cpu: str = CPU_MODEL,
+    timeout_s: float = KVM_PROBE_TIMEOUT_S,
+    device: Path = KVM_DEVICE,
+) -> KvmVerdict:
+    """Boot the provider's OVMF firmware under KVM, with no disk, and watch it run.
+
+    KVM is usable when the firmware writes to its serial console (its boot manager's first
+    output: SEC, PEI and DXE ran as guest code) within ``timeout_s``. It is not when
+    ``device`` is missing or not readable and writable, when qemu exits (e.g. it aborts as
+    the vCPU starts: "failed to set MSR"), when qemu's log reports a KVM internal error or an
+    emulation failure (it then stays up, the guest paused), or when the console stays empty
+    (a hang). Not cached: ``kvm_verdict`` is.
+
+    Args:
+        cpu: The qemu CPU model (the provider's by default; KVM may take one and not another).
+        timeout_s: How long the firmware may take to reach its console.
+        device: The KVM device node.
+
+    Returns:
+        The verdict, its reason and the probe's duration.
+    """
+    started = time.monotonic()
+
+    def verdict(usable: bool, reason: str) -> KvmVerdict:
+        return KvmVerdict(usable, reason, round(time.monotonic() - started, 3))
+
+    binary = shutil.which(QEMU_BINARY)
+    if binary is None:
+        return verdict(False, f"{QEMU_BINARY} not found")
+    if not device.exists():
+        return verdict(False, f"{device} does not exist (no KVM in this kernel or container)")
+    if not os.access(device, os.R_OK | os.W_OK):
+        return verdict(False, f"no permission to use {device} (not in its group?)")
+    if not OVMF_CODE.is_file() or not OVMF_VARS.is_file():
+        return verdict(False, f"{OVMF_CODE} or {OVMF_VARS} is missing (apt-get install ovmf)")
+    with tempfile.TemporaryDirectory(prefix="aicert-kvm-probe-") as folder:
+        work = Path(folder)
+        vars_copy, console, qemu_log = work / "vars.fd", work / "serial.log", work / "qemu.log"
+        shutil.copyfile(OVMF_VARS, vars_copy)
+        marker = f"aicert-kvm-probe-{os.getpid()}-{work.name}"
+        command = _firmware_vm(binary, marker, "kvm", cpu, DEFAULT_SMP, KVM_PROBE_MEMORY_MIB)
+        command += [
+            "-drive",
+            f"if=pflash,format=raw,unit=1,file={vars_copy}",
+            "-serial",
+            f"file:{console}",
+        ]
+        with qemu_log.open("wb") as output:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            deadline = started + timeout_s
+            while True:
+                # The error first: qemu may print it after the firmware wrote something.
+                failure = kvm_failure_in(qemu_log)
+                if failure is not None:
+                    return verdict(False, failure)
+                if console.is_file() and console.stat().st_size > 0:
+                    return verdict(True, "OVMF reached its console under KVM")
+                if process.poll() is not None:
+                    return verdict(
+                        False,
+                        f"qemu exited ({process.returncode}) under KVM: "
+                        f"{_tail(qemu_log, 500) or '(nothing on stderr)'}",
+                    )
+                if time.monotonic() > deadline:
+                    return verdict(
+                        False,
+                        f"OVMF wrote nothing on its console within {timeout_s:g} s under KVM "
+                        "(the guest hangs)",
+                    )
+                time.sleep(0.02)
+        finally:
+            _terminate(process.pid, marker)
+
+
+def _firmware_vm(
+    binary: str, name: str, accel: str, cpu: str, smp: int, memory_mib: int
+) -> list[str]:
+    """The start of a qemu command line: the provider's machine and OVMF firmware (its
+    variables are the caller's copy), no default devices, no display, no reboot."""
+    return [
+        binary,
+        "-name",
+        name,
+        "-machine",
+        MACHINE_TYPE,
+        "-accel",
+        accel,
+        "-cpu",
+        cpu,
+        "-smp",
+        str(smp),
+        "-m",
+        str(memory_mib),
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-drive",
+        f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+    ]
+
+
+def kvm_failure_in(qemu_log: Path) -> str | None:
+    """The lines of qemu's log saying KVM could not run the guest, joined, or None."""
+    try:
+        with qemu_log.open("rb") as handle:
+            text = handle.read(KVM_LOG_BYTES).decode(errors="replace")
+    except OSError:
+        return None
+    lines = [match.group(0).strip() for match in _KVM_FAILURE.finditer(text)]
+    return "; ".join(dict.fromkeys(lines))[:500] or None
+
+
+_kvm_verdict: KvmVerdict | None = None
+_kvm_verdict_lock = threading.Lock()
+
+
+def kvm_verdict() -> KvmVerdict:
+    """``probe_kvm`` once per process (or what a failed KVM boot taught it since)."""
+    global _kvm_verdict
+    with _kvm_verdict_lock:
+        if _kvm_verdict is None:
+            _kvm_verdict = probe_kvm()
+            log.info(
+                "KVM probe: %s in %.2f s (%s)",
+                "usable" if _kvm_verdict.usable else "not usable",
+                _kvm_verdict.seconds,
+                _kvm_verdict.reason,
+            )
+        return _kvm_verdict
 
 
 def kvm_usable() -> bool:
-    """Whether qemu can run a VM with KVM here. /dev/kvm being there is not enough: on these
-    machines qemu aborts as the vCPU starts ("failed to set MSR"), so a paused VM is started
-    and must survive a moment. Cached for the process."""
-    global _kvm_usable
-    if _kvm_usable is None:
-        _kvm_usable = False
-        binary = shutil.which(QEMU_BINARY)
-        if binary is not None and os.access("/dev/kvm", os.R_OK | os.W_OK):
-            probe = [binary, "-machine", MACHINE_TYPE, "-accel", "kvm", "-cpu", CPU_MODEL]
-            probe += ["-nodefaults", "-display", "none", "-S", "-m", "64"]
-            try:
-                subprocess.run(probe, capture_output=True, timeout=KVM_PROBE_S, check=False)
-            except subprocess.TimeoutExpired:
-                _kvm_usable = True  # still running: the vCPU was set up (run() killed it)
-    return _kvm_usable
+    """Whether ``auto`` picks KVM in this process (see ``probe_kvm``)."""
+    return kvm_verdict().usable
+
+
+def _kvm_failed_in_a_boot(failure: str) -> None:
+    """A KVM boot died although the probe passed: later VMs of the process use tcg."""
+    global _kvm_verdict
+    with _kvm_verdict_lock:
+        _kvm_verdict = KvmVerdict(False, f"a VM died under KVM: {failure}", 0.0)
+
+
+def ask_monitor(path: Path, command: str, timeout_s: float = 10.0) -> str:
+    """Send one command to the qemu human monitor listening on ``path``; return its answer.
+
+    Waits up to ``timeout_s`` for the socket (qemu makes it as it starts) and as long for
+    each answer. Raises OSError (TimeoutError included) when the monitor does not answer."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with socket.socket(socket.AF_UNIX) as monitor:
+        monitor.settimeout(timeout_s)
+        monitor.connect(str(path))
+        _read_until_prompt(monitor)  # the greeting
+        monitor.sendall(command.encode() + b"\n")
+        return _read_until_prompt(monitor).decode(errors="replace")
+
+
+def _read_until_prompt(monitor: socket.socket) -> bytes:
+    answer = b""
+    while not answer.endswith(b"(qemu) "):
+        chunk = monitor.recv(4096)
+        if not chunk or len(answer) > MONITOR_ANSWER_BYTES:
+            raise OSError("the qemu monitor closed or answered too much")
+        answer += chunk
+    return answer
+
+
+def _run_log() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The Prefect run's logger inside a flow or task run (the run's log), else this module's."""
+    try:
+        from prefect.exceptions import MissingContextError
+        from prefect.logging import get_run_logger
+    except ImportError:
+        return log
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
 
 
 class QemuProvider(Provider):
@@ -175,7 +432,7 @@ class QemuProvider(Provider):
         image: str | Path | None = None,
         home: Path | None = None,
         *,
-        accel: Accelerator = "auto",
+        accel: Accelerator | None = None,
         memory_mib: int = DEFAULT_MEMORY_MIB,
         smp: int = DEFAULT_SMP,
         boot_timeout_s: float = DEFAULT_BOOT_TIMEOUT_S,
@@ -184,16 +441,20 @@ class QemuProvider(Provider):
         command_line: str | None = None,
     ) -> None:
         """``image``: an image id, folder or manifest (default: the last one built).
+        ``accel``: ``auto``, ``tcg`` or ``kvm``; None means ``$AICERT_QEMU_ACCEL``, else
+        ``auto`` (see the module's docstring; an invalid value raises QemuProviderError).
         ``kernel``, ``initrd``, ``command_line`` boot something else than the image's own
         (tests of tampered boots); the reference values stay the image's."""
         self.home = (home or aicert_home()).resolve()
         self.image_ref = image
-        self.accel_setting: Accelerator = accel
+        self.accel_setting, self.accel_origin = accel_from(accel)
         self.memory_mib = memory_mib
         self.smp = smp
         self.boot_timeout_s = boot_timeout_s
-        # The flow waits this long for the agent; machine_problem fails it sooner.
-        self.agent_start_timeout_s = boot_timeout_s + 10.0
+        # The flow waits this long for the agent; machine_problem fails it sooner. Under auto
+        # a KVM boot that dies is booted again with tcg, which gets a whole boot_timeout_s.
+        fallback_s = boot_timeout_s if self.accel_setting == "auto" else 0.0
+        self.agent_start_timeout_s = boot_timeout_s + fallback_s + 10.0
         self.kernel_override = kernel
         self.initrd_override = initrd
         self.command_line_override = command_line
@@ -203,10 +464,18 @@ class QemuProvider(Provider):
 
     @property
     def accel(self) -> Literal["tcg", "kvm"]:
-        """``auto``: KVM when it works here, else software emulation."""
+        """``auto``: KVM when ``probe_kvm`` saw OVMF run under it here, else tcg."""
         if self.accel_setting == "auto":
             return "kvm" if kvm_usable() else "tcg"
         return self.accel_setting
+
+    def accel_reason(self) -> str:
+        """Why ``accel`` is what it is, for the run's log and the machine's details."""
+        if self.accel_setting != "auto":
+            asked_by = "$" + ACCEL_ENV if self.accel_origin == ACCEL_ENV else "the argument"
+            return f"{self.accel_setting}, asked by {asked_by}"
+        verdict = kvm_verdict()
+        return f"{self.accel} (auto; KVM probe: {verdict.reason})"
 
     @property
     def ek_ca_dir(self) -> Path:
@@ -273,6 +542,7 @@ class QemuProvider(Provider):
         # qemu, not the agent, talks to it, through a unix socket (short path: 108 bytes max).
         LocalSwtpm.create(run_dir / "tpm", self.ek_ca_dir)
         socket_dir = Path(tempfile.mkdtemp(prefix="aicert-vtpm-"))
+        accel, accel_reason = self.accel, self.accel_reason()  # once: what this VM gets
         machine = Machine(
             provider="qemu",
             run_id=run_id,
@@ -283,21 +553,23 @@ class QemuProvider(Provider):
                 "socket_dir": str(socket_dir),
                 "serial_log": str(run_dir / "serial.log"),
                 "qemu_log": str(run_dir / "qemu.log"),
-                "accel": self.accel,
+                "accel": accel,
+                "accel_asked": self.accel_setting,
+                "accel_reason": accel_reason,
                 "boot_timeout_s": self.boot_timeout_s,
             },
         )
         try:
             machine.details["swtpm_pid"] = self._start_swtpm(run_dir, socket_dir)
-            self._start_qemu(machine, run_dir, socket_dir)
+            self._start_qemu(machine, run_dir, socket_dir, accel)
         except BaseException:
             self.teardown(machine)
             raise
-        log.info(
-            "qemu VM for run %s started (pid %s, %s, image %s), agent at %s",
+        _run_log().info(
+            "qemu VM for run %s started (pid %s, accelerator %s, image %s), agent at %s",
             run_id,
             machine.details["qemu_pid"],
-            self.accel,
+            machine.details["accel_reason"],
             image.id,
             machine.agent_url,
         )
@@ -321,6 +593,9 @@ class QemuProvider(Provider):
                     f"type=unixio,path={control}",
                     "--log",
                     f"file={swtpm_log},level=1",
+                    # For a teardown from a record older than the last (re)start.
+                    "--pid",
+                    f"file={run_dir / SWTPM_PIDFILE}",
                     # Exit with qemu: a crashed orchestrator leaves no vTPM behind.
                     "--terminate",
                 ],
@@ -337,7 +612,15 @@ class QemuProvider(Provider):
             time.sleep(0.02)
         return process.pid
 
-    def qemu_command(self, run_dir: Path, socket_dir: Path, port: int, name: str) -> list[str]:
+    def qemu_command(
+        self,
+        run_dir: Path,
+        socket_dir: Path,
+        port: int,
+        name: str,
+        accel: Literal["tcg", "kvm"] | None = None,
+    ) -> list[str]:
+        """The qemu command line of a VM (``accel``: default ``self.accel``)."""
         image = self.image
         vars_copy = run_dir / "OVMF_VARS.fd"
         if not vars_copy.exists():
@@ -346,25 +629,9 @@ class QemuProvider(Provider):
         initrd = self.initrd_override or image.initrd
         command_line = self.command_line_override or image.command_line
         return [
-            QEMU_BINARY,
-            "-name",
-            name,
-            "-machine",
-            MACHINE_TYPE,
-            "-accel",
-            self.accel,
-            "-cpu",
-            CPU_MODEL,
-            "-smp",
-            str(self.smp),
-            "-m",
-            str(self.memory_mib),
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-drive",
-            f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            *_firmware_vm(
+                QEMU_BINARY, name, accel or self.accel, CPU_MODEL, self.smp, self.memory_mib
+            ),
             "-drive",
             f"if=pflash,format=raw,unit=1,file={vars_copy}",
             "-kernel",
@@ -395,6 +662,9 @@ class QemuProvider(Provider):
             # the host is not part of what a certificate trusts.
             "-monitor",
             f"unix:{socket_dir / MONITOR_SOCKET},server=on,wait=off",
+            # For a teardown from a record older than a fall back to tcg (a new pid).
+            "-pidfile",
+            str(run_dir / QEMU_PIDFILE),
         ]
 
     @staticmethod
@@ -405,7 +675,9 @@ class QemuProvider(Provider):
             return []
         return ["-drive", f"file={disk},format=raw,if=virtio,readonly=on,media=disk"]
 
-    def _start_qemu(self, machine: Machine, run_dir: Path, socket_dir: Path) -> None:
+    def _start_qemu(
+        self, machine: Machine, run_dir: Path, socket_dir: Path, accel: Literal["tcg", "kvm"]
+    ) -> None:
         if shutil.which(QEMU_BINARY) is None:
             raise QemuProviderError(f"{QEMU_BINARY} not found (apt-get install qemu-system-x86)")
         name = f"aicert-{machine.run_id}"
@@ -414,7 +686,7 @@ class QemuProvider(Provider):
             port = _free_port()
             with qemu_log.open("wb") as output:
                 process = subprocess.Popen(
-                    self.qemu_command(run_dir, socket_dir, port, name),
+                    self.qemu_command(run_dir, socket_dir, port, name, accel),
                     stdin=subprocess.DEVNULL,
                     stdout=output,
                     stderr=subprocess.STDOUT,
@@ -434,7 +706,23 @@ class QemuProvider(Provider):
     # -- state ---------------------------------------------------------------------------------
 
     def machine_problem(self, machine: Machine) -> str | None:
+        """Why the VM will not come up, or None; a VM that died of KVM under ``auto`` is
+        booted again with tcg here (``machine``'s details and agent URL change)."""
         details = machine.details
+        if details.get("accel") == "kvm":
+            failure = self._kvm_failure(machine)
+            if failure is not None:
+                if details.get("accel_asked") != "auto":
+                    return (
+                        f"KVM cannot run this VM: {failure} (accelerator kvm "
+                        f"{str(details.get('accel_reason', '')).partition(', ')[2]}; auto "
+                        "would boot it with tcg)"
+                    )
+                try:
+                    self._boot_again_with_tcg(machine, failure)
+                except QemuProviderError as exc:
+                    return f"KVM failed ({failure}) and the tcg boot did not start: {exc}"
+                return None
         serial = _tail(Path(details.get("serial_log", "/nonexistent")))
         qemu_pid = details.get("qemu_pid")
         if qemu_pid and not _process_alive(int(qemu_pid), str(details.get("qemu_marker"))):
@@ -460,6 +748,63 @@ class QemuProvider(Provider):
         return None
 
     @staticmethod
+    def _kvm_failure(machine: Machine) -> str | None:
+        """How KVM failed this VM, from qemu's log or its monitor's run state, or None."""
+        details = machine.details
+        failure = kvm_failure_in(Path(details.get("qemu_log", "/nonexistent")))
+        if failure is not None:
+            return failure
+        monitor = Path(details.get("socket_dir", "/nonexistent")) / MONITOR_SOCKET
+        if not monitor.exists():
+            return None
+        try:
+            status = ask_monitor(monitor, "info status", timeout_s=MONITOR_TIMEOUT_S)
+        except OSError:  # busy (an operator is on it) or gone: the log and the exit tell
+            return None
+        if "internal-error" in status:
+            return "the VM stopped in run state internal-error (qemu monitor: info status)"
+        return None
+
+    def _boot_again_with_tcg(self, machine: Machine, failure: str) -> None:
+        """Replace a VM that died of KVM by a tcg one: same run, same vTPM state."""
+        details = machine.details
+        run_dir, socket_dir = Path(machine.state_dir), Path(str(details["socket_dir"]))
+        kept = {Path(str(details[key])): run_dir / name for key, name in KVM_LOGS.items()}
+        _run_log().warning(
+            "KVM could not run the VM of run %s (%s): booting it again with tcg; the KVM "
+            "attempt's logs are %s",
+            machine.run_id,
+            failure,
+            " and ".join(str(path) for path in kept.values()),
+        )
+        _kvm_failed_in_a_boot(failure)
+        _terminate(int(details["qemu_pid"]), str(details.get("qemu_marker", QEMU_BINARY)))
+        # swtpm --terminate exits with qemu's connection; it must be gone before its socket
+        # and state are taken by the new one.
+        _terminate(int(details["swtpm_pid"]), str(socket_dir))
+        for log_file, copy in kept.items():
+            with contextlib.suppress(FileNotFoundError):
+                log_file.replace(copy)
+        # Fresh firmware variables: whatever the failed firmware wrote is not measured.
+        (run_dir / "OVMF_VARS.fd").unlink(missing_ok=True)
+        for name in ("swtpm.sock", MONITOR_SOCKET):
+            (socket_dir / name).unlink(missing_ok=True)
+        details.update(
+            accel="tcg",
+            accel_reason=f"tcg (auto; KVM probe passed but the VM died under KVM: {failure})",
+            kvm_failure=failure,
+        )
+        machine.agent_certificate_pem = None
+        details["swtpm_pid"] = self._start_swtpm(run_dir, socket_dir)
+        self._start_qemu(machine, run_dir, socket_dir, "tcg")
+        _run_log().info(
+            "VM of run %s started again with tcg (qemu pid %s), agent at %s",
+            machine.run_id,
+            details["qemu_pid"],
+            machine.agent_url,
+        )
+
+    @staticmethod
     def _agent_answers(machine: Machine) -> bool:
         if not machine.agent_url:
             return False
@@ -473,8 +818,7 @@ class QemuProvider(Provider):
         """Wait for the guest agent and pin its channel certificate on ``machine``; return the
         boot time in seconds (qemu start to the agent's first answer). Raises
         QemuProviderError with the reason when the VM dies or misses its boot deadline (the
-        caller tears it down)."""
-        started = float(machine.details["started_at"])
+        caller tears it down); a VM that dies of KVM under ``auto`` is booted with tcg."""
         while True:
             try:
                 pinned, _ = machine.probe_agent(timeout_s=3.0)
@@ -485,7 +829,8 @@ class QemuProvider(Provider):
                 if problem is not None:
                     raise QemuProviderError(problem) from None
                 time.sleep(poll_s)
-        boot_seconds = round(time.time() - started, 1)
+        # A fall back to tcg restarted the clock: the boot that answered is timed.
+        boot_seconds = round(time.time() - float(machine.details["started_at"]), 1)
         machine.details["boot_seconds"] = boot_seconds
         log.info(
             "VM of run %s booted in %.1f s (%s): firmware, kernel, initrd, agent",
@@ -514,13 +859,16 @@ class QemuProvider(Provider):
 
     def teardown(self, machine: Machine) -> None:
         details = machine.details
-        qemu_pid = details.get("qemu_pid")
-        if qemu_pid:
-            _terminate(int(qemu_pid), str(details.get("qemu_marker", QEMU_BINARY)))
+        run_dir = Path(machine.state_dir)
+        marker = str(details.get("qemu_marker", QEMU_BINARY))
+        # The pid files name the VM of a fall back to tcg that a stale record does not.
+        for qemu_pid in (details.get("qemu_pid"), _read_pid(run_dir / QEMU_PIDFILE)):
+            if qemu_pid:
+                _terminate(int(qemu_pid), marker)
         socket_dir = details.get("socket_dir")
-        swtpm_pid = details.get("swtpm_pid")
-        if swtpm_pid:
-            _terminate(int(swtpm_pid), str(socket_dir or "swtpm"))
+        for swtpm_pid in (details.get("swtpm_pid"), _read_pid(run_dir / SWTPM_PIDFILE)):
+            if swtpm_pid:
+                _terminate(int(swtpm_pid), str(socket_dir or "swtpm"))
         if socket_dir:
             shutil.rmtree(socket_dir, ignore_errors=True)
         # A copy of inputs fetched for the VM (the base image alone is hundreds of MB); the

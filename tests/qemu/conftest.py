@@ -2,8 +2,11 @@
 
 The image is built (and observed once) in a persistent AICERT_HOME, so later sessions reuse
 its Debian packages and wheels: ``$AICERT_QEMU_TEST_HOME`` or ``<tmp>/aicert-qemu-tests``.
-Every VM is real: OVMF + swtpm vTPM under qemu software emulation. The wall times of the
-build and the boots are printed at the end of the session.
+Every VM is real: OVMF + swtpm vTPM under qemu, with the accelerator the provider decides
+(``$AICERT_QEMU_ACCEL``, else ``auto``: KVM only where its probe boots OVMF under it, so on a
+machine where KVM half-works the VMs run under tcg instead of hanging). The wall times of the
+build and the boots, and the accelerator of the good boot with its reason, are printed at the
+end of the session.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from aicert.guest_runtime.api_models import Health, KeyMaterial, PlatformEvidenc
 from aicert.guest_runtime.client import AgentClient, AgentUnreachableError
 from aicert.guest_runtime.config import parse_config
 from aicert.model import AppEvent, Certificate
+from aicert.reference_values import verify_platform_quote
 
 # A run that only asks for a platform quote: parsed by the agent, never executed.
 QUOTE_ONLY_CONFIG: dict[str, Any] = {
@@ -42,6 +46,8 @@ QUOTE_ONLY_CONFIG: dict[str, Any] = {
 }
 
 WALL_TIMES: dict[str, float] = {}
+# Which accelerator the session's VMs got, and why (the good boot's machine details).
+ACCELERATOR: list[str] = []
 # Certified runs whose guest agent stopped answering mid-run, with the VM's serial console.
 AGENT_STALLS: list[str] = []
 SERIAL_TAIL_BYTES = 12_000
@@ -52,6 +58,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("qemu platform wall times")
         for name, seconds in WALL_TIMES.items():
             terminalreporter.write_line(f"{name}: {seconds:.1f} s")
+    for reason in ACCELERATOR:
+        terminalreporter.write_line(f"qemu accelerator of the good boot: {reason}")
     if AGENT_STALLS:
         terminalreporter.section("qemu guest agent stalls (run again on a fresh VM)")
         for report in AGENT_STALLS:
@@ -123,6 +131,28 @@ def boot_and_quote(
             return _quote_on(provider, machine, run_id, enroll, certify)
     finally:
         provider.teardown(machine)
+
+
+def verify_against(boot: QuotedBoot, image: GuestImage) -> None:
+    """Verify ``boot``'s platform quote and boot log against ``image``'s reference values."""
+    verify_platform_quote(
+        attest=boot.evidence.attest,
+        signature=boot.evidence.signature,
+        ak_public=boot.evidence.ak_public,
+        challenge=boot.challenge,
+        pcrs=boot.pcrs,
+        boot_event_log=boot.evidence.boot_event_log,
+        reference=image.reference,
+    )
+
+
+def process_gone(pid: int) -> bool:
+    """True when ``pid`` no longer runs (or is a zombie)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state == "Z"
 
 
 def serial_tail(serial_log: Path) -> str:
@@ -219,6 +249,7 @@ def _finish_run(
 def good_boot(guest_image: GuestImage, qemu_home: Path) -> QuotedBoot:
     started = time.monotonic()
     boot = boot_and_quote(QemuProvider(guest_image.directory, qemu_home), "good", enroll=True)
+    ACCELERATOR.append(str(boot.machine.details["accel_reason"]))
     WALL_TIMES["good boot: qemu start to agent answering"] = boot.boot_seconds
     WALL_TIMES["good boot: boot, enroll AK, platform quote, start run, teardown"] = (
         time.monotonic() - started

@@ -1,12 +1,12 @@
-"""Real boots under OVMF + swtpm + qemu (software emulation): the good image, a tampered
-command line, a tampered initrd, and VMs that never come up."""
+"""Real boots under OVMF + swtpm + qemu (the provider's accelerator: tcg where KVM fails its
+probe): the good image, a tampered command line, a tampered initrd, and VMs that never come
+up."""
 
 from __future__ import annotations
 
 import gzip
 import os
 import secrets
-import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,34 +18,18 @@ from cryptography import x509
 from aicert.chain import leaf_public_key_matches, verify_ak_chain
 from aicert.errors import PlatformError
 from aicert.flows.providers.base import Machine
-from aicert.flows.providers.qemu import MONITOR_SOCKET, QemuProvider, QemuProviderError
+from aicert.flows.providers.qemu import (
+    MONITOR_SOCKET,
+    QemuProvider,
+    QemuProviderError,
+    ask_monitor,
+)
 from aicert.flows.qemu_image import GuestImage
-from aicert.reference_values import verify_platform_quote
 from aicert.tpm_structures import parse_tpmt_public
 
-from .conftest import WALL_TIMES, QuotedBoot, certified_boot
+from .conftest import WALL_TIMES, QuotedBoot, certified_boot, process_gone, verify_against
 
 NEVER_BOOTS_BOUND_S = 90.0
-
-
-def _verify_against(boot: QuotedBoot, image: GuestImage) -> None:
-    verify_platform_quote(
-        attest=boot.evidence.attest,
-        signature=boot.evidence.signature,
-        ak_public=boot.evidence.ak_public,
-        challenge=boot.challenge,
-        pcrs=boot.pcrs,
-        boot_event_log=boot.evidence.boot_event_log,
-        reference=image.reference,
-    )
-
-
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state == "Z"
 
 
 def test_vm_boots_and_the_agent_answers(good_boot: QuotedBoot) -> None:
@@ -60,8 +44,8 @@ def test_vm_boots_and_the_agent_answers(good_boot: QuotedBoot) -> None:
 
 def test_vm_is_torn_down_after_use(good_boot: QuotedBoot) -> None:
     details = good_boot.machine.details
-    assert _gone(int(details["qemu_pid"]))
-    assert _gone(int(details["swtpm_pid"]))
+    assert process_gone(int(details["qemu_pid"]))
+    assert process_gone(int(details["swtpm_pid"]))
     assert not Path(details["socket_dir"]).exists()
 
 
@@ -89,7 +73,7 @@ def test_platform_quote_and_boot_log_verify(good_boot: QuotedBoot, guest_image: 
     assert good_boot.evidence.channel_key is not None
     assert good_boot.evidence.channel_key["public_key_sha256"] == attestation.channel_key_sha256
     # ... and the same check on the quote the test asked itself.
-    _verify_against(good_boot, guest_image)
+    verify_against(good_boot, guest_image)
     observed = guest_image.reference.pcr_values()
     assert {i: good_boot.pcrs[i] for i in range(10)} == observed
     # Not a local-platform TPM: the firmware measured something into PCR 0-7.
@@ -121,7 +105,7 @@ def test_tampered_command_line_fails_on_the_command_line(
     boot = certified_boot(provider, "tampered-cmdline", tiny_run_config)
     WALL_TIMES["tampered command line boot + certified run"] = time.monotonic() - started
     with pytest.raises(PlatformError, match=r"^kernel command line: measured digest"):
-        _verify_against(boot, guest_image)
+        verify_against(boot, guest_image)
     _assert_refused_and_certificate_fails(boot, guest_image, "kernel command line")
 
 
@@ -155,14 +139,14 @@ def test_tampered_initrd_fails_on_the_initrd(
     boot = certified_boot(provider, "tampered-initrd", tiny_run_config)
     WALL_TIMES["tampered initrd boot + certified run"] = time.monotonic() - started
     with pytest.raises(PlatformError, match=r"^initrd: measured SHA-256"):
-        _verify_against(boot, guest_image)
+        verify_against(boot, guest_image)
     _assert_refused_and_certificate_fails(boot, guest_image, "initrd")
 
 
 def _assert_torn_down(machine: Machine) -> None:
     details = machine.details
-    assert _gone(int(details["qemu_pid"])), "qemu still runs"
-    assert _gone(int(details["swtpm_pid"])), "the vTPM still runs"
+    assert process_gone(int(details["qemu_pid"])), "qemu still runs"
+    assert process_gone(int(details["swtpm_pid"])), "the vTPM still runs"
     assert not Path(details["socket_dir"]).exists()
 
 
@@ -205,31 +189,14 @@ def test_guest_that_never_answers_is_reported_at_its_deadline(
     _assert_torn_down(machine)
 
 
-def _ask_monitor(machine: Machine, command: str) -> str:
-    path = Path(machine.details["socket_dir"]) / MONITOR_SOCKET
-    deadline = time.monotonic() + 10
-    while not path.exists() and time.monotonic() < deadline:  # qemu makes it as it starts
-        time.sleep(0.1)
-    with socket.socket(socket.AF_UNIX) as monitor:
-        monitor.settimeout(10)
-        monitor.connect(str(path))
-        answer = b""
-        while not answer.endswith(b"(qemu) "):  # the greeting, then each answer
-            answer += monitor.recv(4096)
-        monitor.sendall(command.encode() + b"\n")
-        answer = b""
-        while not answer.endswith(b"(qemu) "):
-            answer += monitor.recv(4096)
-    return answer.decode(errors="replace")
-
-
 def test_teardown_needs_only_the_machine_details(guest_image: GuestImage, qemu_home: Path) -> None:
     provider = QemuProvider(guest_image.directory, qemu_home, boot_timeout_s=60)
     machine = provider.provision(f"teardown-{secrets.token_hex(4)}")
     try:
         assert provider.machine_problem(machine) is None
         # The operator's monitor (deployments/qemu/README.md) answers while the VM runs.
-        assert "VM status: running" in _ask_monitor(machine, "info status")
+        monitor = Path(machine.details["socket_dir"]) / MONITOR_SOCKET
+        assert "VM status: running" in ask_monitor(monitor, "info status")
         crossed = Machine.model_validate_json(machine.model_dump_json())
         other = QemuProvider(guest_image.directory, qemu_home)
         other.teardown(crossed)
