@@ -1,7 +1,7 @@
 """The worst JSON shapes a certificate file can take, built around a real certificate.
 
 Each builder takes a certificate's JSON bytes and a size in bytes, and returns a document of
-about that size (``MAX_CERTIFICATE_BYTES`` at most) whose bulk is one pathological shape,
+about that size (the byte limit at most) whose bulk is one pathological shape,
 mostly inside an event's ``data`` (free-form JSON the schema cannot bound). The verifier must
 refuse each with ``MalformedCertificateError`` naming the limit in ``SHAPES[name].refusal``,
 quickly and in little memory: ``test_input_bounds.py`` checks the refusal at the smallest
@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aicert.model import (
-    MAX_CERTIFICATE_BYTES,
     MAX_EVENTS,
     MAX_JSON_DEPTH,
     MAX_JSON_ESCAPES,
@@ -104,8 +103,9 @@ def long_integer(base: bytes, size: int) -> bytes:
 
 
 def duplicate_key_deep(base: bytes, size: int) -> bytes:
-    """Two ``exit_code`` keys in the result event's data, after a bulk of zeros."""
-    bulk = zeros(base, min(size, MAX_CERTIFICATE_BYTES) // 2)
+    """Two ``exit_code`` keys in the result event's data, after zeros up to nine tenths of
+    the value limit: the duplicate is found at the end of the longest pass that allows."""
+    bulk = zeros(base, min(size, len(base) + 2 * (MAX_JSON_VALUES * 9 // 10)))
     return _into_event_data(bulk, b"1", key=b"exit_code")
 
 
