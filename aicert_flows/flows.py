@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,8 +110,14 @@ def _cleanup_before_run() -> None:
     lost worker), before this run starts; logged. A failed cleanup does not stop this run:
     the record stays for the next one, or for ``aicert cleanup``."""
     logger = get_run_logger()
+
+    def log(line: str) -> None:
+        # Runs in progress elsewhere are the normal case (a worker's concurrent runs).
+        level = logging.DEBUG if line.startswith("kept") else logging.INFO
+        logger.log(level, "cleanup: %s", line)
+
     try:
-        report = cleanup_abandoned_runs(log=lambda line: logger.info("cleanup: %s", line))
+        report = cleanup_abandoned_runs(log=log)
     except Exception as exc:
         logger.warning("cleanup of abandoned runs failed: %s: %s", type(exc).__name__, exc)
         return

@@ -20,7 +20,7 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -413,56 +413,53 @@ def _failed(cli: CliRun, timeout_s: float = 180) -> str:
     return " ".join(text.split())  # rich wraps long lines: compare without the breaks
 
 
-def test_swtpm_killed_mid_run_is_named(
-    flow_env: str, holding_repo: Path, server_home: Path, home: Path, tmp_path: Path
-) -> None:
-    config = holding_config(tmp_path, holding_repo, hold_s=6)
-    cli = start_cli(config, home, flow_env, server_home)
-    cli.wait_for_training()
-    record = cli.record()
-    swtpm = int(record.machine.details["swtpm_pid"])  # type: ignore[union-attr]
-    os.kill(swtpm, signal.SIGKILL)
-
-    text = _failed(cli)
-    assert f"the software TPM (pid {swtpm}) exited" in text, text[-3000:]
-    assert f"outputs and logs kept in {record.state_dir}" in text, text[-3000:]
-    assert_nothing_left(record)
+def _kill_swtpm(record: ActiveRun) -> str:
+    pid = int(record.machine.details["swtpm_pid"])  # type: ignore[union-attr]
+    os.kill(pid, signal.SIGKILL)
+    return f"the software TPM (pid {pid}) exited"
 
 
-def test_agent_killed_mid_run_is_named(
-    flow_env: str, holding_repo: Path, server_home: Path, home: Path, tmp_path: Path
-) -> None:
-    config = holding_config(tmp_path, holding_repo, hold_s=60)
-    cli = start_cli(config, home, flow_env, server_home)
-    cli.wait_for_training()
-    record = cli.record()
-    agent = int(record.machine.details["agent_pid"])  # type: ignore[union-attr]
-    os.kill(agent, signal.SIGKILL)
-
-    text = _failed(cli)
-    assert f"the guest agent (pid {agent}) exited" in text, text[-3000:]
-    assert "outputs and logs kept in" in text, text[-3000:]
-    assert_nothing_left(record)  # its training container too, which the agent left running
+def _kill_agent(record: ActiveRun) -> str:
+    """The agent dies; its training container runs on until teardown removes it."""
+    pid = int(record.machine.details["agent_pid"])  # type: ignore[union-attr]
+    os.kill(pid, signal.SIGKILL)
+    return f"the guest agent (pid {pid}) exited"
 
 
-def test_container_killed_mid_run_is_not_called_out_of_memory(
-    flow_env: str, holding_repo: Path, server_home: Path, home: Path, tmp_path: Path
-) -> None:
-    config = holding_config(tmp_path, holding_repo, hold_s=60)
-    cli = start_cli(config, home, flow_env, server_home)
-    cli.wait_for_training()
-    record = cli.record()
+def _kill_container(record: ActiveRun) -> str:
     client = docker.from_env()
     try:
         client.containers.get(f"aicert-{record.run_id}").kill()
     finally:
         client.close()
+    return "training was killed by SIGKILL (exit code 137), not for lack of memory"
+
+
+@pytest.mark.parametrize(
+    ("kill", "hold_s"),
+    [(_kill_swtpm, 6), (_kill_agent, 60), (_kill_container, 60)],
+    ids=["swtpm", "agent", "container"],
+)
+def test_part_of_the_run_killed_mid_training_is_named(
+    kill: Callable[[ActiveRun], str],
+    hold_s: float,
+    flow_env: str,
+    holding_repo: Path,
+    server_home: Path,
+    home: Path,
+    tmp_path: Path,
+) -> None:
+    """The run fails naming what died (not a refused connection or a bare exit code 137),
+    says where the outputs and logs are kept, and leaves nothing behind."""
+    config = holding_config(tmp_path, holding_repo, hold_s=hold_s)
+    cli = start_cli(config, home, flow_env, server_home)
+    cli.wait_for_training()
+    record = cli.record()
+    cause = kill(record)
 
     text = _failed(cli)
-    assert "training was killed by SIGKILL (exit code 137), not for lack of memory" in text, text[
-        -3000:
-    ]
-    assert "outputs and training log kept in" in text, text[-3000:]
+    assert cause in text, text[-3000:]
+    assert f"kept in {record.state_dir}" in text, text[-3000:]
     assert_nothing_left(record)
 
 

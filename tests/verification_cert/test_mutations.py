@@ -14,7 +14,6 @@ import base64
 import copy
 import json
 import pathlib
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -27,6 +26,7 @@ from aicert.model import Certificate
 from aicert.tpm_structures import parse_tpmt_public
 
 from .factory import MadeCertificate
+from .fuzzing import walk
 
 Path = tuple[str | int, ...]
 
@@ -36,16 +36,6 @@ MUTATION_SETTINGS = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-
-
-def walk(node: Any, path: Path = ()) -> Iterator[tuple[Path, Any]]:
-    yield path, node
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from walk(value, (*path, key))
-    elif isinstance(node, list):
-        for index, value in enumerate(node):
-            yield from walk(value, (*path, index))
 
 
 def parent_of(document: Any, path: Path) -> Any:
