@@ -22,6 +22,7 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -268,9 +269,16 @@ class _ProviderWithInputDisk(QemuProvider):
         super().__init__(image.directory, home, initrd=initrd)
         self.disk = disk
 
-    def qemu_command(self, run_dir: Path, socket_dir: Path, port: int, name: str) -> list[str]:
+    def qemu_command(
+        self,
+        run_dir: Path,
+        socket_dir: Path,
+        port: int,
+        name: str,
+        accel: Literal["tcg", "kvm"] | None = None,
+    ) -> list[str]:
         return [
-            *super().qemu_command(run_dir, socket_dir, port, name),
+            *super().qemu_command(run_dir, socket_dir, port, name, accel),
             "-drive",
             f"file={self.disk},format=raw,if=virtio,readonly=on,media=disk",
         ]
