@@ -131,20 +131,23 @@ def _without_escaped_quotes(data: bytes) -> bytes:
 
 def _scan(data: bytes, limits: JsonLimits, source: str) -> None:
     text = _without_escaped_quotes(data)
-    offset = _long_string_offset(text, limits.max_string_bytes)
-    if offset >= 0:
-        raise MalformedCertificateError(
-            f"{source}: the string at byte {offset} is longer than the limit on JSON string "
-            f"length ({limits.max_string_bytes} bytes)"
-        )
-    # Chunk by chunk, so that no check copies more than a chunk (about a megabyte, or one
-    # string within the limit above). Each check runs on the raw chunk first, where string
-    # contents count too: an overestimate, so passing it is conclusive. Only when it fails is
-    # the chunk's structure (strings cut out) checked exactly; legitimate certificates and
-    # quote-free bulk never need that.
+    # Chunk by chunk, so that no check copies more than a chunk (about a megabyte, more only
+    # around a string within the length limit, or quote-free bulk). Each check runs on the
+    # raw chunk first, where string contents count too: an overestimate, so passing it is
+    # conclusive. Only when it fails is the chunk's structure (strings cut out) checked
+    # exactly; legitimate certificates and quote-free bulk never need that.
     values = 1
     brackets: list[bytes] = []
     for start, end in _chunks(text):
+        # A chunk ends about a megabyte on, or after the string that runs past that point:
+        # only a chunk longer than the string limit can hold a string longer than it.
+        if end - start > limits.max_string_bytes:
+            offset = _long_string_offset(text, start, end, limits.max_string_bytes)
+            if offset >= 0:
+                raise MalformedCertificateError(
+                    f"{source}: the string at byte {offset} is longer than the limit on JSON "
+                    f"string length ({limits.max_string_bytes} bytes)"
+                )
         chunk = text[start:end]
         structure: bytes | None = None
         if _has_number_run(chunk, limits.max_number_chars):
@@ -236,14 +239,15 @@ def _chunk_end(text: bytes, start: int) -> int:
     return len(text) if closing < 0 else closing + 1
 
 
-def _long_string_offset(text: bytes, limit: int) -> int:
-    """Where the first string of more than ``limit`` bytes starts, -1 if none.
+def _long_string_offset(text: bytes, start: int, end: int, limit: int) -> int:
+    """Where the first string of more than ``limit`` bytes in ``text[start:end]`` (which
+    starts outside a string) starts, -1 if none.
 
-    The pattern is tried at quotes only and runs to the next quote: one pass over ``text``.
-    A match at a closing quote is a long run of whitespace or numbers between strings.
+    The pattern is tried at quotes only and runs to the next quote: one pass. A match at a
+    closing quote is a long run of whitespace or numbers between strings.
     """
-    for match in re.finditer(rb'"[^"]{%d}' % (limit + 1), text):
-        if text.count(b'"', 0, match.start()) % 2 == 0:  # an opening quote
+    for match in re.compile(rb'"[^"]{%d}' % (limit + 1)).finditer(text, start, end):
+        if text.count(b'"', start, match.start()) % 2 == 0:  # an opening quote
             return match.start()
     return -1
 
