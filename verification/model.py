@@ -277,6 +277,8 @@ class Certificate(_Strict):
         Raises:
             MalformedCertificateError: naming the limit, key or field that is wrong.
         """
+        if not isinstance(data, bytes):  # bytearray, memoryview, or JSON text
+            data = data.encode() if isinstance(data, str) else bytes(data)
         check_json(data, CERTIFICATE_JSON_LIMITS, source)
         try:
             return cls.model_validate_json(data)
