@@ -28,8 +28,8 @@ from aicert.errors import EventLogError
 __all__ = [
     "EFI_GLOBAL_VARIABLE_GUID",
     "EFI_IMAGE_SECURITY_DATABASE_GUID",
-    "EV_NO_ACTION",
     "EVENT_TYPE_NAMES",
+    "EV_NO_ACTION",
     "LINUX_EFI_INITRD_EVENT_ID",
     "LINUX_EFI_LOAD_OPTIONS_EVENT_ID",
     "MAX_EVENTS",
