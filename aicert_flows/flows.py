@@ -414,7 +414,7 @@ def certify_training(
                 f"{exc}; nothing was trained; logs kept in {machine.state_dir}"
             ) from exc
         try:
-            run_training(machine, run_id, project)
+            run_training(machine, run_id, project, platform)
         except TrainingFailed:
             if local_outputs is None:
                 local_outputs = Path(

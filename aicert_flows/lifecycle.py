@@ -257,16 +257,7 @@ def teardown_record(record: ActiveRun, home: Path | None = None) -> list[str]:
             state_dir=record.state_dir or str(home / "runs" / record.run_id),
         )
     if machine is not None:
-        if machine.provider == "local":
-            from aicert.flows.providers.local import LocalProvider
-
-            LocalProvider(home, keep_spare_tpm=False).teardown(machine)
-        elif machine.provider == "qemu":
-            from aicert.flows.providers.qemu import QemuProvider
-
-            QemuProvider(home=home).teardown(machine)
-        else:
-            provider_for_machine(machine).teardown(machine)
+        provider_for_machine(machine).teardown(machine)
     # Azure without a machine: it was killed before the VM's creation was asked for, or
     # while it was (``aicert azure cleanup`` finds such resources by their tags).
     swept: list[str] = []

@@ -8,6 +8,7 @@ retries happen inside the agent (downloads) or only when the agent was never rea
 
 from __future__ import annotations
 
+import contextvars
 import os
 import threading
 import time
@@ -65,19 +66,34 @@ def _progress_settings() -> tuple[int, float]:
     return minimum, float(os.environ.get("AICERT_PROGRESS_POLL_S", "0.5"))
 
 
-def _call_with_progress(machine: Machine, artifact_key: str, call: Callable[[], T]) -> T:
-    """Run a long agent call, showing its hashing/download progress as a Prefect progress
-    artifact (and in the logs) while it runs; return the call's result."""
+def _start_in_thread(call: Callable[[], T], name: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """Start ``call`` in a daemon thread, with this thread's context (the Prefect run's: its
+    log lines reach this task run); its value or exception lands in the returned dict, for
+    ``_outcome`` once the thread ended."""
     outcome: dict[str, Any] = {}
 
     def target() -> None:
         try:
             outcome["value"] = call()
-        except BaseException as exc:  # re-raised in the task's thread below
+        except BaseException as exc:  # re-raised in the caller's thread by _outcome
             outcome["error"] = exc
 
-    worker = threading.Thread(target=target, name=f"agent-call-{artifact_key}", daemon=True)
+    context = contextvars.copy_context()
+    worker = threading.Thread(target=context.run, args=(target,), name=name, daemon=True)
     worker.start()
+    return worker, outcome
+
+
+def _outcome(outcome: dict[str, Any]) -> Any:
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _call_with_progress(machine: Machine, artifact_key: str, call: Callable[[], T]) -> T:
+    """Run a long agent call, showing its hashing/download progress as a Prefect progress
+    artifact (and in the logs) while it runs; return the call's result."""
+    worker, outcome = _start_in_thread(call, f"agent-call-{artifact_key}")
     logger = get_run_logger()
     min_bytes, poll_s = _progress_settings()
     artifact_id = None
@@ -108,11 +124,10 @@ def _call_with_progress(machine: Machine, artifact_key: str, call: Callable[[], 
                     percent,
                     report.total_bytes / 1e6,
                 )
-    if "error" in outcome:
-        raise outcome["error"]
+    value: T = _outcome(outcome)
     if artifact_id is not None:
         update_progress_artifact(artifact_id, 100.0)
-    return outcome["value"]
+    return value
 
 
 def _log_events(events: list[AppEvent]) -> None:
@@ -338,14 +353,46 @@ def check_tpm(provider: Provider, machine: Machine) -> None:
     get_run_logger().info("TPM answers (platform quote over a fresh challenge)")
 
 
+# While the job runs, how often the platform is asked whether the machine (its TPM, its
+# agent, its VM) still lives.
+MACHINE_CHECK_INTERVAL_S = 2.0
+
+
+def _while_machine_lives(provider: Provider, machine: Machine, call: Callable[[], T]) -> T:
+    """Run ``call`` (following the training) in a thread; raise ``MachineFailed`` as soon as
+    the platform reports the machine dead, rather than after the whole training (a run whose
+    TPM died can never be certified) or after the agent's unanswered polls ran out."""
+    worker, outcome = _start_in_thread(call, f"follow-{machine.run_id}")
+    while True:
+        worker.join(MACHINE_CHECK_INTERVAL_S)
+        if not worker.is_alive():
+            break
+        try:
+            problem = provider.machine_problem(machine)
+        except Exception:  # a failed diagnosis is not a dead machine
+            problem = None
+        if problem is not None:
+            # The follower thread ends when teardown stops the agent.
+            raise MachineFailed(f"{problem} (during training)")
+    value: T = _outcome(outcome)
+    return value
+
+
 @task(name="run-training", task_run_name="run-training-{project}", cache_policy=NO_CACHE)
-def run_training(machine: Machine, run_id: str, project: str) -> TrainingStatus:
+def run_training(
+    machine: Machine, run_id: str, project: str, provider: Provider | None = None
+) -> TrainingStatus:
     """Run the job and stream its logs into this task's logs. Never retried: a non-zero
-    exit is the job's own result, not a platform fault."""
+    exit is the job's own result, not a platform fault. With ``provider``, a machine that
+    dies meanwhile (its TPM or agent exits) fails the task at once with ``MachineFailed``."""
     logger = get_run_logger()
     with _client(machine) as client:
         client.start_training(run_id)
-        status = client.follow_training(run_id, lambda line: logger.info("[training] %s", line))
+
+        def follow() -> TrainingStatus:
+            return client.follow_training(run_id, lambda line: logger.info("[training] %s", line))
+
+        status = follow() if provider is None else _while_machine_lives(provider, machine, follow)
     if status.state != "succeeded":
         raise TrainingFailed(status.error or f"training ended as {status.state}")
     logger.info("training finished in %.1f s", (status.duration_ms or 0) / 1000)
