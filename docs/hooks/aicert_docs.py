@@ -54,7 +54,15 @@ _package_folders: list[Path] = []
 # Before mkdocstrings' own on_config, which creates the python handler from this mapping.
 @event_priority(100)
 def on_config(config: MkDocsConfig) -> MkDocsConfig:
-    """Point mkdocstrings' python handler at a folder where ``aicert`` is the package."""
+    """Point mkdocstrings' python handler at a folder where ``aicert`` is the package.
+
+    Args:
+        config: the site's configuration; its mkdocstrings python handler gains the folder
+            as its first search path.
+
+    Returns:
+        The same configuration.
+    """
     folder = Path(tempfile.mkdtemp(prefix="aicert-docs-"))
     (folder / "aicert").symlink_to(Path(aicert.__file__).parent, target_is_directory=True)
     _package_folders.append(folder)
@@ -71,7 +79,11 @@ def on_shutdown() -> None:
 
 
 def aicert_markdown() -> str:
-    """Markdown for every ``aicert`` command, from the typer app as ``main`` assembles it."""
+    """Markdown for every ``aicert`` command, from the typer app as ``main`` assembles it.
+
+    Returns:
+        The program as a level-2 heading, each command below it, with usage and options.
+    """
     # The registration of aicert.cli.main, once per process (mkdocs serve rebuilds).
     if "run" not in {command.name for command in app.registered_commands}:
         register(app)
@@ -82,7 +94,14 @@ def aicert_markdown() -> str:
 
 
 def _argparse_help(argv: list[str]) -> str:
-    """What ``aicert-reference-values <argv>`` prints (argparse exits after --help)."""
+    """What ``aicert-reference-values <argv>`` prints (argparse exits after --help).
+
+    Args:
+        argv: the arguments, ending in ``--help``.
+
+    Returns:
+        The printed help, without trailing blank lines.
+    """
     output = io.StringIO()
     previous = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = HELP_COLUMNS
@@ -98,7 +117,14 @@ def _argparse_help(argv: list[str]) -> str:
 
 
 def reference_values_markdown() -> str:
-    """Markdown: the program's help, then one section per subcommand."""
+    """Markdown: the program's help, then one section per subcommand.
+
+    Returns:
+        The help as a text block, then a level-3 heading and help block per subcommand.
+
+    Raises:
+        RuntimeError: the program's help lists no subcommands (its format changed).
+    """
     top = _argparse_help(["--help"])
     found = re.search(r"\{([a-z0-9,-]+)\}", top)
     if found is None:
@@ -111,7 +137,17 @@ def reference_values_markdown() -> str:
 
 
 def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Files) -> str:
-    """Put the programs' generated reference where the CLI page has its markers."""
+    """Put the programs' generated reference where the CLI page has its markers.
+
+    Args:
+        markdown: the page's Markdown source.
+        page: the page (unused: the markers say where).
+        config: the site's configuration (unused).
+        files: the site's files (unused).
+
+    Returns:
+        The Markdown with each marker replaced.
+    """
     if AICERT_MARKER in markdown:
         markdown = markdown.replace(AICERT_MARKER, aicert_markdown())
     if REFERENCE_VALUES_MARKER in markdown:
