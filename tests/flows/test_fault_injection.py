@@ -120,7 +120,7 @@ def _pump_fd(source: int, sink: bytearray) -> None:
         sink.extend(chunk)
 
 
-def _environment(home: Path, api_url: str | None, prefect_home: Path) -> dict[str, str]:
+def _environment(home: Path, api_url: str | None, prefect_home: Path | None) -> dict[str, str]:
     env = {
         key: value
         for key, value in os.environ.items()
@@ -135,6 +135,7 @@ def _environment(home: Path, api_url: str | None, prefect_home: Path) -> dict[st
     )
     if api_url is None:
         # The temporary servers of this module share one database (migrated once).
+        assert prefect_home is not None
         env["PREFECT_HOME"] = str(prefect_home)
     else:
         env["PREFECT_API_URL"] = api_url
@@ -146,7 +147,12 @@ def _aicert() -> str:
 
 
 def start_cli(
-    config: Path, home: Path, api_url: str | None, prefect_home: Path, *, terminal: bool = False
+    config: Path,
+    home: Path,
+    api_url: str | None,
+    prefect_home: Path | None = None,
+    *,
+    terminal: bool = False,
 ) -> CliRun:
     """``aicert run`` in its own session; with ``terminal``, on a new pseudo-terminal whose
     foreground process group it is (as when typed in a shell)."""
@@ -276,10 +282,31 @@ def holding_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_git_repo(tmp_path_factory.mktemp("holding") / "repo", {"train.py": HOLDING_SCRIPT})
 
 
-@pytest.fixture(scope="module")
-def server_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """PREFECT_HOME of this module's temporary servers."""
-    return tmp_path_factory.mktemp("prefect-home")
+@pytest.fixture(scope="module", autouse=True)
+def _server_database(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+    """The database of this module's temporary servers, migrated in the background while the
+    first tests run (a fresh one takes half a minute), so each server starts on it at once."""
+    folder = tmp_path_factory.mktemp("prefect-home")
+    migration = subprocess.Popen(
+        [str(Path(sys.executable).with_name("prefect")), "server", "database", "upgrade", "-y"],
+        env={**os.environ, "PREFECT_HOME": str(folder)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    yield folder, migration
+    if migration.poll() is None:
+        migration.kill()
+    migration.wait()
+
+
+@pytest.fixture
+def server_home(_server_database: tuple[Path, subprocess.Popen[bytes]]) -> Path:
+    """PREFECT_HOME of this module's temporary servers, once its database is migrated."""
+    folder, migration = _server_database
+    assert migration.wait(timeout=300) == 0, "migrating the temporary servers' database failed"
+    return folder
 
 
 @pytest.fixture
@@ -310,6 +337,113 @@ def holding_config(
             "limits": {"cpus": 1, "memory": memory, "timeoutSeconds": 300},
         },
     )
+
+
+# -- parts of the run killed mid-training ---------------------------------------------------
+
+
+def _failed(cli: CliRun, timeout_s: float = 180) -> str:
+    code = cli.wait(timeout_s)
+    text = cli.text()
+    assert code == 1, text[-4000:]
+    assert "certification failed" in text, text[-4000:]
+    return " ".join(text.split())  # rich wraps long lines: compare without the breaks
+
+
+def _kill_swtpm(record: ActiveRun) -> str:
+    pid = int(record.machine.details["swtpm_pid"])  # type: ignore[union-attr]
+    os.kill(pid, signal.SIGKILL)
+    return f"the software TPM (pid {pid}) exited"
+
+
+def _kill_agent(record: ActiveRun) -> str:
+    """The agent dies; its training container runs on until teardown removes it."""
+    pid = int(record.machine.details["agent_pid"])  # type: ignore[union-attr]
+    os.kill(pid, signal.SIGKILL)
+    return f"the guest agent (pid {pid}) exited"
+
+
+def _kill_container(record: ActiveRun) -> str:
+    client = docker.from_env()
+    try:
+        client.containers.get(f"aicert-{record.run_id}").kill()
+    finally:
+        client.close()
+    return "training was killed by SIGKILL (exit code 137), not for lack of memory"
+
+
+@pytest.mark.parametrize(
+    "kill", [_kill_swtpm, _kill_agent, _kill_container], ids=["swtpm", "agent", "container"]
+)
+def test_part_of_the_run_killed_mid_training_is_named(
+    kill: Callable[[ActiveRun], str],
+    flow_env: str,
+    holding_repo: Path,
+    home: Path,
+    tmp_path: Path,
+) -> None:
+    """The run fails naming what died (not a refused connection or a bare exit code 137),
+    as soon as it died (not once the training would have ended), says where the outputs
+    and logs are kept, and leaves nothing behind."""
+    config = holding_config(tmp_path, holding_repo, hold_s=TRAINING_HOLD_S)
+    cli = start_cli(config, home, flow_env)
+    cli.wait_for_training()
+    record = cli.record()
+    cause = kill(record)
+    killed = time.monotonic()
+
+    text = _failed(cli)
+    assert time.monotonic() - killed < TRAINING_HOLD_S - 20, text[-3000:]
+    assert cause in text, text[-3000:]
+    assert f"kept in {record.state_dir}" in text, text[-3000:]
+    assert_nothing_left(record)
+
+
+def test_out_of_memory_is_named(
+    flow_env: str, holding_repo: Path, home: Path, tmp_path: Path
+) -> None:
+    config = holding_config(tmp_path, holding_repo, hold_s=0, memory="64m", ALLOCATE_MB="400")
+    cli = start_cli(config, home, flow_env)
+    text = _failed(cli, timeout_s=240)
+    assert (
+        "training ran out of memory: Docker OOM-killed the container (limits.memory 64m; "
+        "exit code 137)"
+    ) in text, text[-3000:]
+    assert processes_mentioning(str(home)) == []
+    assert run_containers_of_home(home) == []
+    assert not list((home / "active").glob("*.json"))
+
+
+def test_full_disk_fails_the_run_and_leaves_nothing(
+    flow_env: str, holding_repo: Path, tmp_path: Path
+) -> None:
+    """AICERT_HOME on a 48 MB tmpfs and a job that writes 100 MB of outputs."""
+    home = tmp_path / "small-home"
+    home.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(home)], check=True)
+    try:
+        config = holding_config(tmp_path, holding_repo, hold_s=0, FILL_MB="100")
+        cli = start_cli(config, home, flow_env)
+        text = _failed(cli, timeout_s=240)
+        assert "No space left on device" in text, text[-3000:]
+        assert "training exited with code 1" in text, text[-3000:]
+        assert "outputs and training log kept in" in text, text[-3000:]
+        assert processes_mentioning(str(home)) == []
+        assert not list((home / "active").glob("*.json"))
+        assert run_containers_of_home(home) == []
+    finally:
+        for line in processes_mentioning(str(home)):
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
+        subprocess.run(["umount", "-l", str(home)], check=False)
+
+
+def run_containers_of_home(home: Path) -> list[str]:
+    runs = home / "runs"
+    names: list[str] = []
+    for run in runs.iterdir() if runs.is_dir() else []:
+        names += run_containers(run.name)
+    return names
 
 
 # -- the CLI killed, interrupted, terminated ------------------------------------------------
@@ -402,111 +536,3 @@ def test_sigterm_stops_and_tears_down(
     assert f"interrupted by SIGTERM: run {record.run_id} stopped, torn down" in text, text
     assert f"outputs and logs kept in {record.state_dir}" in text, text[-3000:]
     assert_nothing_left(record, server_pid=server)
-
-
-# -- parts of the run killed mid-training ---------------------------------------------------
-
-
-def _failed(cli: CliRun, timeout_s: float = 180) -> str:
-    code = cli.wait(timeout_s)
-    text = cli.text()
-    assert code == 1, text[-4000:]
-    assert "certification failed" in text, text[-4000:]
-    return " ".join(text.split())  # rich wraps long lines: compare without the breaks
-
-
-def _kill_swtpm(record: ActiveRun) -> str:
-    pid = int(record.machine.details["swtpm_pid"])  # type: ignore[union-attr]
-    os.kill(pid, signal.SIGKILL)
-    return f"the software TPM (pid {pid}) exited"
-
-
-def _kill_agent(record: ActiveRun) -> str:
-    """The agent dies; its training container runs on until teardown removes it."""
-    pid = int(record.machine.details["agent_pid"])  # type: ignore[union-attr]
-    os.kill(pid, signal.SIGKILL)
-    return f"the guest agent (pid {pid}) exited"
-
-
-def _kill_container(record: ActiveRun) -> str:
-    client = docker.from_env()
-    try:
-        client.containers.get(f"aicert-{record.run_id}").kill()
-    finally:
-        client.close()
-    return "training was killed by SIGKILL (exit code 137), not for lack of memory"
-
-
-@pytest.mark.parametrize(
-    "kill", [_kill_swtpm, _kill_agent, _kill_container], ids=["swtpm", "agent", "container"]
-)
-def test_part_of_the_run_killed_mid_training_is_named(
-    kill: Callable[[ActiveRun], str],
-    flow_env: str,
-    holding_repo: Path,
-    server_home: Path,
-    home: Path,
-    tmp_path: Path,
-) -> None:
-    """The run fails naming what died (not a refused connection or a bare exit code 137),
-    as soon as it died (not once the training would have ended), says where the outputs
-    and logs are kept, and leaves nothing behind."""
-    config = holding_config(tmp_path, holding_repo, hold_s=TRAINING_HOLD_S)
-    cli = start_cli(config, home, flow_env, server_home)
-    cli.wait_for_training()
-    record = cli.record()
-    cause = kill(record)
-    killed = time.monotonic()
-
-    text = _failed(cli)
-    assert time.monotonic() - killed < TRAINING_HOLD_S - 20, text[-3000:]
-    assert cause in text, text[-3000:]
-    assert f"kept in {record.state_dir}" in text, text[-3000:]
-    assert_nothing_left(record)
-
-
-def test_out_of_memory_is_named(
-    flow_env: str, holding_repo: Path, server_home: Path, home: Path, tmp_path: Path
-) -> None:
-    config = holding_config(tmp_path, holding_repo, hold_s=0, memory="64m", ALLOCATE_MB="400")
-    cli = start_cli(config, home, flow_env, server_home)
-    text = _failed(cli, timeout_s=240)
-    assert (
-        "training ran out of memory: Docker OOM-killed the container (limits.memory 64m; "
-        "exit code 137)"
-    ) in text, text[-3000:]
-    assert processes_mentioning(str(home)) == []
-    assert run_containers_of_home(home) == []
-    assert not list((home / "active").glob("*.json"))
-
-
-def test_full_disk_fails_the_run_and_leaves_nothing(
-    flow_env: str, holding_repo: Path, server_home: Path, tmp_path: Path
-) -> None:
-    """AICERT_HOME on a 48 MB tmpfs and a job that writes 100 MB of outputs."""
-    home = tmp_path / "small-home"
-    home.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(home)], check=True)
-    try:
-        config = holding_config(tmp_path, holding_repo, hold_s=0, FILL_MB="100")
-        cli = start_cli(config, home, flow_env, server_home)
-        text = _failed(cli, timeout_s=240)
-        assert "No space left on device" in text, text[-3000:]
-        assert "training exited with code 1" in text, text[-3000:]
-        assert "outputs and training log kept in" in text, text[-3000:]
-        assert processes_mentioning(str(home)) == []
-        assert not list((home / "active").glob("*.json"))
-        assert run_containers_of_home(home) == []
-    finally:
-        for line in processes_mentioning(str(home)):
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
-        subprocess.run(["umount", "-l", str(home)], check=False)
-
-
-def run_containers_of_home(home: Path) -> list[str]:
-    runs = home / "runs"
-    names: list[str] = []
-    for run in runs.iterdir() if runs.is_dir() else []:
-        names += run_containers(run.name)
-    return names
