@@ -2,6 +2,9 @@
 
 The image is built (and observed once) in a persistent AICERT_HOME, so later sessions reuse
 its Debian packages and wheels: ``$AICERT_QEMU_TEST_HOME`` or ``<tmp>/aicert-qemu-tests``.
+Every change to the source tree (or the recipe, or the installed wheels) is another image,
+observed again on its first boot; ``$AICERT_QEMU_TEST_IMAGE`` (an image id in that home)
+reuses a built image instead of building, while the tree is being edited.
 Every VM is real: OVMF + swtpm vTPM under qemu, with the accelerator the provider decides
 (``$AICERT_QEMU_ACCEL``, else ``auto``: KVM only where its probe boots OVMF under it, so on a
 machine where KVM half-works the VMs run under tcg instead of hanging). The wall times of the
@@ -31,7 +34,12 @@ from aicert.flows.assemble import assemble_certificate
 from aicert.flows.providers.attestation import MachineAttestation, attest_machine
 from aicert.flows.providers.base import EnrolledKey, Machine
 from aicert.flows.providers.qemu import QemuProvider
-from aicert.flows.qemu_image import GuestImage, build_guest_image, observe_reference_values
+from aicert.flows.qemu_image import (
+    GuestImage,
+    build_guest_image,
+    load_guest_image,
+    observe_reference_values,
+)
 from aicert.guest_runtime.api_models import Health, KeyMaterial, PlatformEvidence
 from aicert.guest_runtime.client import AgentClient, AgentUnreachableError
 from aicert.guest_runtime.config import parse_config
@@ -77,7 +85,8 @@ def qemu_home() -> Path:
 @pytest.fixture(scope="session")
 def guest_image(qemu_home: Path) -> GuestImage:
     started = time.monotonic()
-    image = build_guest_image(qemu_home)
+    reused = os.environ.get("AICERT_QEMU_TEST_IMAGE")
+    image = load_guest_image(reused, qemu_home) if reused else build_guest_image(qemu_home)
     WALL_TIMES["guest image build"] = time.monotonic() - started
     if not image.reference.observed:
         started = time.monotonic()
