@@ -59,8 +59,6 @@ from aicert.tpm_structures import (
 Json = None | bool | int | float | str | list["Json"] | dict[str, "Json"]
 JsonPath = tuple[str | int, ...]
 
-# JSON fields that hold base64 bytes (attestation.quote.attest, ... boot_event_log).
-BASE64_FIELDS = frozenset({"attest", "signature", "public", "nonce", "boot_event_log"})
 EV_NO_ACTION = 0x00000003
 EV_EVENT_TAG = 0x00000006
 EV_SEPARATOR = 0x00000004
@@ -84,28 +82,28 @@ def walk(node: Json, path: JsonPath = ()) -> Iterator[tuple[JsonPath, Json]]:
             yield from walk(value, (*path, index))
 
 
-def get_at(document: Json, path: JsonPath) -> Json:
+def _get_at(document: Json, path: JsonPath) -> Json:
     node = document
     for key in path:
         node = node[key]  # type: ignore[index]
     return node
 
 
-def set_at(document: Json, path: JsonPath, value: Json) -> None:
-    parent = get_at(document, path[:-1])
+def _set_at(document: Json, path: JsonPath, value: Json) -> None:
+    parent = _get_at(document, path[:-1])
     parent[path[-1]] = value  # type: ignore[index]
 
 
-def delete_at(document: Json, path: JsonPath) -> None:
-    parent = get_at(document, path[:-1])
+def _delete_at(document: Json, path: JsonPath) -> None:
+    parent = _get_at(document, path[:-1])
     del parent[path[-1]]  # type: ignore[arg-type,union-attr]
 
 
-def show(path: JsonPath) -> str:
+def _show(path: JsonPath) -> str:
     return "/".join(str(part) for part in path) or "(root)"
 
 
-def encode_with_duplicate(
+def _encode_with_duplicate(
     document: Json, target: JsonPath, key: str, value: Json, first: bool
 ) -> bytes:
     """The JSON text of ``document`` with ``key`` appearing twice in the object at
@@ -128,7 +126,7 @@ def encode_with_duplicate(
 # -- TPM structures: marshalling ------------------------------------------------------------
 
 
-def tpm2b(data: bytes) -> bytes:
+def _tpm2b(data: bytes) -> bytes:
     return struct.pack(">H", len(data)) + data
 
 
@@ -137,8 +135,8 @@ def marshal_attest(attest: TpmsAttest) -> bytes:
     clock = attest.clock_info
     head = (
         struct.pack(">IH", attest.magic, attest.type)
-        + tpm2b(attest.qualified_signer)
-        + tpm2b(attest.extra_data)
+        + _tpm2b(attest.qualified_signer)
+        + _tpm2b(attest.extra_data)
         + struct.pack(
             ">QIIBQ",
             clock.clock,
@@ -155,19 +153,20 @@ def marshal_attest(attest: TpmsAttest) -> bytes:
     for selection in selections:
         body += struct.pack(">HB", selection.hash_alg, len(selection.pcr_select))
         body += selection.pcr_select
-    return head + body + tpm2b(attest.quote.pcr_digest)
+    return head + body + _tpm2b(attest.quote.pcr_digest)
 
 
 def marshal_signature(signature: TpmtSignature) -> bytes:
+    """TPMT_SIGNATURE from its parsed fields."""
     head = struct.pack(">H", signature.sig_alg)
     if signature.sig_alg == TPM_ALG_NULL:
         return head
     head += struct.pack(">H", signature.hash_alg)
     if signature.sig_alg in (TPM_ALG_RSASSA, TPM_ALG_RSAPSS):
-        return head + tpm2b(signature.rsa_signature)
+        return head + _tpm2b(signature.rsa_signature)
     if signature.sig_alg == TPM_ALG_HMAC:
         return head + signature.hmac_digest
-    return head + tpm2b(signature.ecc_r) + tpm2b(signature.ecc_s)
+    return head + _tpm2b(signature.ecc_r) + _tpm2b(signature.ecc_s)
 
 
 def _marshal_sym(symmetric: TpmtSymDefObject) -> bytes:
@@ -187,16 +186,16 @@ def _marshal_scheme(scheme: TpmtScheme) -> bytes:
 def marshal_public(public: TpmtPublic) -> bytes:
     """TPMT_PUBLIC from its parsed fields (not ``raw``)."""
     out = struct.pack(">HHI", public.type, public.name_alg, public.object_attributes)
-    out += tpm2b(public.auth_policy)
+    out += _tpm2b(public.auth_policy)
     parameters = public.parameters
     if isinstance(parameters, TpmsRsaParms):
         out += _marshal_sym(parameters.symmetric) + _marshal_scheme(parameters.scheme)
         out += struct.pack(">HI", parameters.key_bits, parameters.exponent)
-        return out + tpm2b(cast(bytes, public.unique))
+        return out + _tpm2b(cast(bytes, public.unique))
     out += _marshal_sym(parameters.symmetric) + _marshal_scheme(parameters.scheme)
     out += struct.pack(">H", parameters.curve_id) + _marshal_scheme(parameters.kdf)
     point = cast(TpmsEccPoint, public.unique)
-    return out + tpm2b(point.x) + tpm2b(point.y)
+    return out + _tpm2b(point.x) + _tpm2b(point.y)
 
 
 # -- the TCG boot event log: marshalling ----------------------------------------------------
@@ -218,10 +217,11 @@ def marshal_event2(event: TcgEvent, banks: tuple[str, ...]) -> bytes:
 
 
 def marshal_event_log(header: bytes, events: list[TcgEvent], banks: tuple[str, ...]) -> bytes:
+    """A whole log: the header record as it was, then ``events`` re-encoded."""
     return header + b"".join(marshal_event2(event, banks) for event in events)
 
 
-def measured_event(pcr: int, event_type: int, data: bytes, banks: tuple[str, ...]) -> TcgEvent:
+def _measured_event(pcr: int, event_type: int, data: bytes, banks: tuple[str, ...]) -> TcgEvent:
     """An event whose every digest is the hash of its data (what firmware would log)."""
     return TcgEvent(
         index=0,
@@ -271,10 +271,6 @@ class SeedDocument:
         attestation = cast(dict[str, dict[str, list[str]]], self.document["attestation"])
         return list(attestation["ak"]["certificate_chain"])
 
-    @property
-    def events(self) -> list[dict[str, Json]]:
-        return cast(list[dict[str, Json]], self.document["event_log"])
-
 
 @dataclass(frozen=True)
 class Mutant:
@@ -302,7 +298,7 @@ class Context:
         """The paths ``category`` applies to, in an order fixed by the run seed."""
         cached = self._targets.get(category)
         if cached is None:
-            cached = [p for p in self.paths if predicate(p, get_at(self.seed.document, p))]
+            cached = [p for p in self.paths if predicate(p, _get_at(self.seed.document, p))]
             random.Random(f"{self.run_seed}/{self.seed.platform}/{category}").shuffle(cached)
             self._targets[category] = cached
         return cached
@@ -338,18 +334,18 @@ class Builder:
         return Mutant(self.category, description, data)
 
     def set_b64(self, path: JsonPath, data: bytes) -> None:
-        set_at(self.document, path, base64.b64encode(data).decode())
+        _set_at(self.document, path, base64.b64encode(data).decode())
 
 
 # -- random values ---------------------------------------------------------------------------
 
 
-def random_text(rng: random.Random, max_size: int = 12) -> str:
+def _random_text(rng: random.Random, max_size: int = 12) -> str:
     alphabet = "abcXYZ019 -_./:\\\"'\u00e9\u0430\u200b\u0000\n\t{}[]"
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, max_size)))
 
 
-def random_json(rng: random.Random, depth: int = 2) -> Json:
+def _random_json(rng: random.Random, depth: int = 2) -> Json:
     kind = rng.randrange(9 if depth > 0 else 7)
     if kind == 0:
         return None
@@ -360,16 +356,16 @@ def random_json(rng: random.Random, depth: int = 2) -> Json:
     if kind == 3:
         return rng.choice([0.5, -0.0, 1e308, 1.0, 3.14])
     if kind in (4, 5, 6):
-        return random_text(rng)
+        return _random_text(rng)
     if kind == 7:
-        return [random_json(rng, depth - 1) for _ in range(rng.randint(0, 3))]
-    return {random_text(rng, 6): random_json(rng, depth - 1) for _ in range(rng.randint(0, 3))}
+        return [_random_json(rng, depth - 1) for _ in range(rng.randint(0, 3))]
+    return {_random_text(rng, 6): _random_json(rng, depth - 1) for _ in range(rng.randint(0, 3))}
 
 
-def edit_string(rng: random.Random, value: str) -> tuple[str, str]:
+def _edit_string(rng: random.Random, value: str) -> tuple[str, str]:
     """A small edit of ``value`` and its description."""
     if not value:
-        return random_text(rng, 8) or "x", "empty string filled"
+        return _random_text(rng, 8) or "x", "empty string filled"
     position = rng.randrange(len(value))
     choice = rng.randrange(10)
     if choice == 0:
@@ -396,7 +392,7 @@ def edit_string(rng: random.Random, value: str) -> tuple[str, str]:
     return "", "emptied"
 
 
-def edit_number(rng: random.Random, value: int | float) -> tuple[Json, str]:
+def _edit_number(rng: random.Random, value: int | float) -> tuple[Json, str]:
     choice = rng.randrange(6)
     if choice == 0 and isinstance(value, int):
         return float(value), "same value as a float"
@@ -410,7 +406,7 @@ def edit_number(rng: random.Random, value: int | float) -> tuple[Json, str]:
     return boundary, f"boundary {boundary}"
 
 
-def change_type(rng: random.Random, value: Json) -> tuple[Json, str]:
+def _change_type(rng: random.Random, value: Json) -> tuple[Json, str]:
     """The same content in another JSON type (or the closest thing to it)."""
     if isinstance(value, bool):
         return rng.choice([int(value), str(value).lower(), None]), "bool as another type"
@@ -441,126 +437,126 @@ def _any(_path: JsonPath, _value: Json) -> bool:
     return True
 
 
-def json_replace(b: Builder) -> Mutant:
+def _json_replace(b: Builder) -> Mutant:
     path = cast(JsonPath, b.pick_target(_any))
-    value = random_json(b.rng)
-    set_at(b.document, path, value)
-    return b.done(f"{show(path)} replaced by {json.dumps(value)[:60]}")
+    value = _random_json(b.rng)
+    _set_at(b.document, path, value)
+    return b.done(f"{_show(path)} replaced by {json.dumps(value)[:60]}")
 
 
-def json_remove(b: Builder) -> Mutant:
+def _json_remove(b: Builder) -> Mutant:
     path = cast(JsonPath, b.pick_target(_any))
-    delete_at(b.document, path)
-    return b.done(f"{show(path)} removed")
+    _delete_at(b.document, path)
+    return b.done(f"{_show(path)} removed")
 
 
-def json_duplicate_key(b: Builder) -> Mutant:
+def _json_duplicate_key(b: Builder) -> Mutant:
     path = cast(JsonPath, b.pick_target(lambda p, _v: isinstance(p[-1], str)))
-    original = get_at(b.document, path)
-    value = rng_variant(b.rng, original)
+    original = _get_at(b.document, path)
+    value = _rng_variant(b.rng, original)
     first = b.rng.random() < 0.5
-    data = encode_with_duplicate(b.document, path[:-1], str(path[-1]), value, first)
+    data = _encode_with_duplicate(b.document, path[:-1], str(path[-1]), value, first)
     where = "before" if first else "after"
-    return b.done(f"{show(path)} duplicated {where} with {json.dumps(value)[:60]}", data)
+    return b.done(f"{_show(path)} duplicated {where} with {json.dumps(value)[:60]}", data)
 
 
-def rng_variant(rng: random.Random, value: Json) -> Json:
+def _rng_variant(rng: random.Random, value: Json) -> Json:
     """A value of the same type that differs (an edited string, a nearby number, ...)."""
     if isinstance(value, str):
-        return edit_string(rng, value)[0]
+        return _edit_string(rng, value)[0]
     if isinstance(value, bool):
         return not value
     if isinstance(value, int | float):
-        return edit_number(rng, value)[0]
-    return random_json(rng)
+        return _edit_number(rng, value)[0]
+    return _random_json(rng)
 
 
-def json_type_change(b: Builder) -> Mutant:
+def _json_type_change(b: Builder) -> Mutant:
     path = cast(JsonPath, b.pick_target(_any))
-    value, how = change_type(b.rng, get_at(b.document, path))
-    set_at(b.document, path, value)
-    return b.done(f"{show(path)}: {how} ({json.dumps(value)[:60]})")
+    value, how = _change_type(b.rng, _get_at(b.document, path))
+    _set_at(b.document, path, value)
+    return b.done(f"{_show(path)}: {how} ({json.dumps(value)[:60]})")
 
 
-def json_string_edit(b: Builder) -> Mutant:
+def _json_string_edit(b: Builder) -> Mutant:
     path = cast(JsonPath, b.pick_target(lambda _p, v: isinstance(v, str)))
-    value, how = edit_string(b.rng, cast(str, get_at(b.document, path)))
-    set_at(b.document, path, value)
-    return b.done(f"{show(path)}: {how}")
+    value, how = _edit_string(b.rng, cast(str, _get_at(b.document, path)))
+    _set_at(b.document, path, value)
+    return b.done(f"{_show(path)}: {how}")
 
 
-def json_key_rename(b: Builder) -> Mutant:
+def _json_key_rename(b: Builder) -> Mutant:
     path = cast(JsonPath, b.pick_target(lambda p, _v: isinstance(p[-1], str)))
-    parent = cast(dict[str, Json], get_at(b.document, path[:-1]))
+    parent = cast(dict[str, Json], _get_at(b.document, path[:-1]))
     old = cast(str, path[-1])
-    new, how = edit_string(b.rng, old)
+    new, how = _edit_string(b.rng, old)
     renamed = {(new if k == old else k): v for k, v in parent.items()}
     parent.clear()
     parent.update(renamed)
-    return b.done(f"key {show(path)} renamed ({how}) to {new!r}")
+    return b.done(f"key {_show(path)} renamed ({how}) to {new!r}")
 
 
-def json_number_boundary(b: Builder) -> Mutant:
+def _json_number_boundary(b: Builder) -> Mutant:
     path = cast(
         JsonPath,
         b.pick_target(lambda _p, v: isinstance(v, int | float) and not isinstance(v, bool)),
     )
-    value, how = edit_number(b.rng, cast(int, get_at(b.document, path)))
-    set_at(b.document, path, value)
-    return b.done(f"{show(path)}: {how}")
+    value, how = _edit_number(b.rng, cast(int, _get_at(b.document, path)))
+    _set_at(b.document, path, value)
+    return b.done(f"{_show(path)}: {how}")
 
 
 def _lists(minimum: int) -> Callable[[JsonPath, Json], bool]:
     return lambda _p, v: isinstance(v, list) and len(v) >= minimum
 
 
-def json_list_reorder(b: Builder) -> Mutant:
+def _json_list_reorder(b: Builder) -> Mutant:
     path = cast(JsonPath, b.pick_target(_lists(2)))
-    items = cast(list[Json], get_at(b.document, path))
+    items = cast(list[Json], _get_at(b.document, path))
     if b.rng.random() < 0.5:
         i, j = b.rng.sample(range(len(items)), 2)
         items[i], items[j] = items[j], items[i]
-        return b.done(f"{show(path)}: items {i} and {j} swapped")
+        return b.done(f"{_show(path)}: items {i} and {j} swapped")
     before = list(items)
     while items == before and len({json.dumps(x) for x in items}) > 1:
         b.rng.shuffle(items)
-    return b.done(f"{show(path)}: shuffled")
+    return b.done(f"{_show(path)}: shuffled")
 
 
-def json_list_truncate(b: Builder) -> Mutant:
+def _json_list_truncate(b: Builder) -> Mutant:
     path = cast(JsonPath, b.pick_target(_lists(1)))
-    items = cast(list[Json], get_at(b.document, path))
+    items = cast(list[Json], _get_at(b.document, path))
     keep = b.rng.randrange(len(items))
     if b.rng.random() < 0.5:
         del items[keep:]
-        return b.done(f"{show(path)}: truncated to its first {keep}")
+        return b.done(f"{_show(path)}: truncated to its first {keep}")
     del items[: len(items) - keep]
-    return b.done(f"{show(path)}: truncated to its last {keep}")
+    return b.done(f"{_show(path)}: truncated to its last {keep}")
 
 
-def json_list_extend(b: Builder) -> Mutant:
+def _json_list_extend(b: Builder) -> Mutant:
     path = cast(JsonPath, b.pick_target(_lists(0)))
-    items = cast(list[Json], get_at(b.document, path))
+    items = cast(list[Json], _get_at(b.document, path))
     position = b.rng.randint(0, len(items))
     if items and b.rng.random() < 0.7:
         copied = copy.deepcopy(b.rng.choice(items))
         items.insert(position, copied)
-        return b.done(f"{show(path)}: an item duplicated at {position}")
-    value = random_json(b.rng)
+        return b.done(f"{_show(path)}: an item duplicated at {position}")
+    value = _random_json(b.rng)
     items.insert(position, value)
-    return b.done(f"{show(path)}: {json.dumps(value)[:40]} inserted at {position}")
+    return b.done(f"{_show(path)}: {json.dumps(value)[:40]} inserted at {position}")
 
 
-def json_add_key(b: Builder) -> Mutant:
+def _json_add_key(b: Builder) -> Mutant:
     path = cast(JsonPath, b.pick_target(lambda _p, v: isinstance(v, dict)))
-    target = cast(dict[str, Json], get_at(b.document, path) if path else b.document)
-    name = b.rng.choice(["verified", "extra", "pcr", "__proto__", "$ref", random_text(b.rng, 8)])
-    value = random_json(b.rng)
+    target = cast(dict[str, Json], _get_at(b.document, path) if path else b.document)
+    name = b.rng.choice(["verified", "extra", "pcr", "__proto__", "$ref", _random_text(b.rng, 8)])
+    value = _random_json(b.rng)
     target[name] = value
-    return b.done(f"{show(path)}: key {name!r} added with {json.dumps(value)[:40]}")
+    return b.done(f"{_show(path)}: key {name!r} added with {json.dumps(value)[:40]}")
 
 
-def raw_bytes(b: Builder) -> Mutant:
+def _raw_bytes(b: Builder) -> Mutant:
     data = bytearray(b.seed.raw)
     choice = b.rng.randrange(5)
     if choice == 0:
@@ -622,7 +618,7 @@ def _events_done(b: Builder, description: str) -> Mutant:
     return b.done(description)
 
 
-def events_move(b: Builder) -> Mutant:
+def _events_move(b: Builder) -> Mutant:
     events = cast(list[Json], b.document["event_log"])
     i = b.turn % len(events)
     j = b.rng.choice([k for k in range(len(events)) if k != i])
@@ -630,7 +626,7 @@ def events_move(b: Builder) -> Mutant:
     return _events_done(b, f"event {i} moved to {j}")
 
 
-def events_swap(b: Builder) -> Mutant:
+def _events_swap(b: Builder) -> Mutant:
     events = cast(list[Json], b.document["event_log"])
     i = b.turn % len(events)
     j = b.rng.choice([k for k in range(len(events)) if k != i])
@@ -638,14 +634,14 @@ def events_swap(b: Builder) -> Mutant:
     return _events_done(b, f"events {i} and {j} swapped")
 
 
-def events_drop(b: Builder) -> Mutant:
+def _events_drop(b: Builder) -> Mutant:
     events = cast(list[Json], b.document["event_log"])
     i = b.turn % len(events)
     del events[i]
     return _events_done(b, f"event {i} dropped")
 
 
-def events_duplicate(b: Builder) -> Mutant:
+def _events_duplicate(b: Builder) -> Mutant:
     events = cast(list[Json], b.document["event_log"])
     i = b.turn % len(events)
     j = b.rng.randint(0, len(events))
@@ -653,7 +649,7 @@ def events_duplicate(b: Builder) -> Mutant:
     return _events_done(b, f"event {i} duplicated at {j}")
 
 
-def events_change_pcr(b: Builder) -> Mutant:
+def _events_change_pcr(b: Builder) -> Mutant:
     events = cast(list[dict[str, Json]], b.document["event_log"])
     i = b.turn % len(events)
     old = events[i]["pcr"]
@@ -662,27 +658,27 @@ def events_change_pcr(b: Builder) -> Mutant:
     return _events_done(b, f"event {i} moved from PCR {old} to PCR {new}")
 
 
-def events_data_edit(b: Builder) -> Mutant:
+def _events_data_edit(b: Builder) -> Mutant:
     path = cast(
         JsonPath,
         b.pick_target(lambda p, _v: len(p) >= 3 and p[0] == "event_log" and p[2] == "data"),
     )
-    value = get_at(b.document, path)
+    value = _get_at(b.document, path)
     choice = b.rng.randrange(4)
     if choice == 0 and isinstance(path[-1], str):
-        delete_at(b.document, path)
+        _delete_at(b.document, path)
         how = "removed"
     elif choice == 1:
-        new, how = change_type(b.rng, value)
-        set_at(b.document, path, new)
+        new, how = _change_type(b.rng, value)
+        _set_at(b.document, path, new)
     else:
-        new = rng_variant(b.rng, value)
-        set_at(b.document, path, new)
+        new = _rng_variant(b.rng, value)
+        _set_at(b.document, path, new)
         how = f"set to {json.dumps(new)[:50]}"
-    return _events_done(b, f"{show(path)} {how}")
+    return _events_done(b, f"{_show(path)} {how}")
 
 
-def events_type_edit(b: Builder) -> Mutant:
+def _events_type_edit(b: Builder) -> Mutant:
     events = cast(list[dict[str, Json]], b.document["event_log"])
     i = b.turn % len(events)
     new = b.rng.choice(
@@ -713,7 +709,7 @@ def _boot_log_for(b: Builder) -> tuple[SeedDocument, TcgEventLog, bytes]:
     return source, cast(TcgEventLog, source.boot_log), cast(bytes, source.boot_log_raw)
 
 
-def events_into_boot_log(b: Builder) -> Mutant:
+def _events_into_boot_log(b: Builder) -> Mutant:
     """Application events moved into the boot log (as events of their own PCR, with their
     real digests), removed from the application log: the PCR 14/15 chains are unchanged."""
     events = cast(list[dict[str, Json]], b.document["event_log"])
@@ -730,7 +726,7 @@ def events_into_boot_log(b: Builder) -> Mutant:
         event = AppEvent.model_validate(events[position])
         digest = event_digest(event)
         data = canonical_json(event.model_dump(mode="json"))
-        tcg = measured_event(pcr, b.rng.choice([EV_EVENT_TAG, EV_IPL]), data, log.banks)
+        tcg = _measured_event(pcr, b.rng.choice([EV_EVENT_TAG, EV_IPL]), data, log.banks)
         added.append(replace(tcg, digests={**tcg.digests, "sha256": digest}))
     for position in reversed(moved):
         del events[position]
@@ -751,7 +747,7 @@ B64_PATHS = {
 }
 
 
-def edit_bytes(rng: random.Random, data: bytes) -> tuple[bytes, str]:
+def _edit_bytes(rng: random.Random, data: bytes) -> tuple[bytes, str]:
     """Byte flips, truncation, extension, insertion, deletion."""
     if not data:
         return bytes([rng.randrange(256)]), "one byte given"
@@ -776,13 +772,13 @@ def edit_bytes(rng: random.Random, data: bytes) -> tuple[bytes, str]:
     return data[:position] + data[position + 1 :], f"byte {position} deleted"
 
 
-def bytes_mutation(name: str) -> Callable[[Builder], Mutant]:
+def _bytes_mutation(name: str) -> Callable[[Builder], Mutant]:
     def mutation(b: Builder) -> Mutant:
         path = B64_PATHS[name]
-        original = base64.b64decode(cast(str, get_at(b.document, path)))
-        data, how = edit_bytes(b.rng, original)
+        original = base64.b64decode(cast(str, _get_at(b.document, path)))
+        data, how = _edit_bytes(b.rng, original)
         b.set_b64(path, data)
-        return b.done(f"{show(path)}: {how}")
+        return b.done(f"{_show(path)}: {how}")
 
     mutation.__name__ = f"{name}_bytes"
     return mutation
@@ -802,7 +798,7 @@ def _length_field_edit(
     return bytes(out), f"{name} {current} -> {value}"
 
 
-def attest_offsets(data: bytes) -> list[tuple[int, int, str]]:
+def _attest_offsets(data: bytes) -> list[tuple[int, int, str]]:
     """The size fields of a quote's TPMS_ATTEST: (offset, width, name)."""
     offsets = [(6, 2, "qualifiedSigner.size")]
     (signer,) = struct.unpack_from(">H", data, 6)
@@ -814,10 +810,10 @@ def attest_offsets(data: bytes) -> list[tuple[int, int, str]]:
     return offsets
 
 
-def attest_length(b: Builder) -> Mutant:
+def _attest_length(b: Builder) -> Mutant:
     path = B64_PATHS["attest"]
     data = b.seed.b64("attest")
-    mutated, how = _length_field_edit(b.rng, data, attest_offsets(data))
+    mutated, how = _length_field_edit(b.rng, data, _attest_offsets(data))
     b.set_b64(path, mutated)
     return b.done(f"TPMS_ATTEST {how}")
 
@@ -828,7 +824,7 @@ def _with_selections(attest: TpmsAttest, selections: list[TpmsPcrSelection]) -> 
     return replace(attest, quote=replace(quote, pcr_select=selection))
 
 
-def attest_reencode(b: Builder) -> Mutant:
+def _attest_reencode(b: Builder) -> Mutant:
     attest = parse_attest(b.seed.b64("attest"))
     quote = attest.quote
     assert quote is not None
@@ -896,7 +892,7 @@ def attest_reencode(b: Builder) -> Mutant:
     return b.done(f"TPMS_ATTEST re-encoded: {how}")
 
 
-def signature_length(b: Builder) -> Mutant:
+def _signature_length(b: Builder) -> Mutant:
     data = b.seed.b64("signature")
     mutated, how = _length_field_edit(
         b.rng, data, [(0, 2, "sigAlg"), (2, 2, "hash"), (4, 2, "sig.size")]
@@ -905,7 +901,7 @@ def signature_length(b: Builder) -> Mutant:
     return b.done(f"TPMT_SIGNATURE {how}")
 
 
-def signature_reencode(b: Builder) -> Mutant:
+def _signature_reencode(b: Builder) -> Mutant:
     signature = parse_signature(b.seed.b64("signature"))
     rng = b.rng
     choice = b.turn % 7
@@ -948,7 +944,7 @@ def signature_reencode(b: Builder) -> Mutant:
     return b.done(f"TPMT_SIGNATURE re-encoded: {how}")
 
 
-def public_reencode(b: Builder) -> Mutant:
+def _public_reencode(b: Builder) -> Mutant:
     public = parse_tpmt_public(b.seed.b64("public"))
     rng = b.rng
     choice = b.turn % 9
@@ -1001,14 +997,14 @@ def public_reencode(b: Builder) -> Mutant:
     return b.done(f"TPMT_PUBLIC re-encoded: {how}")
 
 
-def boot_log_bytes(b: Builder) -> Mutant:
+def _boot_log_bytes(b: Builder) -> Mutant:
     source, _log, raw = _boot_log_for(b)
-    data, how = edit_bytes(b.rng, raw)
+    data, how = _edit_bytes(b.rng, raw)
     b.set_b64(("boot_event_log",), data)
     return b.done(f"boot_event_log ({source.platform}'s): {how}")
 
 
-def event_log_offsets(raw: bytes, log: TcgEventLog) -> list[tuple[int, int, str]]:
+def _event_log_offsets(raw: bytes, log: TcgEventLog) -> list[tuple[int, int, str]]:
     """Offsets of the little-endian fields of a TCG log: (offset, width, name)."""
     header, _ = split_header(raw)
     offsets = [(28, 4, "header EventSize"), (32 + 24, 4, "Spec ID numberOfAlgorithms")]
@@ -1027,9 +1023,9 @@ def event_log_offsets(raw: bytes, log: TcgEventLog) -> list[tuple[int, int, str]
     return offsets
 
 
-def boot_log_length(b: Builder) -> Mutant:
+def _boot_log_length(b: Builder) -> Mutant:
     source, log, raw = _boot_log_for(b)
-    offset, _width, name = b.rng.choice(event_log_offsets(raw, log))
+    offset, _width, name = b.rng.choice(_event_log_offsets(raw, log))
     (current,) = struct.unpack_from("<I", raw, offset)
     value = b.rng.choice([0, 1, current + 1, max(0, current - 1), 24, 0xFFFFFFFF, 0x80000000])
     out = bytearray(raw)
@@ -1038,7 +1034,7 @@ def boot_log_length(b: Builder) -> Mutant:
     return b.done(f"boot_event_log ({source.platform}'s): {name} {current} -> {value}")
 
 
-def boot_log_reencode(b: Builder) -> Mutant:
+def _boot_log_reencode(b: Builder) -> Mutant:
     """A well-formed log with other content: what a forger would write."""
     source, log, raw = _boot_log_for(b)
     header, _ = split_header(raw)
@@ -1064,7 +1060,7 @@ def boot_log_reencode(b: Builder) -> Mutant:
         events[i] = replace(event, pcr=pcr)
         how = f"event {event.index} moved from PCR {event.pcr} to PCR {pcr}"
     elif choice == 4:
-        data, how_data = edit_bytes(rng, event.data)
+        data, how_data = _edit_bytes(rng, event.data)
         events[i] = replace(event, data=data)
         how = f"event {event.index} data edited, digests kept ({how_data})"
     elif choice == 5:
@@ -1075,13 +1071,13 @@ def boot_log_reencode(b: Builder) -> Mutant:
         how = f"event {event.index} {bank} digest changed"
     elif choice == 6:
         events.insert(
-            i, measured_event(event.pcr, EV_NO_ACTION, random_text(rng).encode(), log.banks)
+            i, _measured_event(event.pcr, EV_NO_ACTION, _random_text(rng).encode(), log.banks)
         )
         how = f"EV_NO_ACTION inserted before event {event.index}"
     elif choice == 7:
         events.insert(
             0,
-            measured_event(
+            _measured_event(
                 0, EV_NO_ACTION, b"StartupLocality\x00" + bytes([rng.choice([0, 3, 4])]), log.banks
             ),
         )
@@ -1100,13 +1096,13 @@ def boot_log_reencode(b: Builder) -> Mutant:
         how = f"event {event.index} moved to position {j}"
     else:
         data = event.data + b"\x00"
-        events[i] = measured_event(event.pcr, event.event_type, data, log.banks)
+        events[i] = _measured_event(event.pcr, event.event_type, data, log.banks)
         how = f"event {event.index} data edited and re-measured"
     b.set_b64(("boot_event_log",), marshal_event_log(header, events, log.banks))
     return b.done(f"boot_event_log ({source.platform}'s) re-encoded: {how}")
 
 
-def chain_edit(b: Builder) -> Mutant:
+def _chain_edit(b: Builder) -> Mutant:
     path = ("attestation", "ak", "certificate_chain")
     chain = b.seed.chain
     donor = b.donor().chain
@@ -1129,11 +1125,11 @@ def chain_edit(b: Builder) -> Mutant:
         new, how = [chain[0], *donor[1:]], "CAs swapped for another platform's"
     else:
         position = b.rng.randrange(len(chain))
-        pem, how_text = edit_string(b.rng, chain[position])
+        pem, how_text = _edit_string(b.rng, chain[position])
         new = list(chain)
         new[position] = pem
         how = f"PEM {position} edited ({how_text})"
-    set_at(b.document, path, cast(Json, new))
+    _set_at(b.document, path, cast(Json, new))
     return b.done(f"certificate_chain: {how}")
 
 
@@ -1162,7 +1158,7 @@ SPLICE_PATHS: tuple[JsonPath, ...] = (
 )
 
 
-def splice(b: Builder) -> Mutant:
+def _splice(b: Builder) -> Mutant:
     """A field of another platform's certificate at the same place in this one."""
     donor = b.donor()
     candidates = [p for p in SPLICE_PATHS if _has(donor.document, p)]
@@ -1170,11 +1166,11 @@ def splice(b: Builder) -> Mutant:
     common = [p for p in b.context.paths if _has(donor.document, p)]
     pool = candidates + common
     path = pool[(b.turn // max(1, len(b.context.donors))) % len(pool)]
-    set_at(b.document, path, copy.deepcopy(get_at(donor.document, path)))
-    return b.done(f"{show(path)} taken from the {donor.platform} certificate")
+    _set_at(b.document, path, copy.deepcopy(_get_at(donor.document, path)))
+    return b.done(f"{_show(path)} taken from the {donor.platform} certificate")
 
 
-def splice_pair(b: Builder) -> Mutant:
+def _splice_pair(b: Builder) -> Mutant:
     """Two related fields of another platform at once (the attestation with its event log,
     the event log with its claims, the boot log with the quote)."""
     donor = b.donor()
@@ -1190,58 +1186,58 @@ def splice_pair(b: Builder) -> Mutant:
     group = pairs[b.turn % len(pairs)]
     for path in group:
         if _has(donor.document, path):
-            set_at(b.document, path, copy.deepcopy(get_at(donor.document, path)))
+            _set_at(b.document, path, copy.deepcopy(_get_at(donor.document, path)))
         elif _has(b.document, path):
-            delete_at(b.document, path)
+            _delete_at(b.document, path)
     return b.done(
-        f"{', '.join(show(p) for p in group)} taken from the {donor.platform} certificate"
+        f"{', '.join(_show(p) for p in group)} taken from the {donor.platform} certificate"
     )
 
 
 def _has(document: Json, path: JsonPath) -> bool:
     try:
-        get_at(document, path)
+        _get_at(document, path)
     except (KeyError, IndexError, TypeError):
         return False
     return True
 
 
 CATEGORIES: dict[str, Callable[[Builder], Mutant]] = {
-    "json.replace": json_replace,
-    "json.remove": json_remove,
-    "json.duplicate-key": json_duplicate_key,
-    "json.type-change": json_type_change,
-    "json.string-edit": json_string_edit,
-    "json.key-rename": json_key_rename,
-    "json.number-boundary": json_number_boundary,
-    "json.list-reorder": json_list_reorder,
-    "json.list-truncate": json_list_truncate,
-    "json.list-extend": json_list_extend,
-    "json.add-key": json_add_key,
-    "json.raw-bytes": raw_bytes,
-    "events.move": events_move,
-    "events.swap": events_swap,
-    "events.drop": events_drop,
-    "events.duplicate": events_duplicate,
-    "events.change-pcr": events_change_pcr,
-    "events.data-edit": events_data_edit,
-    "events.type-edit": events_type_edit,
-    "events.into-boot-log": events_into_boot_log,
-    "attest.bytes": bytes_mutation("attest"),
-    "attest.length-field": attest_length,
-    "attest.re-encode": attest_reencode,
-    "signature.bytes": bytes_mutation("signature"),
-    "signature.length-field": signature_length,
-    "signature.re-encode": signature_reencode,
-    "public.bytes": bytes_mutation("public"),
-    "public.re-encode": public_reencode,
-    "nonce.bytes": bytes_mutation("nonce"),
-    "boot-log.bytes": boot_log_bytes,
-    "boot-log.length-field": boot_log_length,
-    "boot-log.re-encode": boot_log_reencode,
-    "chain.edit": chain_edit,
-    "splice.field": splice,
-    "splice.group": splice_pair,
+    "json.replace": _json_replace,
+    "json.remove": _json_remove,
+    "json.duplicate-key": _json_duplicate_key,
+    "json.type-change": _json_type_change,
+    "json.string-edit": _json_string_edit,
+    "json.key-rename": _json_key_rename,
+    "json.number-boundary": _json_number_boundary,
+    "json.list-reorder": _json_list_reorder,
+    "json.list-truncate": _json_list_truncate,
+    "json.list-extend": _json_list_extend,
+    "json.add-key": _json_add_key,
+    "json.raw-bytes": _raw_bytes,
+    "events.move": _events_move,
+    "events.swap": _events_swap,
+    "events.drop": _events_drop,
+    "events.duplicate": _events_duplicate,
+    "events.change-pcr": _events_change_pcr,
+    "events.data-edit": _events_data_edit,
+    "events.type-edit": _events_type_edit,
+    "events.into-boot-log": _events_into_boot_log,
+    "attest.bytes": _bytes_mutation("attest"),
+    "attest.length-field": _attest_length,
+    "attest.re-encode": _attest_reencode,
+    "signature.bytes": _bytes_mutation("signature"),
+    "signature.length-field": _signature_length,
+    "signature.re-encode": _signature_reencode,
+    "public.bytes": _bytes_mutation("public"),
+    "public.re-encode": _public_reencode,
+    "nonce.bytes": _bytes_mutation("nonce"),
+    "boot-log.bytes": _boot_log_bytes,
+    "boot-log.length-field": _boot_log_length,
+    "boot-log.re-encode": _boot_log_reencode,
+    "chain.edit": _chain_edit,
+    "splice.field": _splice,
+    "splice.group": _splice_pair,
 }
 
 

@@ -169,7 +169,9 @@ def capture(staging: Path, wanted: tuple[Platform, ...]) -> int:
     plugin = SeedCapture(staging, wanted)
     return int(
         pytest.main(
-            ["-p", "no:cacheprovider", "-q", "--rootdir", str(REPO_ROOT)]
+            # A qemu test's setup builds and observes a changed guest image, then certifies:
+            # longer than the suite's 600 s per test on a loaded machine.
+            ["-p", "no:cacheprovider", "-q", "--timeout", "2400", "--rootdir", str(REPO_ROOT)]
             + [str(REPO_ROOT / SOURCES[p]) for p in wanted],
             plugins=[plugin],
         )
