@@ -138,31 +138,35 @@ SUMMARY = Summary()
 
 @pytest.fixture(scope="module", autouse=True)
 def print_summary(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After the module: the summary on the terminal, past output capturing (a module
+    fixture's teardown is captured like a test's, and shown only with ``-rA``)."""
     yield
-    if not SUMMARY.per_platform:
-        return
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is None:
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if not SUMMARY.per_platform or reporter is None or capture is None:
         return
+    with capture.global_and_fixture_disabled():
+        for line in summary_lines():
+            reporter.write_line(line)
+
+
+def summary_lines() -> list[str]:
+    """The campaign's summary: mutations per seed and category, outcomes, what verified."""
     total = sum(SUMMARY.per_platform.values())
-    reporter.write_line("")
-    reporter.section(f"certificate fuzzer: seed {fuzz_seed()}, {total} mutations")
+    lines = ["", f"== certificate fuzzer: seed {fuzz_seed()}, {total} mutations =="]
     for platform, count in SUMMARY.per_platform.items():
-        reporter.write_line(
+        lines.append(
             f"{platform}: {count} mutations in {SUMMARY.seconds[platform]:.1f} s "
             f"({SUMMARY.cpu_seconds[platform]:.1f} s of CPU)"
         )
-    reporter.write_line("mutations per category:")
-    for category, count in sorted(SUMMARY.per_category.items()):
-        reporter.write_line(f"  {category:26} {count}")
-    reporter.write_line("outcomes:")
-    for outcome, count in SUMMARY.outcomes.most_common():
-        reporter.write_line(f"  {outcome:40} {count}")
-    reporter.write_line("accepted with the seed's report, per seed and category:")
-    for category, count in sorted(SUMMARY.accepted.items()):
-        reporter.write_line(f"  {category:34} {count}")
-    for failure in SUMMARY.failures[:20]:
-        reporter.write_line(f"FAILED: {failure}")
+    lines.append("mutations per category:")
+    lines += [f"  {c:26} {n}" for c, n in sorted(SUMMARY.per_category.items())]
+    lines.append("outcomes:")
+    lines += [f"  {o:60} {n}" for o, n in SUMMARY.outcomes.most_common()]
+    lines.append("accepted (with the seed's report), per seed and category:")
+    lines += [f"  {c:34} {n}" for c, n in sorted(SUMMARY.accepted.items())]
+    lines += [f"FAILED: {failure}" for failure in SUMMARY.failures[:20]]
+    return lines
 
 
 @pytest.fixture(scope="module")
