@@ -48,7 +48,7 @@ from aicert.guest_runtime import RUNTIME_VERSION, gitsource
 from aicert.guest_runtime.config import RunConfig, parse_config
 from aicert.guest_runtime.staged_inputs import UnpackedInputs
 from aicert.hashing import FileDigest, UnsafePathError, hash_tree, sha256_file, tree_sha256
-from aicert.model import AppEvent
+from aicert.model import MAX_EVENTS, MAX_OUTPUT_FILES, AppEvent
 from aicert.reference_values import platform_quote_nonce
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,14 @@ class UnsafeOutputError(AgentError):
 
 class MissingOutputsError(AgentError):
     """The run left fewer output files than its ``outputs.minFiles``: no certificate."""
+
+
+class TooManyOutputsError(AgentError):
+    """The run left more output files than a certificate may list (``MAX_OUTPUT_FILES``)."""
+
+
+class EventLimitError(AgentError):
+    """The run would measure more events than a certificate may hold (``MAX_EVENTS``)."""
 
 
 Step = Literal["started", "inputs", "built", "training", "trained", "measured", "quoted"]
@@ -270,6 +278,12 @@ class CertificationAgent:
             raise
 
     def _measure(self, run: RunState, data: EventData) -> AppEvent:
+        if len(run.events) >= MAX_EVENTS:
+            # A certificate the verifier would refuse is not worth a PCR extend.
+            raise EventLimitError(
+                f"more than {MAX_EVENTS} measured events (inputs and outputs): a certificate "
+                "holds at most that many; no certificate is produced"
+            )
         event = data.to_event()
         self.tpm.pcr_extend(event.pcr, event_digest(event))  # type: ignore[attr-defined]
         run.events.append(event)
@@ -797,6 +811,13 @@ class CertificationAgent:
                     ) from exc
                 # Checked before the first extend: a run short of its required outputs leaves
                 # PCR 15 untouched and gets no certificate.
+                if len(digests) > MAX_OUTPUT_FILES:
+                    raise TooManyOutputsError(
+                        f"outputs: the run left {len(digests)} files in "
+                        f"{run.config.outputs_path}, a certificate lists at most "
+                        f"{MAX_OUTPUT_FILES} (pack many small files into shards or an archive); "
+                        f"no certificate is produced, outputs and logs are kept in {run.workspace}"
+                    )
                 required = run.config.min_output_files
                 if len(digests) < required:
                     raise MissingOutputsError(

@@ -29,6 +29,8 @@ from pydantic import (
     model_validator,
 )
 
+from aicert.model import MAX_OUTPUT_FILES
+
 DEFAULT_BASE_IMAGE = "aicert/python-base:bookworm"
 WORKSPACE = PurePosixPath("/workspace")
 DEFAULT_OUTPUTS = "/workspace/outputs"
@@ -46,8 +48,8 @@ MAX_MEMORY_BYTES = 16 * 1024**4  # 16 TiB: more than any single machine offers
 MAX_TIMEOUT_SECONDS = 30 * 24 * 3600  # 30 days
 MAX_PIDS = 4_194_304  # Linux's largest pid_max (2**22)
 MAX_GPUS = 32
-# Within what one certificate can list (aicert.model.MAX_EVENTS events in all).
-MAX_MIN_OUTPUT_FILES = 100_000
+# Within what one certificate can list (the agent refuses more output files than this).
+MAX_MIN_OUTPUT_FILES = MAX_OUTPUT_FILES
 MAX_RESOURCES = 1000
 MAX_ENV_VARIABLES = 1000
 MAX_COMMAND_ARGUMENTS = 1000

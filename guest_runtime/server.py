@@ -25,9 +25,11 @@ from aicert.guest_runtime.agent import (
     AgentError,
     CertificationAgent,
     DependencyError,
+    EventLimitError,
     InputMismatchError,
     MissingOutputsError,
     StepOrderError,
+    TooManyOutputsError,
     TrainingFailedError,
     UnsafeOutputError,
 )
@@ -58,6 +60,8 @@ _STATUS = {
     DependencyError: 422,
     UnsafeOutputError: 422,
     MissingOutputsError: 422,
+    TooManyOutputsError: 422,
+    EventLimitError: 422,
 }
 # Matched by name: the TPM module needs libtss2, which this module must import without.
 _UNAVAILABLE_KINDS = frozenset({"TpmUnreachableError"})

@@ -199,7 +199,9 @@ def event_digest(event: AppEvent) -> bytes:
     integers beyond 2**53): JSON parsers accept them, so a certificate can carry them.
     """
     try:
-        return canonical_sha256(event.model_dump(mode="json"))
+        # The event's three fields as a plain dict: what model_dump(mode="json") returns for
+        # them (the data is already JSON values), without copying every event's data.
+        return canonical_sha256({"pcr": event.pcr, "type": event.type, "data": event.data})
     except ValueError as exc:
         raise EventLogError(f"{event.type} event has no RFC 8785 form: {exc}") from None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import rfc8785
@@ -24,6 +25,17 @@ _SAFE_INTEGER = 2**53 - 1
 _FAST_PATH_DEPTH = 64
 
 
+def _scalar_is_canonical(value: object) -> bool | None:
+    """True/False for a scalar (see below), None for anything else."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return True
+    # Exact types (``type(x) is``): subclasses such as IntEnum may serialize otherwise.
+    if isinstance(value, int) and kind is int:
+        return -_SAFE_INTEGER <= value <= _SAFE_INTEGER
+    return None
+
+
 def _json_dumps_is_canonical(value: object, depth: int = 0) -> bool:
     """Whether ``json.dumps(value, sort_keys=True, separators=(",", ":"),
     ensure_ascii=False)`` gives exactly RFC 8785's serialization.
@@ -31,32 +43,37 @@ def _json_dumps_is_canonical(value: object, depth: int = 0) -> bool:
     It does when the value holds only dicts with ASCII ``str`` keys (RFC 8785 sorts keys by
     UTF-16 code units, Python by code points: the orders agree on ASCII), lists, strings,
     booleans, None and integers within +-(2**53 - 1). Both escape ``"``, ``\\`` and control
-    characters the same way (short forms for \\b \\t \\n \\f \\r, else ``\\u00xx`` in lower
-    case) and write everything else as UTF-8. Floats (whose ES6 number form differs from
+    characters the same way (short forms for \\b \\t \\n \\f \\r, else ``\\u00xx`` in
+    lower case) and write everything else as UTF-8. Floats (whose ES6 number form differs from
     Python's ``repr``), big integers, tuples and other types take the reference path, and so
     do strings with lone surrogates (the UTF-8 encoding of the fast result fails on them).
+    Scalars inside containers are checked inline: a function call per container, not per value.
     """
+    scalar = _scalar_is_canonical(value)
+    if scalar is not None:
+        return scalar
     if depth > _FAST_PATH_DEPTH:
         return False
-    kind = type(value)
-    if kind is str or kind is bool or value is None:
-        return True
-    # Exact types (``type(x) is``): subclasses such as IntEnum may serialize otherwise.
-    if isinstance(value, int) and kind is int:
-        return -_SAFE_INTEGER <= value <= _SAFE_INTEGER
-    if isinstance(value, dict) and kind is dict:
-        for key, item in value.items():
-            if type(key) is not str or not key.isascii():
-                return False
-            if not _json_dumps_is_canonical(item, depth + 1):
-                return False
-        return True
-    if isinstance(value, list) and kind is list:
-        for item in value:
-            if not _json_dumps_is_canonical(item, depth + 1):
-                return False
-        return True
-    return False
+    if isinstance(value, dict) and type(value) is dict:
+        if not all(type(key) is str and key.isascii() for key in value):
+            return False
+        items: Iterable[object] = value.values()
+    elif isinstance(value, list) and type(value) is list:
+        items = value
+    else:
+        return False
+    for item in items:
+        # The scalar cases of _scalar_is_canonical, inline (this loop runs once per value).
+        kind = type(item)
+        if kind is str or kind is bool or item is None:
+            continue
+        if isinstance(item, int) and kind is int:
+            if -_SAFE_INTEGER <= item <= _SAFE_INTEGER:
+                continue
+            return False
+        if not _json_dumps_is_canonical(item, depth + 1):
+            return False
+    return True
 
 
 # One encoder for every call: json.dumps builds a new one whenever an option is not default.

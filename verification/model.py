@@ -46,19 +46,23 @@ if TYPE_CHECKING:
 FORMAT = "aicert/v1"
 
 # Limits: a certificate is evidence from an untrusted party; refuse absurd sizes before
-# any parsing work is spent on them. Sized from a real large certificate (100,000 output files
-# of a dataset-like folder, made by tests/verification_cert/factory.py): 45.9 MB, 2.2 million
-# JSON values and keys, nesting depth 7 (tests/benchmarks/bench_parse_limits.py measures it).
+# any parsing work is spent on them. The event limits are set so that the largest legitimate
+# certificate verifies in under 2 s and 300 MB (a real one with 20,000 output files, made by
+# tests/verification_cert/factory.py: 9.2 MB, about 0.5 million JSON values, nesting depth 7,
+# verified in about 1.9 s on a loaded 2-core machine; tests/benchmarks/bench_parse_limits.py
+# measures it). A run with more output files than MAX_OUTPUT_FILES is refused by the agent
+# before PCR 15 is extended (pack a dataset of many small files into shards or an archive).
 MAX_CERTIFICATE_BYTES = 64 * 1024 * 1024
-# Events per list: 100,000 output files plus up to 20,000 inputs (packages, resources).
-MAX_EVENTS = 120_000
+MAX_OUTPUT_FILES = 20_000
+# Events per list: MAX_OUTPUT_FILES output files plus up to 5,000 inputs (packages, resources).
+MAX_EVENTS = 25_000
 MAX_BOOT_EVENT_LOG_BYTES = 16 * 1024 * 1024
 MAX_CHAIN_LENGTH = 8
 MAX_PEM_CHARS = 16 * 1024
 # The JSON shape, checked on the raw bytes before any object tree is built
 # (aicert.bounded_json). Values and keys: 22 per output file (record + event), 25 per input,
-# so 120,000 events take about 2.7 million; the rest is room for the measured config.
-MAX_JSON_VALUES = 3_000_000
+# so 25,000 events take about 0.6 million; the rest is room for the measured config.
+MAX_JSON_VALUES = 1_000_000
 # Nesting: a certificate is 7 deep; the measured config is YAML a person wrote.
 MAX_JSON_DEPTH = 64
 # One string, as written between its quotes: the longest legitimate one is the base64 of the

@@ -146,6 +146,16 @@ print("sleeping", flush=True)
 time.sleep(300)
 """
 
+# One file more than a certificate may list (aicert.model.MAX_OUTPUT_FILES = 20,000).
+MANY_OUTPUTS = """\
+from pathlib import Path
+
+outputs = Path("/workspace/outputs")
+for index in range(20_001):
+    (outputs / f"shard-{index:05d}.bin").write_bytes(b"%d" % index)
+print("wrote 20001 files", flush=True)
+"""
+
 REQUIREMENTS_V1 = "# the only dependency\nsix==1.16.0\n"
 
 
@@ -178,6 +188,7 @@ def training_repo(tmp_path_factory: pytest.TempPathFactory) -> TrainingRepo:
         "src/fail.py": FAIL,
         "src/symlink_out.py": SYMLINK_OUT,
         "src/sleep.py": SLEEP,
+        "src/many_outputs.py": MANY_OUTPUTS,
         "inputs/data.csv": DATA_CSV,
         "README.md": "A tiny training project for AICert's tests.\n",
     }

@@ -18,6 +18,7 @@ import docker
 import pytest
 
 from aicert.guest_runtime.client import AgentCallError, AgentClient, AgentUnreachableError
+from aicert.model import MAX_OUTPUT_FILES
 from tests.guest_agent.conftest import (
     AgentUnderTest,
     ConfigFactory,
@@ -179,6 +180,25 @@ def test_symlink_out_of_the_outputs_is_refused(
     assert "passwd-link" in str(error) and "/etc/passwd" in str(error)
     refused = call_error(agent.client.quote, agent.run_id)
     assert refused.kind == "StepOrderError"
+
+
+def test_more_outputs_than_a_certificate_lists_are_refused_before_pcr_15(
+    agent: AgentUnderTest, make_config: ConfigFactory
+) -> None:
+    """A certificate lists at most MAX_OUTPUT_FILES outputs (so that the largest one verifies
+    in under 2 s): a run that leaves more gets no certificate and PCR 15 stays untouched."""
+    assert MAX_OUTPUT_FILES == 20_000  # the training script writes one file more
+    agent.start(make_config(entry="src/many_outputs.py"))
+    agent.client.measure_inputs(agent.run_id)
+    agent.client.build_image(agent.run_id)
+    status, lines = agent.train()
+    assert status.state == "succeeded", lines
+    error = call_error(agent.client.measure_outputs, agent.run_id)
+    assert error.kind == "TooManyOutputsError"
+    assert error.status == 422
+    assert "20001 files" in str(error) and "at most 20000" in str(error)
+    assert call_error(agent.client.quote, agent.run_id).kind == "StepOrderError"
+    assert len(list((agent.workspace / "outputs").iterdir())) == 20_001  # kept
 
 
 def test_the_configured_outputs_folder_is_the_one_measured(

@@ -357,7 +357,7 @@ def with_limits(**limits: object) -> str:
             VALID.format(sha=SHA).replace(
                 "outputs: /workspace/outputs", "outputs: {path: /workspace/out, minFiles: -1}"
             ),
-            "outputs.minFiles (line 12): -1 is out of range: allowed 0 to 100000 files",
+            "outputs.minFiles (line 12): -1 is out of range: allowed 0 to 20000 files",
             id="min-files-negative",
         ),
     ],
