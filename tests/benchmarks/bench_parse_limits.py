@@ -6,7 +6,8 @@ folder) and, around it, each shape of ``tests/verification_cert/worst_shapes.py`
 limit (64 MB): millions of zeros, empty objects, empty strings or short keys, deep arrays, one
 huge string, escaped quotes, long base64, huge numbers, a duplicate key, too many events. Plus
 a legitimate large certificate: ``--outputs`` output files (default 20,000, the most a run
-may leave; about 10 s to make on a swtpm) or an existing one (``--large-certificate proof.json --trust-root ca.pem``).
+may leave; about 10 s to make on a swtpm) or an existing one (``--large-certificate
+proof.json --trust-root ca.pem``).
 
 Each document is read in a fresh subprocess (``aicert.load`` then, if it parses, ``verify``):
 wall time (and the parse's part of it) and peak RSS of that process, which includes the
@@ -116,7 +117,9 @@ def _certificates(workdir: Path, outputs: int) -> tuple[bytes, bytes, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--outputs", type=int, default=20_000, help="outputs of the large one (MAX_OUTPUT_FILES)")
+    parser.add_argument(
+        "--outputs", type=int, default=20_000, help="outputs of the large one (MAX_OUTPUT_FILES)"
+    )
     parser.add_argument("--large-certificate", type=Path, help="an existing large certificate")
     parser.add_argument("--trust-root", type=Path, help="its platform CA (PEM)")
     parser.add_argument("--shapes", nargs="*", help="only these shapes (names, quoted)")
