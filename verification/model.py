@@ -1,7 +1,7 @@
 """The ``aicert/v1`` certificate: one pydantic model tree, shared by producer and verifier.
 
 The guest runtime builds these models; the verifier parses them. They share nothing else
-(the go-tpm-tools client/server split): the JSON Schema in ``schema/aicert-v1.schema.json``
+(the go-tpm-tools client/server split): the JSON Schema in ``schemas/aicert-v1.schema.json``
 is generated from this module and kept in the repository.
 
 Bytes travel as standard base64 (strictly decoded), digests as lowercase hex.

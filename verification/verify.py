@@ -1,4 +1,5 @@
-"""Certificate verification: the checks of DESIGN.md, in order, failing closed on the first.
+"""Certificate verification: the checks of docs/verification-checks.md, in order, failing
+closed on the first.
 
 ``verify_certificate`` returns a ``VerificationReport`` that says what was checked and what
 the certificate binds; any failure raises the ``VerificationError`` subclass for that check.
