@@ -369,9 +369,10 @@ def _check_ak_binding(certificate: Certificate, leaf: x509.Certificate, ak: Tpmt
     required for the platforms whose AK the project's platform CA certifies (local, qemu)
     and checked wherever present. Every failure is an ``AkMismatchError`` naming the
     extension: a missing or malformed extension, another name (an edited attribute), an EK
-    certificate that is not the one the CA verified. Azure's AK certificates (Microsoft's)
-    carry no such extension: there the attributes are Microsoft's provisioning, and the EK
-    certificate is bound by nothing, so it is neither checked nor shown.
+    certificate that is not the one the CA verified, or none attached. Azure's AK
+    certificates (Microsoft's) carry no such extension: there the attributes are Microsoft's
+    provisioning, and the EK certificate is bound by nothing, so it is neither checked nor
+    shown.
     """
     oid = AK_BINDING_OID.dotted_string
     try:
@@ -404,7 +405,13 @@ def _check_ak_binding(certificate: Certificate, leaf: x509.Certificate, ak: Tpmt
     detail = f"its TPM name (every attribute) is the activated AK's (AK binding extension {oid})"
     pem = certificate.attestation.ek.certificate
     if pem is None:
-        return detail + "; no EK certificate attached"
+        # The binding names the EK certificate the CA verified: a certificate without it
+        # would verify with another report, so it is refused rather than reported as absent.
+        raise AkMismatchError(
+            f"attestation.ek.certificate is missing, but the AK binding extension {oid} names "
+            f"the EK certificate the platform CA verified "
+            f"({binding.ek_certificate_sha256.hex()[:16]}...)"
+        )
     try:
         (ek_certificate,) = x509.load_pem_x509_certificates(pem.encode("ascii"))
     except (ValueError, UnicodeEncodeError):
