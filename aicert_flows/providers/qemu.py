@@ -148,6 +148,18 @@ def _terminate(pid: int, marker: str, grace_s: float = 5.0) -> None:
         os.waitpid(pid, 0)
 
 
+def _stop_child(process: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
+    """Stop and reap a child this process started: SIGTERM, then SIGKILL after ``grace_s``."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def _tail(path: Path, max_bytes: int = LOG_TAIL_BYTES) -> str:
     try:
         with path.open("rb") as handle:
@@ -312,7 +324,9 @@ def probe_kvm(
                     )
                 time.sleep(0.02)
         finally:
-            _terminate(process.pid, marker)
+            # Our own child, not yet reaped: its Popen cannot name another process, so no
+            # command-line check is needed (one missed a probe qemu once in CI).
+            _stop_child(process)
 
 
 def _firmware_vm(

@@ -181,13 +181,17 @@ def test_non_restricted_ak_is_refused(base: MadeCertificate, rig: TpmRig) -> Non
     and it signs the TPM's own quote structure. Only the restricted-key check refuses it.
     """
     attest = base.certificate.attestation.quote.attest
-    unrestricted = software_ak(rig.ca, rig.ca_dir, restricted=False)
+    unrestricted = software_ak(
+        rig.ca, rig.ca_dir, restricted=False, ek_certificate_pem=rig.ek_certificate_pem
+    )
     with caught_exactly(AkMismatchError, "not a restricted signing key"):
         with_software_quote(base, unrestricted, attest).verify()
     # Control: the same forgery with a TPMT_PUBLIC that *claims* restricted verifies: the
     # attributes are as trustworthy as the CA that checked them at activation (PlatformCA
     # refuses such keys; issue_ak_certificate is a CA that did not).
-    claims_restricted = software_ak(rig.ca, rig.ca_dir, restricted=True)
+    claims_restricted = software_ak(
+        rig.ca, rig.ca_dir, restricted=True, ek_certificate_pem=rig.ek_certificate_pem
+    )
     with_software_quote(base, claims_restricted, attest).verify()
 
 
@@ -236,7 +240,7 @@ def test_sha1_signed_quote_is_refused(
 def test_attest_without_tpm_generated_magic_is_refused(base: MadeCertificate, rig: TpmRig) -> None:
     """No TPM signs a TPMS_ATTEST whose magic is not TPM_GENERATED_VALUE with a restricted
     key: that is what makes the magic meaningful. The forgery needs a software key."""
-    ak = software_ak(rig.ca, rig.ca_dir, restricted=True)
+    ak = software_ak(rig.ca, rig.ca_dir, restricted=True, ek_certificate_pem=rig.ek_certificate_pem)
     attest = base.certificate.attestation.quote.attest
     with_software_quote(base, ak, attest).verify()  # control: the re-signed original passes
     forged = struct.pack(">I", 0xDEADBEEF) + attest[4:]
@@ -245,7 +249,7 @@ def test_attest_without_tpm_generated_magic_is_refused(base: MadeCertificate, ri
 
 
 def test_attest_of_another_type_is_refused(base: MadeCertificate, rig: TpmRig) -> None:
-    ak = software_ak(rig.ca, rig.ca_dir, restricted=True)
+    ak = software_ak(rig.ca, rig.ca_dir, restricted=True, ek_certificate_pem=rig.ek_certificate_pem)
     attest = base.certificate.attestation.quote.attest
     forged = attest[:4] + struct.pack(">H", TPM_ST_ATTEST_CERTIFY) + attest[6:]
     with caught_exactly(AttestStructureError, "not TPM_ST_ATTEST_QUOTE"):
