@@ -25,6 +25,7 @@ from typing import Self
 import httpx
 
 from aicert.flows.settings import aicert_home
+from aicert.guest_runtime.hostutil import stop_child
 
 STARTUP_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 10.0
@@ -162,14 +163,8 @@ class TemporaryPrefectServer:
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``. Idempotent."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=STOP_TIMEOUT_S)
+        if process is not None:
+            stop_child(process, STOP_TIMEOUT_S)
 
     def __enter__(self) -> Self:
         self.start()

@@ -51,3 +51,19 @@ def run_streaming(
     if returncode != 0:
         name = what or Path(argv[0]).name
         raise error(f"{name} exited with {returncode}; last output:\n" + "\n".join(tail))
+
+
+def stop_child(process: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
+    """Stop and reap a child this process started: SIGTERM, then SIGKILL after ``grace_s``.
+
+    Through the ``Popen``: a child not yet reaped cannot be confused with another process, so
+    no pid or command-line check is needed. Does nothing for a child that already ended.
+    """
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=grace_s)

@@ -8,9 +8,11 @@ from pathlib import Path
 from tests.data import DATA, EVENTLOGS, TRUST_ROOTS
 
 TESTS = Path(__file__).resolve().parent
-# "../shared", '".." / "shared"', "/work/shared": the ways tests used to reach the folder beside
-# the checkout, which a user's or contributor's clone does not have.
-OUTSIDE = re.compile(r"""\.\./shared|["']\.\.["']\s*/\s*["']shared["']|/work/shared""")
+# The ways tests used to reach the folder beside the checkout, which a user's or contributor's
+# clone does not have: a relative path up to it, a pathlib join of ".." and its name, or its
+# absolute path. Built from parts so that this file does not itself name that path.
+FOLDER = "sha" + "red"
+OUTSIDE = re.compile(rf"""\.\./{FOLDER}|["']\.\.["']\s*/\s*["']{FOLDER}["']|/work/{FOLDER}""")
 
 
 def test_no_test_reads_outside_the_repository() -> None:

@@ -59,6 +59,7 @@ from aicert.flows.qemu_image import (
 from aicert.flows.settings import aicert_home
 from aicert.guest_runtime.client import AgentClient, AgentUnreachableError
 from aicert.guest_runtime.config import RunConfig
+from aicert.guest_runtime.hostutil import stop_child
 from aicert.reference_values import (
     ReferenceValueSet,
     VmShape,
@@ -146,18 +147,6 @@ def _terminate(pid: int, marker: str, grace_s: float = 5.0) -> None:
         os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
-
-
-def _stop_child(process: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
-    """Stop and reap a child this process started: SIGTERM, then SIGKILL after ``grace_s``."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def _tail(path: Path, max_bytes: int = LOG_TAIL_BYTES) -> str:
@@ -326,7 +315,7 @@ def probe_kvm(
         finally:
             # Our own child, not yet reaped: its Popen cannot name another process, so no
             # command-line check is needed (one missed a probe qemu once in CI).
-            _stop_child(process)
+            stop_child(process)
 
 
 def _firmware_vm(
