@@ -7,7 +7,6 @@ import secrets
 from datetime import UTC, datetime
 
 from aicert.appevents import interpret
-from aicert.flows.providers.base import EnrolledKey, PlatformKind
 from aicert.guest_runtime.api_models import Evidence
 from aicert.model import (
     FORMAT,
@@ -16,9 +15,11 @@ from aicert.model import (
     Certificate,
     EndorsementKey,
     Platform,
+    PlatformKind,
     Quote,
     RunInfo,
 )
+from aicert.tasks.platforms.base import EnrolledKey
 from aicert.verify import VerificationReport
 
 NONCE_BYTES = 32

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    from aicert.flows.providers.azure import ArmSession, ProgressCallback
+    from aicert.tasks.platforms.azure.provider import ArmSession, ProgressCallback
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -72,7 +72,7 @@ def cleanup_leftovers(
 ) -> CleanupReport:
     """Delete every resource tagged ``aicert-run`` whose ``aicert-created-at`` is older than
     ``older_than`` (in ``resource_group``, or the whole subscription), in dependency order."""
-    from aicert.flows.providers.azure import (
+    from aicert.tasks.platforms.azure.provider import (
         AICERT_CREATED_TAG,
         AICERT_RUN_TAG,
         delete_in_order,
@@ -127,12 +127,12 @@ def _session_from_options(
     polling_interval_s: float,
 ) -> tuple[ArmSession, str | None]:
     """The ARM session and the block's resource group (None without a block)."""
-    from aicert.flows.providers.azure import (
-        ArmSession,
+    from aicert.flows.azure_platform import (
         AzurePlatform,
         credential_from_block,
         resolve_credential,
     )
+    from aicert.tasks.platforms.azure.provider import ArmSession
 
     def echo(message: str) -> None:
         typer.echo(message, err=True)

@@ -19,20 +19,20 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from prefect.blocks.core import Block
 from pydantic import Field
 
-from aicert.flows.providers.qemu import (
+from aicert.tasks.platforms.qemu.provider import (
     DEFAULT_BOOT_TIMEOUT_S as DEFAULT_QEMU_BOOT_TIMEOUT_S,
 )
-from aicert.flows.providers.qemu import (
+from aicert.tasks.platforms.qemu.provider import (
     DEFAULT_MEMORY_MIB as DEFAULT_QEMU_MEMORY_MIB,
 )
-from aicert.flows.providers.qemu import (
+from aicert.tasks.platforms.qemu.provider import (
     DEFAULT_SMP as DEFAULT_QEMU_SMP,
 )
 
 if TYPE_CHECKING:
-    from aicert.flows.providers.base import Provider
-    from aicert.flows.providers.local import LocalProvider
     from aicert.guest_runtime.config import RunConfig
+    from aicert.tasks.platforms.base import Provider
+    from aicert.tasks.platforms.local.provider import LocalProvider
 
 DOCUMENTATION_URL = "https://aicert.mithrilsecurity.io/en/latest"
 MAX_CONFIG_YAML_BYTES = 256 * 1024
@@ -178,7 +178,7 @@ class LocalPlatform(PlatformBlock):
     )
 
     def provider(self) -> LocalProvider:
-        from aicert.flows.providers.local import LocalProvider
+        from aicert.tasks.platforms.local.provider import LocalProvider
 
         home = Path(self.home).expanduser() if self.home else None
         return LocalProvider(
@@ -249,7 +249,7 @@ class QemuPlatform(PlatformBlock):
     )
 
     def provider(self) -> Provider:
-        from aicert.flows.providers.qemu import QemuProvider
+        from aicert.tasks.platforms.qemu.provider import QemuProvider
 
         home = Path(self.home).expanduser() if self.home else None
         return QemuProvider(
@@ -271,6 +271,6 @@ def load_platform_block(name: str) -> PlatformBlock:
 
 
 try:  # Prefect finds a block type only once its class is imported.
-    from aicert.flows.providers.azure import AzurePlatform  # noqa: F401
+    from aicert.flows.azure_platform import AzurePlatform  # noqa: F401
 except ImportError:  # the [azure] extra is not installed
     pass

@@ -58,7 +58,7 @@ def run(
         if provider != "qemu":
             error_console.print("[bold red]--qemu-accel[/bold red] applies to --provider qemu")
             raise typer.Exit(2)
-        from aicert.flows.providers.qemu import ACCEL_ENV
+        from aicert.tasks.platforms.qemu.provider import ACCEL_ENV
 
         # The flow builds the provider from its name: the option reaches it through the
         # variable the provider reads, overriding the environment's value.
@@ -83,7 +83,7 @@ def run(
         )
         raise typer.Exit(2) from None
     from aicert.flows.flows import certify_training
-    from aicert.flows.providers import PROVIDERS
+    from aicert.tasks.platforms import PROVIDERS
 
     if provider not in PROVIDERS:
         error_console.print(f"[red]--provider {provider!r}: choose from {sorted(PROVIDERS)}[/red]")
@@ -266,7 +266,7 @@ def build_base(
     force: Annotated[bool, typer.Option(help="Rebuild even if the image exists.")] = False,
 ) -> None:
     """Build the offline Debian bookworm Python base image (debootstrap + docker import)."""
-    from aicert.guest_runtime.base_image import build_base_image
+    from aicert.tasks.platforms.base_image import build_base_image
 
     with console.status("building the base image (debootstrap)...") as status:
 
@@ -278,9 +278,15 @@ def build_base(
 
 
 def register(app: typer.Typer) -> None:
+    """Add the builder's commands to the ``aicert`` app (the ``aicert.cli`` entry point).
+
+    The bare verifier install ships this package but not its dependencies: nothing is added
+    without Prefect and the Docker SDK."""
     import importlib.util
 
-    from aicert.flows.qemu_image import build_guest_command
+    if importlib.util.find_spec("prefect") is None or importlib.util.find_spec("docker") is None:
+        return
+    from aicert.tasks.platforms.qemu.image import build_guest_command
 
     image_app.command("build-guest")(build_guest_command)
 

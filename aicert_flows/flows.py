@@ -49,8 +49,6 @@ from aicert.flows.lifecycle import (
     teardown_record,
 )
 from aicert.flows.output_target import OutputTargetError, check_output_target
-from aicert.flows.providers import get_provider
-from aicert.flows.providers.base import EnrolledKey, Machine, Provider
 from aicert.guest_runtime.api_models import Evidence
 from aicert.guest_runtime.config import RunConfig, parse_config
 from aicert.model import write_atomic
@@ -73,6 +71,8 @@ from aicert.tasks import (
     wait_for_agent,
 )
 from aicert.tasks.certification import MachineFailed, check_tpm
+from aicert.tasks.platforms import get_provider
+from aicert.tasks.platforms.base import EnrolledKey, Machine, Provider
 
 CERTIFICATE_CREATED = "aicert.certificate.created"
 CERTIFICATE_FAILED = "aicert.certificate.failed"

@@ -25,9 +25,9 @@ from typing import Self
 
 from pydantic import BaseModel, ConfigDict
 
-from aicert.flows.providers.base import Machine, PlatformKind
-from aicert.flows.settings import aicert_home
-from aicert.model import write_atomic
+from aicert.model import PlatformKind, write_atomic
+from aicert.tasks.platforms.base import Machine
+from aicert.tasks.platforms.settings import aicert_home
 
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 # Executables a run starts on this host; a sweep by run folder kills nothing else (an
@@ -244,7 +244,7 @@ def teardown_record(record: ActiveRun, home: Path | None = None) -> list[str]:
     that still names the run's folder is stopped: a run killed while provisioning started
     them before its record could name them.
     """
-    from aicert.flows.providers import provider_for_machine
+    from aicert.tasks.platforms import provider_for_machine
 
     home = (home or aicert_home()).resolve()
     machine = record.machine
@@ -256,7 +256,11 @@ def teardown_record(record: ActiveRun, home: Path | None = None) -> list[str]:
             agent_url="",
             state_dir=record.state_dir or str(home / "runs" / record.run_id),
         )
-    if machine is not None:
+    if machine is not None and machine.provider == "azure":
+        from aicert.flows.azure_platform import azure_provider_for_machine
+
+        azure_provider_for_machine(machine).teardown(machine)
+    elif machine is not None:
         provider_for_machine(machine).teardown(machine)
     # Azure without a machine: it was killed before the VM's creation was asked for, or
     # while it was (``aicert azure cleanup`` finds such resources by their tags).

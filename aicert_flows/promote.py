@@ -38,10 +38,10 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run as current_flow_run
 
 import aicert
-from aicert.flows.settings import aicert_home
 from aicert.model import MAX_CERTIFICATE_BYTES, write_atomic
 from aicert.reference_values import load_reference_values
 from aicert.tasks import verify_certificate
+from aicert.tasks.platforms.settings import aicert_home
 
 MODEL_PROMOTED = "aicert.model.promoted"
 MODEL_REJECTED = "aicert.model.rejected"
@@ -83,7 +83,7 @@ def default_registry() -> Path:
 
 def default_trusted_roots() -> list[str]:
     """This host's AICert platform CA (the local platform's root), when it exists."""
-    from aicert.flows.providers.local import platform_ca_certificate_path
+    from aicert.tasks.platforms.local.provider import platform_ca_certificate_path
 
     root = platform_ca_certificate_path()
     return [str(root)] if root.is_file() else []
@@ -91,7 +91,7 @@ def default_trusted_roots() -> list[str]:
 
 def default_reference_values() -> list[str]:
     """The reference values of the guest images built on this host (qemu platform)."""
-    from aicert.flows.qemu_image import IMAGE_MANIFEST, guest_images_dir
+    from aicert.tasks.platforms.qemu.image import IMAGE_MANIFEST, guest_images_dir
 
     return [str(path) for path in sorted(guest_images_dir().glob(f"*/{IMAGE_MANIFEST}"))]
 

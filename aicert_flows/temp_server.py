@@ -24,8 +24,8 @@ from typing import Self
 
 import httpx
 
-from aicert.flows.settings import aicert_home
 from aicert.guest_runtime.hostutil import stop_child
+from aicert.tasks.platforms.settings import aicert_home
 
 STARTUP_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 10.0

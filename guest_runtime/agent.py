@@ -48,12 +48,11 @@ from aicert.guest_runtime import RUNTIME_VERSION, gitsource
 from aicert.guest_runtime.config import RunConfig, parse_config
 from aicert.guest_runtime.staged_inputs import UnpackedInputs
 from aicert.hashing import FileDigest, UnsafePathError, hash_tree, sha256_file, tree_sha256
-from aicert.model import MAX_EVENTS, MAX_OUTPUT_FILES, AppEvent
+from aicert.model import MAX_EVENTS, MAX_OUTPUT_FILES, AppEvent, PlatformKind
 from aicert.reference_values import platform_quote_nonce
 
 log = logging.getLogger(__name__)
 
-PlatformKind = Literal["local", "qemu", "azure"]
 QUOTED_PCRS = tuple(range(16))
 DOWNLOAD_ATTEMPTS = 4
 DOWNLOAD_CHUNK = 4 * 1024 * 1024

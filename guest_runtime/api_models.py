@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from aicert.model import AppEvent, Base64Bytes
+from aicert.model import AppEvent, Base64Bytes, PlatformKind
 
 API_PREFIX = "/v1"
 
@@ -18,7 +18,7 @@ class _Model(BaseModel):
 class Health(_Model):
     status: Literal["ok"]
     runtime_version: str
-    platform: Literal["local", "qemu", "azure"]
+    platform: PlatformKind
     busy_run_id: str | None
 
 

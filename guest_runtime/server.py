@@ -49,6 +49,7 @@ from aicert.guest_runtime.api_models import (
     TrainingStatus,
 )
 from aicert.guest_runtime.config import ConfigError
+from aicert.model import PLATFORM_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +221,7 @@ def _read_boot_event_log(path: Path = BOOT_EVENT_LOG) -> bytes | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aicert-agent", description=__doc__)
     parser.add_argument("--tcti", required=True, help="e.g. swtpm:host=127.0.0.1,port=2321")
-    parser.add_argument("--platform", choices=["local", "qemu", "azure"], default="local")
+    parser.add_argument("--platform", choices=PLATFORM_KINDS, default="local")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--work-root", type=Path, required=True)

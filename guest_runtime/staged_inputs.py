@@ -1,7 +1,7 @@
 """Inputs staged by the orchestrator for a machine that cannot fetch them (the qemu VM has no
 network): the format, and the guest's side, which trusts none of it.
 
-The orchestrator writes one tar (``aicert.flows.providers.staging``) and the VM sees it as a
+The orchestrator writes one tar (``aicert.tasks.platforms.staging``) and the VM sees it as a
 read-only raw disk (``/dev/vda``): no file system driver, the agent reads the device as a
 tar stream, in this order:
 

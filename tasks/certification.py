@@ -22,15 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from aicert.appevents import OutputFileEvent
-from aicert.flows.providers.attestation import MachineAttestation, attest_machine
-from aicert.flows.providers.base import (
-    DEFAULT_AGENT_START_TIMEOUT_S,
-    EnrolledKey,
-    Machine,
-    Provider,
-)
 from aicert.guest_runtime.api_models import Evidence, TrainingStatus
-from aicert.guest_runtime.client import AgentCallError, AgentClient, AgentUnreachableError
 from aicert.guest_runtime.config import (
     ConfigError,
     RunConfig,
@@ -38,6 +30,17 @@ from aicert.guest_runtime.config import (
     resolve_local_source,
 )
 from aicert.model import AppEvent
+from aicert.tasks.platforms.agent_client import AgentCallError, AgentClient, AgentUnreachableError
+from aicert.tasks.platforms.attestation import MachineAttestation, attest_machine
+from aicert.tasks.platforms.base import (
+    DEFAULT_AGENT_START_TIMEOUT_S,
+    EnrolledKey,
+    Machine,
+    Provider,
+)
+from aicert.tasks.run_logs import forward_platform_logs
+
+forward_platform_logs()
 
 
 def _only_if_unreachable(task: Any, task_run: Any, state: Any) -> bool:
@@ -137,6 +140,25 @@ def _log_events(events: list[AppEvent]) -> None:
         logger.info("PCR %d <- %s %s", event.pcr, event.type, summary)
 
 
+def _config_from_block(name: str) -> RunConfig:
+    """The run configuration of a saved ``aicert-run-config`` block (``<slug>/<name>`` or the
+    bare name). Prefect finds the block class through the ``prefect.collections`` entry point
+    (``aicert.flows.blocks``), so this layer needs no import of the flows package."""
+    from prefect.blocks.core import Block
+
+    block = Block.load(name if "/" in name else f"aicert-run-config/{name}")
+    load_config_of_block = getattr(block, "load_config", None)
+    if not callable(load_config_of_block):
+        raise ConfigError(
+            [f"block {name!r} is a {type(block).__name__}, not an AicertRunConfig"],
+            "config_block",
+        )
+    config = load_config_of_block()
+    if not isinstance(config, RunConfig):
+        raise ConfigError([f"block {name!r} did not give a run configuration"], "config_block")
+    return config
+
+
 @task(name="load-config", cache_policy=NO_CACHE)
 def load_run_config(config_path: str | None = None, config_block: str | None = None) -> RunConfig:
     """Validate the run configuration from a file or a saved ``AicertRunConfig`` block.
@@ -147,9 +169,7 @@ def load_run_config(config_path: str | None = None, config_block: str | None = N
     if (config_path is None) == (config_block is None):
         raise ConfigError(["give exactly one of config_path and config_block"], "flow parameters")
     if config_block is not None:
-        from aicert.flows.blocks import AicertRunConfig
-
-        return AicertRunConfig.load(config_block).load_config()
+        return _config_from_block(config_block)
     assert config_path is not None
     path = Path(config_path)
     config = load_config(path)

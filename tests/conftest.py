@@ -16,7 +16,7 @@ def prefect_api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    from tests.flows.conftest import flush_prefect_workers
+    from tests.aicert_flows.conftest import flush_prefect_workers
 
     storage = tmp_path_factory.mktemp("prefect-storage")
     with (
@@ -32,6 +32,6 @@ def prefect_api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def base_image() -> str:
     """The offline Debian Python base image; built here when missing (CI), else reused."""
-    from aicert.guest_runtime.base_image import ensure_base_image
+    from aicert.tasks.platforms.base_image import ensure_base_image
 
     return ensure_base_image()

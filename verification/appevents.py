@@ -35,7 +35,7 @@ from aicert.errors import EventLogError
 
 if TYPE_CHECKING:
     from aicert.tcg_eventlog import TcgEvent, TcgEventLog
-from aicert.model import AppEvent, InputRecord, OutputRecord, check_time
+from aicert.model import AppEvent, InputRecord, OutputRecord, PlatformKind, check_time
 
 INPUTS_PCR = 14
 OUTPUTS_PCR = 15
@@ -82,7 +82,7 @@ class RuntimeEvent(EventData):
     runtime_version: str
     run_id: str
     nonce: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16,128}$")]
-    platform: Literal["local", "qemu", "azure"]
+    platform: PlatformKind
     started_at: IsoTimestamp
 
 
@@ -344,7 +344,7 @@ class MeasuredRun:
         """The project name the builder derives from the measured config, None if it cannot.
 
         Mirrors ``aicert.guest_runtime.config.RunConfig.project_name`` (the verifier cannot
-        import the builder); tests/verification_cert cross-checks the two.
+        import the builder); tests/verification/verify cross-checks the two.
         """
         config = self.config.config
         name = config.get("name")

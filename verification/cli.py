@@ -1,5 +1,6 @@
 """The ``aicert`` command. ``verify`` and ``inspect`` need only the verifier; the builder's
-commands (``run``, ``image``) are added when the ``flows`` extra is installed.
+commands (``run``, ``cleanup``, ``image``) are added through the ``aicert.cli`` entry-point
+group when the ``flows`` extra is installed.
 
 Exit codes: 0 success, 1 verification or run failure, 2 bad input.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -165,15 +167,17 @@ def inspect(
     )
 
 
-def _register_builder_commands() -> None:
-    import importlib.util
+CLI_PLUGIN_GROUP = "aicert.cli"
+"""Entry-point group of the commands other parts add: each entry is a ``register(app)``
+callable that adds its commands to the ``aicert`` Typer app (the builder's ``run``,
+``cleanup``, ``image`` come from ``aicert.flows.cli`` this way). The verifier itself imports
+none of them."""
 
-    # The bare verifier install ships the flows package but not its dependencies.
-    if importlib.util.find_spec("prefect") is None or importlib.util.find_spec("docker") is None:
-        return
-    from aicert.flows.cli import register
 
-    register(app)
+def _register_plugin_commands() -> None:
+    for entry in entry_points(group=CLI_PLUGIN_GROUP):
+        register = entry.load()
+        register(app)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     # The seed's form `aicert --output-bom proof.json` means `aicert run --output-bom ...`.
     if args and args[0].startswith("--") and args[0] not in ("--help", "--version"):
         args.insert(0, "run")
-    _register_builder_commands()
+    _register_plugin_commands()
     app(args=args, prog_name="aicert")
 
 

@@ -17,7 +17,7 @@ import tempfile
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -48,7 +48,7 @@ FORMAT = "aicert/v1"
 # Limits: a certificate is evidence from an untrusted party; refuse absurd sizes before
 # any parsing work is spent on them. The event limits are set so that the largest legitimate
 # certificate verifies in under 2 s and 300 MB (a real one with 20,000 output files, made by
-# tests/verification_cert/factory.py: 9.2 MB, about 0.5 million JSON values, nesting depth 7,
+# tests/verification/verify/factory.py: 9.2 MB, about 0.5 million JSON values, nesting depth 7,
 # verified in about 1.9 s on a loaded 2-core machine; tests/benchmarks/bench_parse_limits.py
 # measures it). A run with more output files than MAX_OUTPUT_FILES is refused by the agent
 # before PCR 15 is extended (pack a dataset of many small files into shards or an archive).
@@ -162,6 +162,8 @@ Pem = Annotated[
 ]
 DigestAlgorithm = Literal["sha256", "sha1", "sha384", "sha512"]
 PlatformKind = Literal["local", "qemu", "azure"]
+"""The platforms a certificate can come from; every part names them through this type."""
+PLATFORM_KINDS: tuple[PlatformKind, ...] = get_args(PlatformKind)
 
 
 class _Strict(BaseModel):

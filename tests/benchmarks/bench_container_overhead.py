@@ -18,8 +18,8 @@ import time
 import uuid
 from pathlib import Path
 
-from aicert.guest_runtime.base_image import ensure_base_image
 from aicert.guest_runtime.container import run_training_container
+from aicert.tasks.platforms.base_image import ensure_base_image
 
 LOOP = (
     "import time\n"

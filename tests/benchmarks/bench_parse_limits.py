@@ -2,7 +2,7 @@
 
 Run with the project venv: ``.venv/bin/python tests/benchmarks/bench_parse_limits.py``. It
 makes a real certificate with the tests' factory (a swtpm and a platform CA in a temporary
-folder) and, around it, each shape of ``tests/verification_cert/worst_shapes.py`` at the byte
+folder) and, around it, each shape of ``tests/verification/verify/worst_shapes.py`` at the byte
 limit (64 MB): millions of zeros, empty objects, empty strings or short keys, deep arrays, one
 huge string, escaped quotes, long base64, huge numbers, a duplicate key, too many events. Plus
 a legitimate large certificate: ``--outputs`` output files (default 20,000, the most a run
@@ -97,7 +97,7 @@ def _measure(mode: str, path: Path, root: Path | None) -> dict[str, object]:
 def _certificates(workdir: Path, outputs: int) -> tuple[bytes, bytes, str]:
     """(a small real certificate, a large one with ``outputs`` output files, root PEM)."""
     _tests_on_path()
-    from verification_cert.factory import CertificateFactory, TpmRig
+    from verification.verify.factory import CertificateFactory, TpmRig
 
     rig = TpmRig.create(workdir / "tpm", workdir / "ek-ca", workdir / "platform-ca")
     try:
@@ -133,7 +133,7 @@ def main() -> int:
         parser.error("--large-certificate and --trust-root go together")
 
     _tests_on_path()
-    from verification_cert.worst_shapes import SHAPES
+    from verification.verify.worst_shapes import SHAPES
 
     from aicert.model import MAX_CERTIFICATE_BYTES
 

@@ -90,8 +90,8 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.testing.utilities import prefect_test_harness
 
-    from aicert.flows.qemu_image import build_guest_image, observe_reference_values
-    from aicert.guest_runtime.base_image import ensure_base_image
+    from aicert.tasks.platforms.base_image import ensure_base_image
+    from aicert.tasks.platforms.qemu.image import build_guest_image, observe_reference_values
 
     ensure_base_image()
     image = build_guest_image(args.home.resolve(), progress=print)

@@ -33,7 +33,7 @@ TARGET_CLI_S = 1.0
 def _made_certificate(workdir: Path) -> tuple[bytes, str]:
     """A real certificate from the tests' factory: (JSON bytes, trusted root PEM)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from verification_cert.factory import CertificateFactory, TpmRig
+    from verification.verify.factory import CertificateFactory, TpmRig
 
     rig = TpmRig.create(workdir / "tpm", workdir / "ek-ca", workdir / "platform-ca")
     try:
@@ -86,7 +86,7 @@ def main() -> int:
         workdir = Path(temporary)
         if args.certificate is None:
             data, root_pem = _made_certificate(workdir)
-            source = "made by tests/verification_cert/factory.py (real swtpm quote)"
+            source = "made by tests/verification/verify/factory.py (real swtpm quote)"
         else:
             data, root_pem = args.certificate.read_bytes(), args.trust_root.read_text()
             source = str(args.certificate)

@@ -43,9 +43,10 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from aicert.flows.flows import CERTIFICATE_CREATED
 from aicert.flows.promote import MODEL_PROMOTED, MODEL_REJECTED
-from aicert.flows.providers.local import platform_ca_certificate_path
-from aicert.guest_runtime.base_image import ensure_base_image
-from tests.flows.conftest import (
+from aicert.tasks.platforms.base_image import ensure_base_image
+from aicert.tasks.platforms.local.provider import platform_ca_certificate_path
+from tests import REPO_ROOT
+from tests.aicert_flows.conftest import (
     TRAIN_SCRIPT,
     events_named,
     flush_prefect_workers,
@@ -59,7 +60,6 @@ from tests.flows.conftest import (
     write_config,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 STACK_SCRIPT = REPO_ROOT / "deployments" / "stack.sh"
 WORKER_LIMIT = 4
 STACK_TIMEOUT_S = 240

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.flows.conftest import running_training_container
+from tests.aicert_flows.conftest import running_training_container
 
 from .conftest import (
     Promotion,

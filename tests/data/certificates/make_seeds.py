@@ -5,12 +5,12 @@
 Each seed is the certificate of a test that makes one and verifies it, captured when that test
 passes (nothing is re-implemented here: the seeds are exactly what the suite certifies):
 
-- local: ``tests/flows/test_certify_flow.py``: a small git project certified through the
+- local: ``tests/aicert_flows/test_certify_flow.py``: a small git project certified through the
   Prefect flow on the local platform (swtpm, Docker), verified with the platform CA.
-- qemu: ``tests/qemu/test_qemu_certify.py``: the bundled example certified through the flow on
-  a real VM (OVMF + swtpm vTPM under qemu tcg), verified with the boot chain.
-- azure: ``tests/azure/test_azure_certify_flow.py``: the flow against the local double of
-  Azure's ARM API, the agent on a swtpm dressed as an Azure vTPM (generated root, not
+- qemu: ``tests/tasks/platforms/qemu/test_qemu_certify.py``: the bundled example certified
+  through the flow on a real VM (OVMF + swtpm vTPM under qemu tcg), verified with the boot chain.
+- azure: ``tests/tasks/platforms/azure/test_azure_certify_flow.py``: the flow against the local
+  double of Azure's ARM API, the agent on a swtpm dressed as an Azure vTPM (generated root, not
   Microsoft's: stored here and passed as a trusted root), a real shim boot log.
 
 One pytest session (a process of its own) runs the three (one Prefect server, one base image),
@@ -42,7 +42,7 @@ import pytest  # noqa: E402
 
 from aicert.hashing import hash_tree  # noqa: E402
 from aicert.model import Certificate  # noqa: E402
-from tests.verification_cert.seeds import (  # noqa: E402
+from tests.verification.verify.seeds import (  # noqa: E402
     CERTIFICATE_FILE,
     CERTIFICATES,
     PLATFORMS,
@@ -55,10 +55,13 @@ Platform = Literal["local", "qemu", "azure"]
 # The test that makes and verifies each platform's certificate; its fixtures are read when
 # it has passed.
 SOURCES: dict[Platform, str] = {
-    "local": "tests/flows/test_certify_flow.py::test_output_bom_verifies_with_the_sdk",
-    "qemu": "tests/qemu/test_qemu_certify.py::test_certificate_verifies_with_the_boot_chain",
+    "local": "tests/aicert_flows/test_certify_flow.py::test_output_bom_verifies_with_the_sdk",
+    "qemu": (
+        "tests/tasks/platforms/qemu/test_qemu_certify.py::"
+        "test_certificate_verifies_with_the_boot_chain"
+    ),
     "azure": (
-        "tests/azure/test_azure_certify_flow.py::"
+        "tests/tasks/platforms/azure/test_azure_certify_flow.py::"
         "test_flow_certifies_and_the_certificate_verifies_as_azure"
     ),
 }

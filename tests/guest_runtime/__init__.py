@@ -1,0 +1,1 @@
+"""Tests of guest_runtime/ (aicert.guest_runtime)."""
