@@ -1,9 +1,10 @@
 """Prefect tasks of a certification run: thin wrappers over the provider and agent client.
 
-Tasks pass paths, ids and small models, never file contents. Side-effecting tasks use
-``NO_CACHE``. Retries: provisioning, waiting for the agent, AK enrollment and the quote are
-safe to retry; measuring steps are not (a PCR extended twice cannot be undone), so their
-retries happen inside the agent (downloads) or only when the agent was never reached.
+Tasks pass paths, ids and small models, never file contents. Every task is declared with
+``aicert_task`` (never cached) and one of the retry policies below: provisioning, waiting for
+the agent, AK enrollment and the quote are safe to retry; measuring steps are not (a PCR
+extended twice cannot be undone), so their retries happen inside the agent (downloads) or only
+when the agent was never reached.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from prefect import task
+from prefect import Task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State, TaskRun
 from prefect.logging import get_run_logger
 
 from aicert.appevents import OutputFileEvent
@@ -30,7 +31,7 @@ from aicert.guest_runtime.config import (
     resolve_local_source,
 )
 from aicert.model import AppEvent
-from aicert.tasks.platforms.agent_client import AgentCallError, AgentClient, AgentUnreachableError
+from aicert.tasks.platforms.agent_client import AgentCallError, AgentUnreachableError
 from aicert.tasks.platforms.attestation import MachineAttestation, attest_machine
 from aicert.tasks.platforms.base import (
     DEFAULT_AGENT_START_TIMEOUT_S,
@@ -39,11 +40,20 @@ from aicert.tasks.platforms.base import (
     Provider,
 )
 from aicert.tasks.run_logs import forward_platform_logs
+from aicert.tasks.task_factory import RetryPolicy, aicert_task
 
 forward_platform_logs()
 
 
-def _only_if_unreachable(task: Any, task_run: Any, state: Any) -> bool:
+class MachineFailed(RuntimeError):
+    """The provisioned machine cannot come up (its agent or TPM exited); retrying won't help."""
+
+
+class TrainingFailed(RuntimeError):
+    """The training job exited non-zero or timed out (its outputs and logs are kept)."""
+
+
+def _only_if_unreachable(task: Task[..., object], task_run: TaskRun, state: State) -> bool:
     """Retry a guest call only when the agent never got it (no PCR was touched)."""
     try:
         state.result()
@@ -54,9 +64,32 @@ def _only_if_unreachable(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def _client(machine: Machine, timeout_s: float = 900.0) -> AgentClient:
-    return machine.client(timeout_s=timeout_s)
+def _unless_machine_failed(task: Task[..., object], task_run: TaskRun, state: State) -> bool:
+    """Retry unless the platform reported the machine dead (``MachineFailed``)."""
+    try:
+        state.result()
+    except MachineFailed:
+        return False
+    except Exception:
+        return True
+    return False
 
+
+# The steps' retry policies, each stated once. Host-side operations and AK enrollment change
+# nothing on the machine that a second attempt would double; a call that extends a PCR is
+# repeated only when the agent never received it.
+HOST_OPERATION = RetryPolicy(delays_s=(2, 10))
+"""Provisioning, downloading the outputs: host-side work, safe to repeat."""
+INPUT_STAGING = RetryPolicy(delays_s=(5,))
+"""Fetching the inputs on the host (a network hiccup; nothing is measured yet)."""
+AGENT_START = RetryPolicy(delays_s=(2,), condition=_unless_machine_failed)
+"""Waiting for the agent: once more, unless the machine is known dead."""
+KEY_ENROLLMENT = RetryPolicy(delays_s=(1, 5))
+"""Certifying the AK: the CA issues a new certificate for the same key."""
+UNTIL_AGENT_REACHED = RetryPolicy(delays_s=(1, 5), condition=_only_if_unreachable)
+"""Guest calls that extend a PCR: repeated only when the agent never got the call."""
+QUOTE = RetryPolicy(delays_s=(1, 2, 5))
+"""The final quote: reads PCRs, changes none."""
 
 T = TypeVar("T")
 
@@ -101,7 +134,7 @@ def _call_with_progress(machine: Machine, artifact_key: str, call: Callable[[], 
     min_bytes, poll_s = _progress_settings()
     artifact_id = None
     last_logged = 0.0
-    with _client(machine, timeout_s=5.0) as poller:
+    with machine.client(timeout_s=5.0) as poller:
         while True:
             worker.join(poll_s)
             if not worker.is_alive():
@@ -159,7 +192,7 @@ def _config_from_block(name: str) -> RunConfig:
     return config
 
 
-@task(name="load-config", cache_policy=NO_CACHE)
+@aicert_task("load-config")
 def load_run_config(config_path: str | None = None, config_block: str | None = None) -> RunConfig:
     """Validate the run configuration from a file or a saved ``AicertRunConfig`` block.
 
@@ -176,40 +209,15 @@ def load_run_config(config_path: str | None = None, config_block: str | None = N
     return resolve_local_source(config, path.resolve().parent)
 
 
-@task(
-    name="provision",
-    task_run_name="provision-{provider.kind}-{run_id}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[2, 10],
-)
+@aicert_task("provision", run_name="provision-{provider.kind}-{run_id}", retry=HOST_OPERATION)
 def provision_machine(provider: Provider, run_id: str) -> Machine:
+    """Start the run's machine (its TPM and agent); its agent may not answer yet."""
     machine = provider.provision(run_id)
     get_run_logger().info("provisioned %s machine, agent at %s", provider.kind, machine.agent_url)
     return machine
 
 
-class MachineFailed(RuntimeError):
-    """The provisioned machine cannot come up (its agent or TPM exited); retrying won't help."""
-
-
-def _unless_machine_failed(task: Any, task_run: Any, state: Any) -> bool:
-    try:
-        state.result()
-    except MachineFailed:
-        return False
-    except Exception:
-        return True
-    return False
-
-
-@task(
-    name="stage-inputs",
-    task_run_name="stage-inputs-{run_id}",
-    cache_policy=NO_CACHE,
-    retries=1,
-    retry_delay_seconds=[5],
-)
+@aicert_task("stage-inputs", run_name="stage-inputs-{run_id}", retry=INPUT_STAGING)
 def stage_inputs(provider: Provider, run_id: str, config: RunConfig) -> None:
     """Fetch the inputs on this host when the machine cannot (qemu: no network in the VM).
     Nothing is measured here: the machine measures what it is given."""
@@ -218,13 +226,7 @@ def stage_inputs(provider: Provider, run_id: str, config: RunConfig) -> None:
     logger.info("inputs for %s ready for the %s machine", run_id, provider.kind)
 
 
-@task(
-    name="wait-for-agent",
-    cache_policy=NO_CACHE,
-    retries=1,
-    retry_delay_seconds=[2],
-    retry_condition_fn=_unless_machine_failed,
-)
+@aicert_task("wait-for-agent", retry=AGENT_START)
 def wait_for_agent(
     provider: Provider, machine: Machine, timeout_s: float = DEFAULT_AGENT_START_TIMEOUT_S
 ) -> Machine:
@@ -262,34 +264,23 @@ def wait_for_agent(
     return pinned
 
 
-@task(
-    name="establish-ak",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[1, 5],
-)
+@aicert_task("establish-ak", retry=KEY_ENROLLMENT)
 def establish_attestation_key(provider: Provider, machine: Machine) -> EnrolledKey:
     """Have the machine's AK certified (its cloud's CA, or the project's platform CA)."""
-    with _client(machine) as client:
+    with machine.client() as client:
         enrolled = provider.enroll_attestation_key(machine, client)
     get_run_logger().info("AK certified by %s", provider.kind)
     return enrolled
 
 
-@task(
-    name="attest-machine",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[1, 5],
-    retry_condition_fn=_only_if_unreachable,
-)
+@aicert_task("attest-machine", retry=UNTIL_AGENT_REACHED)
 def attest_machine_before_run(
     provider: Provider, machine: Machine, enrolled: EnrolledKey
 ) -> MachineAttestation:
     """Before anything of the run is sent: the machine is fresh, the channel ends in it, and
     its boot chain matches the platform's reference values (see ``attestation``)."""
     logger = get_run_logger()
-    with _client(machine) as client:
+    with machine.client() as client:
         attestation = attest_machine(machine, client, enrolled, provider.boot_reference())
     if attestation.channel_key_sha256:
         logger.info(
@@ -299,31 +290,19 @@ def attest_machine_before_run(
     return attestation
 
 
-@task(
-    name="start-run",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[1, 5],
-    retry_condition_fn=_only_if_unreachable,
-)
+@aicert_task("start-run", retry=UNTIL_AGENT_REACHED)
 def start_run(machine: Machine, run_id: str, nonce: bytes, config: RunConfig) -> list[AppEvent]:
     """Send the run: runtime identity, nonce and configuration into PCR 14."""
-    with _client(machine) as client:
+    with machine.client() as client:
         events = client.start_run(run_id, nonce, config.measured_form())
     _log_events(events)
     return events
 
 
-@task(
-    name="measure-inputs",
-    task_run_name="measure-inputs-{project}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[1, 5],
-    retry_condition_fn=_only_if_unreachable,
-)
+@aicert_task("measure-inputs", run_name="measure-inputs-{project}", retry=UNTIL_AGENT_REACHED)
 def measure_inputs(machine: Machine, run_id: str, project: str) -> list[AppEvent]:
-    with _client(machine) as client:
+    """Have the agent fetch and hash the inputs into PCR 14, showing its progress."""
+    with machine.client() as client:
         events = _call_with_progress(
             machine, f"aicert-{project}-hashing-inputs", lambda: client.measure_inputs(run_id)
         )
@@ -331,16 +310,10 @@ def measure_inputs(machine: Machine, run_id: str, project: str) -> list[AppEvent
     return events
 
 
-@task(
-    name="build-image",
-    task_run_name="build-image-{project}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[1, 5],
-    retry_condition_fn=_only_if_unreachable,
-)
+@aicert_task("build-image", run_name="build-image-{project}", retry=UNTIL_AGENT_REACHED)
 def build_image(machine: Machine, run_id: str, project: str) -> list[AppEvent]:
-    with _client(machine) as client:
+    """Have the agent build the training image offline and measure it into PCR 14."""
+    with machine.client() as client:
         events = client.build_image(run_id)
     _log_events(events)
     return events
@@ -351,7 +324,7 @@ def build_image(machine: Machine, run_id: str, project: str) -> list[AppEvent]:
 TPM_CHECK_TIMEOUT_S = 30.0
 
 
-@task(name="check-tpm", task_run_name="check-tpm-{machine.run_id}", cache_policy=NO_CACHE)
+@aicert_task("check-tpm", run_name="check-tpm-{machine.run_id}")
 def check_tpm(provider: Provider, machine: Machine) -> None:
     """Right before the training starts: the machine's TPM must still answer, or the run
     would train for nothing (its outputs could not be measured or quoted).
@@ -363,7 +336,7 @@ def check_tpm(provider: Provider, machine: Machine) -> None:
     problem = provider.machine_problem(machine)
     if problem is None:
         try:
-            with _client(machine, timeout_s=TPM_CHECK_TIMEOUT_S) as client:
+            with machine.client(timeout_s=TPM_CHECK_TIMEOUT_S) as client:
                 client.platform_quote(os.urandom(32))
         except AgentCallError as exc:
             # The agent may have died with its TPM meanwhile: the platform says which.
@@ -398,7 +371,7 @@ def _while_machine_lives(provider: Provider, machine: Machine, call: Callable[[]
     return value
 
 
-@task(name="run-training", task_run_name="run-training-{project}", cache_policy=NO_CACHE)
+@aicert_task("run-training", run_name="run-training-{project}")
 def run_training(
     machine: Machine, run_id: str, project: str, provider: Provider | None = None
 ) -> TrainingStatus:
@@ -406,7 +379,7 @@ def run_training(
     exit is the job's own result, not a platform fault. With ``provider``, a machine that
     dies meanwhile (its TPM or agent exits) fails the task at once with ``MachineFailed``."""
     logger = get_run_logger()
-    with _client(machine) as client:
+    with machine.client() as client:
         client.start_training(run_id)
 
         def follow() -> TrainingStatus:
@@ -419,23 +392,12 @@ def run_training(
     return status
 
 
-class TrainingFailed(RuntimeError):
-    """The training job exited non-zero or timed out (its outputs and logs are kept)."""
-
-
-@task(
-    name="measure-outputs",
-    task_run_name="measure-outputs-{project}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[1, 5],
-    retry_condition_fn=_only_if_unreachable,
-)
+@aicert_task("measure-outputs", run_name="measure-outputs-{project}", retry=UNTIL_AGENT_REACHED)
 def measure_outputs(machine: Machine, run_id: str, project: str) -> list[AppEvent]:
     """Have the agent measure the outputs into PCR 15; warn when the run left none (the
     certificate then certifies an empty outputs folder; ``outputs.minFiles`` makes that a
     failure, refused by the agent before PCR 15 is touched)."""
-    with _client(machine) as client:
+    with machine.client() as client:
         events = _call_with_progress(
             machine, f"aicert-{project}-hashing-outputs", lambda: client.measure_outputs(run_id)
         )
@@ -449,34 +411,30 @@ def measure_outputs(machine: Machine, run_id: str, project: str) -> list[AppEven
     return events
 
 
-@task(
-    name="collect-outputs",
-    task_run_name="collect-outputs-{run_id}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[2, 10],
-)
+@aicert_task("collect-outputs", run_name="collect-outputs-{run_id}", retry=HOST_OPERATION)
 def collect_outputs(machine: Machine, run_id: str, destination: str) -> str:
     """Download the run's outputs and logs from a machine that keeps them (qemu, Azure)
     before it is torn down; returns the local folder (``outputs/`` and ``logs/``)."""
     logger = get_run_logger()
     target = Path(destination)
-    with _client(machine) as client:
+    with machine.client() as client:
         names = client.download_archive(run_id, target)
     total = sum((target / name).stat().st_size for name in names)
     logger.info("downloaded %d files (%.1f MB) to %s", len(names), total / 1e6, target)
     return str(target)
 
 
-@task(name="quote", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[1, 2, 5])
+@aicert_task("quote", retry=QUOTE)
 def collect_quote(machine: Machine, run_id: str) -> Evidence:
-    with _client(machine) as client:
+    """The run's evidence: the TPM quote over PCRs 0-15, the PCR values and event logs."""
+    with machine.client() as client:
         evidence = client.quote(run_id)
     get_run_logger().info("TPM quote over PCRs 0-15 collected")
     return evidence
 
 
-@task(name="teardown", task_run_name="teardown-{machine.run_id}", cache_policy=NO_CACHE)
+@aicert_task("teardown", run_name="teardown-{machine.run_id}")
 def teardown_machine(provider: Provider, machine: Machine) -> None:
+    """Stop and remove the machine (idempotent: the hooks may tear it down again)."""
     provider.teardown(machine)
     get_run_logger().info("tore down the %s machine of %s", provider.kind, machine.run_id)
