@@ -3,7 +3,8 @@
 Rules (README "Layout"): the verifier (``verification/``, package ``aicert``) imports only the
 standard library and its own small dependencies, never another part; the guest runtime imports
 neither Prefect nor the orchestrator's parts; the platform modules (``tasks/platforms/``) import
-no Prefect and no other task or flow module; the tasks do not import the flows.
+no Prefect and no other task or flow module; the tasks do not import the flows; the exports
+(``exports/``) read verified certificates and import only the verifier.
 
 import-linter cannot see this layout (setuptools maps four folders into one ``aicert``
 namespace, and grimp reads a package from its folder), so the rules are checked on the source:
@@ -30,8 +31,9 @@ PARTS = {
     "guest_runtime": "aicert.guest_runtime",
     "tasks": "aicert.tasks",
     "aicert_flows": "aicert.flows",
+    "exports": "aicert.exports",
 }
-SUBPACKAGES_OF_AICERT = ("aicert.guest_runtime", "aicert.tasks", "aicert.flows")
+SUBPACKAGES_OF_AICERT = ("aicert.guest_runtime", "aicert.tasks", "aicert.flows", "aicert.exports")
 
 # What the end user's verifier may import besides the standard library and itself: the bare
 # `pip install aicert` dependencies (pyproject's `dependencies`).
@@ -101,6 +103,10 @@ def broken_rules(path: Path, source: str | None = None) -> list[str]:
                 rule = "platform modules import no task module"
         elif within(me, "aicert.tasks") and within(module, "aicert.flows"):
             rule = "tasks do not import the flows"
+        elif within(me, "aicert.exports") and any(
+            within(module, sub) for sub in SUBPACKAGES_OF_AICERT if sub != "aicert.exports"
+        ):
+            rule = "exports read verified certificates: they import only the verifier"
         if rule is not None:
             where = path.relative_to(ROOT)
             problems.append(f"{where}:{imported.line}: imports {module} - {rule}")
@@ -131,6 +137,7 @@ def test_every_part_keeps_its_dependency_rules() -> None:
         ("tasks/platforms/base.py", "from aicert.tasks.certification import x", "no task"),
         ("tasks/certification.py", "from aicert.flows.blocks import X", "tasks do not import"),
         ("tasks/certification.py", "from ..flows import blocks", "tasks do not import"),
+        ("exports/cyclonedx.py", "from aicert.tasks import platforms", "only the verifier"),
     ],
 )
 def test_each_rule_catches_a_violation(path: str, source: str, rule: str) -> None:
