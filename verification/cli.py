@@ -1,4 +1,5 @@
-"""The ``aicert`` command. ``verify`` and ``inspect`` need only the verifier; the builder's
+"""The ``aicert`` command. ``verify``, ``inspect`` and ``reference-values ...`` (boot
+reference-value sets, :mod:`aicert.reference_values_cli`) need only the verifier; the builder's
 commands (``run``, ``cleanup``, ``image``) are added through the ``aicert.cli`` entry-point
 group when the ``flows`` extra is installed.
 
@@ -19,7 +20,8 @@ from rich.table import Table
 
 import aicert
 from aicert.errors import MalformedCertificateError, PlatformError, VerificationError
-from aicert.reference_values import load_reference_values
+from aicert.reference_value_sets import load_reference_values
+from aicert.reference_values_cli import app as reference_values_app
 from aicert.verify import load_trust_roots
 
 app = typer.Typer(
@@ -31,6 +33,7 @@ app = typer.Typer(
 )
 console = Console()
 error_console = Console(stderr=True)
+app.add_typer(reference_values_app, name="reference-values")
 
 
 def _short(digest: str) -> str:

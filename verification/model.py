@@ -40,7 +40,7 @@ from aicert.errors import MalformedCertificateError
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
-    from aicert.reference_values import PlatformReferenceValues
+    from aicert.reference_value_sets import PlatformReferenceValues
     from aicert.verify import TrustRoot, VerificationReport
 
 FORMAT = "aicert/v1"

@@ -27,10 +27,13 @@ from aicert.appevents import (
     interpret,
     replay,
 )
+from aicert.boot_events import replay_against_quote
+from aicert.boot_log_check import check_boot_log
 from aicert.chain import (
     AK_BINDING_OID,
     PINNED_ROOT_FINGERPRINTS,
     AkBinding,
+    ChainVerification,
     leaf_public_key_matches,
     load_pem_certificates,
     verify_ak_chain,
@@ -50,16 +53,11 @@ from aicert.errors import (
 from aicert.hashing import UnsafePathError, hash_tree, sha256_file
 from aicert.model import Certificate, InputRecord, OutputRecord, check_time
 from aicert.quote import verify_quote
-from aicert.reference_values import (
-    REFERENCE_VALUE_SET_TYPES,
-    PlatformReferenceValues,
-    check_boot_log,
-)
+from aicert.reference_value_sets import REFERENCE_VALUE_SET_TYPES, PlatformReferenceValues
 from aicert.tcg_eventlog import TcgEventLog, parse_event_log
 from aicert.tpm_structures import TpmtPublic, parse_tpmt_public
 
 QUOTED_PCRS = frozenset(range(16))
-BOOT_PCRS = tuple(range(10))
 DEV_PLATFORM_NOTE = (
     "local platform: software TPM on the build host, no boot chain attested; this "
     "certificate proves what the AICert agent measured, not which OS or firmware ran it"
@@ -237,13 +235,58 @@ def verify_certificate(
     # argument, not a verification failure of the certificate.
     judge_time = _judge_time(at_time, certificate.run.finished_at)
     roots = load_trust_roots(trusted_roots)
-    reference_values = _reference_sets(reference_values)
+    reference_sets = _reference_sets(reference_values)
     checks: list[Check] = []
-    attestation = certificate.attestation
-
+    # 1. (the certificate's schema: aicert.model, before this function)
     # 2. AK certificate chain to a trusted root, at the run's time or the caller's.
+    chain = _check_ak_certificate_chain(certificate, roots, judge_time, checks)
+    # 3. The quoting key is the certified key, and a restricted signing key.
+    _check_ak_public_key(certificate, chain.leaf, checks)
+    # 4-5. Quote signature and TPMS_ATTEST contents.
+    claimed_pcrs = _check_quote(certificate, checks)
+    # 6. Application event log replay against PCR 14 and 15.
+    boot_log = _boot_log(certificate)
+    measured = _check_application_event_log(certificate, claimed_pcrs, boot_log, checks)
+    # 7. Platform.
+    boot_attested, platform_note = _verify_platform(
+        certificate, claimed_pcrs, allow_dev_platform, boot_log, reference_sets
+    )
+    checks.append(Check("platform", platform_note))
+    # 8. The caller's expectations.
+    _check_expectations(certificate, expected_inputs, model, checks)
+    return VerificationReport(
+        run_id=certificate.run.id,
+        project=certificate.run.project,
+        platform=certificate.platform.kind,
+        boot_chain_attested=boot_attested,
+        platform_note=platform_note,
+        ak_root_subject=chain.root_subject,
+        ak_root_fingerprint_sha256=chain.root_fingerprint_sha256,
+        ak_chain_expires_at=chain.not_after,
+        verified_at_time=judge_time,
+        nonce=certificate.attestation.nonce.hex(),
+        runtime_version=measured.runtime.runtime_version,
+        exit_code=measured.result.exit_code,
+        duration_ms=measured.result.duration_ms,
+        finished_at=measured.finished_at,
+        # _verify_event_log found the certificate's records equal to those the replayed log
+        # gives; its own copies are frozen models, so they are reused rather than rebuilt.
+        inputs=tuple(certificate.inputs),
+        outputs=tuple(certificate.outputs),
+        pcrs={index: value.hex() for index, value in sorted(claimed_pcrs.items())},
+        checks=tuple(checks),
+    )
+
+
+def _check_ak_certificate_chain(
+    certificate: Certificate,
+    roots: Sequence[x509.Certificate],
+    judge_time: datetime,
+    checks: list[Check],
+) -> ChainVerification:
+    """Step 2: the AK certificate chains to a trusted or pinned root, valid at ``judge_time``."""
     chain = verify_ak_chain(
-        attestation.ak.certificate_chain,
+        certificate.attestation.ak.certificate_chain,
         trusted_roots=roots,
         pinned_root_fingerprints=list(PINNED_ROOT_FINGERPRINTS.values()),
         at_time=judge_time,
@@ -255,13 +298,19 @@ def verify_certificate(
             f"(SHA-256 {chain.root_fingerprint_sha256[:16]}...), valid at {judge_time.isoformat()}",
         )
     )
+    return chain
 
-    # 3. The quoting key is the certified key, and a restricted signing key.
+
+def _check_ak_public_key(
+    certificate: Certificate, leaf: x509.Certificate, checks: list[Check]
+) -> None:
+    """Step 3: ``attestation.ak.public`` is the certified key, a restricted signing key, and
+    the one the AK binding extension names."""
     try:
-        ak = parse_tpmt_public(attestation.ak.public)
+        ak = parse_tpmt_public(certificate.attestation.ak.public)
     except TpmStructureError as exc:
         raise AkMismatchError(f"attestation.ak.public: {exc}") from None
-    if not leaf_public_key_matches(chain.leaf, ak.to_cryptography_key()):
+    if not leaf_public_key_matches(leaf, ak.to_cryptography_key()):
         raise AkMismatchError("attestation.ak.public is not the key in the AK certificate")
     if not ak.is_restricted_signing_key():
         raise AkMismatchError(
@@ -272,11 +321,15 @@ def verify_certificate(
         Check(
             "ak-public-key",
             "the quote key is the certified restricted signing key; "
-            + _check_ak_binding(certificate, chain.leaf, ak),
+            + _check_ak_binding(certificate, leaf, ak),
         )
     )
 
-    # 4-5. Quote signature and TPMS_ATTEST contents.
+
+def _check_quote(certificate: Certificate, checks: list[Check]) -> dict[int, bytes]:
+    """Steps 4-5: the quote covers PCR 0-15, is signed by the AK and carries the nonce;
+    the quoted PCR values."""
+    attestation = certificate.attestation
     claimed_pcrs = attestation.quote.pcr_values()
     if set(claimed_pcrs) != QUOTED_PCRS:
         raise PcrSelectionError(
@@ -295,9 +348,17 @@ def verify_certificate(
             "TPM quote over PCRs 0-15 (SHA-256) signed by the AK, with this certificate's nonce",
         )
     )
+    return claimed_pcrs
 
-    # 6. Application event log replay against PCR 14 and 15.
-    boot_log = _boot_log(certificate)
+
+def _check_application_event_log(
+    certificate: Certificate,
+    claimed_pcrs: Mapping[int, bytes],
+    boot_log: TcgEventLog | None,
+    checks: list[Check],
+) -> MeasuredRun:
+    """Step 6: the application event log replays to the quoted PCR 14 and 15 and is what the
+    certificate claims; the run it measured."""
     measured = _verify_event_log(certificate, claimed_pcrs, boot_log)
     channel = (
         f"; the first is the agent's TLS key ({measured.channel_key.public_key_sha256[:16]}...)"
@@ -312,46 +373,22 @@ def verify_certificate(
     )
     if certificate.run.finished_at != measured.finished_at:
         raise EventLogError("run.finished_at differs from the measured result event")
+    return measured
 
-    # 7. Platform.
-    boot_attested, platform_note = _verify_platform(
-        certificate, claimed_pcrs, allow_dev_platform, boot_log, reference_values
-    )
-    checks.append(Check("platform", platform_note))
 
-    # _verify_event_log found these equal to the records the replayed log gives; the
-    # certificate's own copies are frozen models, so they are reused rather than rebuilt.
-    inputs = tuple(certificate.inputs)
-    outputs = tuple(certificate.outputs)
-
-    # 8. The caller's expectations.
+def _check_expectations(
+    certificate: Certificate,
+    expected_inputs: Mapping[str, str] | None,
+    model: str | os.PathLike[str] | None,
+    checks: list[Check],
+) -> None:
+    """Step 8: the inputs the caller expects are certified, and the model matches outputs."""
     if expected_inputs:
-        _check_expected_inputs(inputs, expected_inputs)
+        _check_expected_inputs(certificate.inputs, expected_inputs)
         checks.append(Check("expected-inputs", f"{len(expected_inputs)} expected inputs match"))
     if model is not None:
-        matched = _check_artifact(outputs, Path(model))
+        matched = _check_artifact(certificate.outputs, Path(model))
         checks.append(Check("model", f"{matched} file(s) at {model} match certified outputs"))
-
-    return VerificationReport(
-        run_id=certificate.run.id,
-        project=certificate.run.project,
-        platform=certificate.platform.kind,
-        boot_chain_attested=boot_attested,
-        platform_note=platform_note,
-        ak_root_subject=chain.root_subject,
-        ak_root_fingerprint_sha256=chain.root_fingerprint_sha256,
-        ak_chain_expires_at=chain.not_after,
-        verified_at_time=judge_time,
-        nonce=attestation.nonce.hex(),
-        runtime_version=measured.runtime.runtime_version,
-        exit_code=measured.result.exit_code,
-        duration_ms=measured.result.duration_ms,
-        finished_at=measured.finished_at,
-        inputs=inputs,
-        outputs=outputs,
-        pcrs={index: value.hex() for index, value in sorted(claimed_pcrs.items())},
-        checks=tuple(checks),
-    )
 
 
 # Platforms whose AK certificate comes from the project's platform CA, which binds the AK's
@@ -507,14 +544,8 @@ def _verify_platform(
         return False, DEV_PLATFORM_NOTE
     if log is None:
         raise PlatformError(f"{kind} platform: the certificate has no boot event log")
-    replayed = log.replay().get("sha256", {})
-    for index in BOOT_PCRS:
-        expected = replayed.get(index, bytes(32))
-        if not hmac.compare_digest(expected, pcrs[index]):
-            raise EventLogError(
-                f"the boot event log replays PCR {index} to {expected.hex()}, "
-                f"but the quote says {pcrs[index].hex()}"
-            )
+    # Before the reference is chosen: a log that does not replay is refused as such.
+    replay_against_quote(log, pcrs)
     reference = _select_reference_values(certificate, reference_values)
     # Names the component that differs: kernel command line, initrd, kernel, boot loader,
     # Secure Boot policy (PCR 7), firmware (PCR n); an azure note lists the unchecked PCRs.

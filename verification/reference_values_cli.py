@@ -1,0 +1,321 @@
+"""The reference-values commands: ``aicert reference-values <command>``, also installed as
+``aicert-reference-values <command>`` and run by ``python -m aicert.reference_values``.
+
+- ``derive-azure``: an Azure set from one boot's event log and PCR 0-9 (JSON on stdout or
+  ``--output``); with ``--quote`` etc. the PCR values are first checked against the AK's quote,
+  and with ``--ak-certificate`` that AK against Microsoft's pinned vTPM root.
+- ``merge-azure``: one Azure set accepting every value of the given sets.
+- ``check``: judge an event log and its PCR 0-9 against a set (prints the report's note).
+- ``schema``: print the JSON Schema of reference-value sets.
+
+Exit codes: 0 success, 1 the boot or quote does not verify (``VerificationError``), 2 bad input
+(an unreadable or invalid file or option).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from aicert.boot_log_check import check_boot_log
+from aicert.chain import (
+    PINNED_ROOT_FINGERPRINTS,
+    leaf_public_key_matches,
+    load_pem_certificates,
+    verify_ak_chain,
+)
+from aicert.errors import AkMismatchError, VerificationError
+from aicert.quote import public_key_from_ak, verify_quote
+from aicert.reference_derivation import (
+    derive_azure_reference_values,
+    merge_azure_reference_values,
+    parse_pcr_values,
+)
+from aicert.reference_value_sets import (
+    BOOT_PCRS,
+    PlatformReferenceValues,
+    load_reference_values,
+    reference_values_json_schema,
+)
+from aicert.tcg_eventlog import parse_event_log
+
+PROGRAM = "aicert-reference-values"
+MAX_INPUT_FILE_SIZE = 32 * 1024 * 1024
+
+app = typer.Typer(
+    name="reference-values",
+    help="Derive, merge and check boot reference-value sets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _run(command: Callable[[], None]) -> None:
+    """Run ``command``, turning a refusal into exit 1 and bad input into exit 2, each with
+    one ``error: ...`` line on stderr."""
+    try:
+        command()
+    except VerificationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
+
+
+def _read(path: Path, what: str) -> bytes:
+    with path.open("rb") as handle:
+        data = handle.read(MAX_INPUT_FILE_SIZE + 1)
+    if len(data) > MAX_INPUT_FILE_SIZE:
+        raise ValueError(f"{what} {path}: over {MAX_INPUT_FILE_SIZE} bytes")
+    return data
+
+
+def _read_pcr_values(path: Path) -> dict[int, bytes]:
+    return parse_pcr_values(_read(path, "PCR values").decode("utf-8", errors="replace"))
+
+
+def _read_event_log(path: Path) -> bytes:
+    data = _read(path, "event log")
+    # The collection step of the README brings the log back base64-encoded: accept both.
+    if data[:1].isalnum() and data.strip().isascii() and not data.startswith(b"\x00"):
+        try:
+            return base64.b64decode(b"".join(data.split()), validate=True)
+        except binascii.Error:
+            pass
+    return data
+
+
+def _write_json(reference: PlatformReferenceValues, output: Path | None) -> None:
+    text = json.dumps(reference.model_dump(mode="json"), indent=2) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text, encoding="utf-8")
+
+
+def _provenance(items: Sequence[str]) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--provenance {item!r}: use KEY=VALUE")
+        result[key] = value
+    return result
+
+
+def _der_prefix(data: bytes) -> bytes:
+    """The DER certificate at the start of an NV index's content (Azure zero pads it to the
+    index size). Hand-written: cryptography refuses trailing bytes and the verifier may not
+    import the guest runtime, which has the same four lines."""
+    if len(data) < 2 or data[0] != 0x30:
+        raise ValueError("AK certificate: not a DER SEQUENCE")
+    if data[1] < 0x80:
+        header, length = 2, data[1]
+    else:
+        count = data[1] & 0x7F
+        if not 1 <= count <= 4 or len(data) < 2 + count:
+            raise ValueError("AK certificate: bad DER length")
+        header, length = 2 + count, int.from_bytes(data[2 : 2 + count], "big")
+    end = header + length
+    if end > len(data) or any(data[end:]):
+        raise ValueError("AK certificate: truncated, or followed by something else than zeros")
+    return data[:end]
+
+
+def _check_ak_certificate(
+    ak_certificate: Path,
+    ak_public_path: Path,
+    ak_public: bytes,
+    intermediates: Path | None,
+    trust_roots: Sequence[Path],
+) -> str:
+    """The AK certificate (NV 0x01C101D0 content) chains to Microsoft's pinned vTPM root (or
+    a ``--trust-root``) now, and certifies the key the quote is checked with; its subject."""
+    leaf = x509.load_der_x509_certificate(_der_prefix(_read(ak_certificate, "AK cert")))
+    chain_middle = (
+        load_pem_certificates(_read(intermediates, "intermediates"))
+        if intermediates is not None
+        else []
+    )
+    roots = [root for path in trust_roots for root in load_pem_certificates(_read(path, "root"))]
+    chain = verify_ak_chain(
+        [cert.public_bytes(Encoding.PEM) for cert in (leaf, *chain_middle)],
+        trusted_roots=roots,
+        pinned_root_fingerprints=list(PINNED_ROOT_FINGERPRINTS.values()),
+        at_time=datetime.now(UTC),
+    )
+    key, _ = public_key_from_ak(ak_public)
+    if not leaf_public_key_matches(chain.leaf, key):
+        raise AkMismatchError(f"{ak_public_path} is not the key of the AK certificate")
+    return chain.root_subject
+
+
+@app.command("derive-azure")
+def derive_azure(
+    event_log: Annotated[
+        Path,
+        typer.Option(
+            help="the VM's /sys/kernel/security/tpm0/binary_bios_measurements (raw or base64)"
+        ),
+    ],
+    pcrs: Annotated[
+        Path,
+        typer.Option(
+            help='PCR 0-9 of the same boot: JSON {"0": "hex", ...} or tpm2_pcrread output'
+        ),
+    ],
+    image_version: Annotated[str, typer.Option(help="the gallery image version's resource id")],
+    reference_id: Annotated[
+        str | None, typer.Option("--id", help="the set's id (default: <image>-<version>)")
+    ] = None,
+    security_type: Annotated[
+        Literal["TrustedLaunch", "ConfidentialVM"], typer.Option()
+    ] = "TrustedLaunch",
+    check_firmware_pcr: Annotated[
+        list[int] | None,
+        typer.Option(
+            metavar="N",
+            help="also check firmware PCR N (0-3, 5, 6) with this boot's value; repeatable",
+        ),
+    ] = None,
+    provenance: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="KEY=VALUE",
+            help="recorded, never checked (e.g. vm_size=..., region=...); repeatable",
+        ),
+    ] = None,
+    quote: Annotated[Path | None, typer.Option(help="tpm2_quote -m output over sha256:0-9")] = None,
+    signature: Annotated[Path | None, typer.Option(help="tpm2_quote -s output")] = None,
+    ak_public: Annotated[
+        Path | None, typer.Option(help="tpm2_readpublic -o output of the AK")
+    ] = None,
+    nonce: Annotated[str | None, typer.Option(help="the quote's qualifying data, hex")] = None,
+    ak_certificate: Annotated[
+        Path | None,
+        typer.Option(
+            help="tpm2_nvread 0x01C101D0 output: must chain to Microsoft's vTPM root and "
+            "certify --ak-public"
+        ),
+    ] = None,
+    intermediates: Annotated[
+        Path | None, typer.Option(help="PEM intermediates of the AK certificate")
+    ] = None,
+    trust_root: Annotated[
+        list[Path] | None,
+        typer.Option(help="PEM root trusted besides Microsoft's pinned one (tests); repeatable"),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="write here instead of stdout")
+    ] = None,
+) -> None:
+    """Derive an Azure set from one boot's event log and PCR 0-9 (prints JSON)."""
+
+    def derive() -> None:
+        pcr_values = _read_pcr_values(pcrs)
+        if missing := [index for index in BOOT_PCRS if index not in pcr_values]:
+            raise ValueError(f"PCR values {pcrs}: PCR {missing} missing (need 0-9)")
+        checked: dict[str, str | bool] = {"quote_verified": False}
+        quote_files = (quote, signature, ak_public, nonce)
+        if any(item is not None for item in quote_files):
+            if quote is None or signature is None or ak_public is None or nonce is None:
+                raise ValueError("--quote, --signature, --ak-public and --nonce go together")
+            key = _read(ak_public, "AK public key")
+            if ak_certificate is not None:
+                checked["ak_root"] = _check_ak_certificate(
+                    ak_certificate, ak_public, key, intermediates, trust_root or []
+                )
+            # The PCR values are only as good as the quote that signs them: check it first.
+            verify_quote(
+                _read(quote, "quote"),
+                _read(signature, "signature"),
+                key,
+                bytes.fromhex(nonce),
+                pcr_values,
+            )
+            checked["quote_verified"] = True
+        elif ak_certificate is not None:
+            raise ValueError("--ak-certificate checks the quote's key: give the quote too")
+        reference = derive_azure_reference_values(
+            _read_event_log(event_log),
+            pcr_values,
+            image_version_id=image_version,
+            reference_id=reference_id,
+            security_type=security_type,
+            check_firmware_pcrs=check_firmware_pcr or [],
+            provenance={**checked, **_provenance(provenance or [])},
+        )
+        _write_json(reference, output)
+
+    _run(derive)
+
+
+@app.command("merge-azure")
+def merge_azure(
+    sets: Annotated[list[Path], typer.Argument(help="the Azure sets to merge")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="write here instead of stdout")
+    ] = None,
+) -> None:
+    """One Azure set accepting every value of the given sets."""
+    _run(
+        lambda: _write_json(
+            merge_azure_reference_values(
+                [load_reference_values(path, platform="azure") for path in sets]
+            ),
+            output,
+        )
+    )
+
+
+@app.command("check")
+def check(
+    event_log: Annotated[Path, typer.Option(help="the boot event log (raw or base64)")],
+    pcrs: Annotated[Path, typer.Option(help="PCR 0-9: JSON or tpm2_pcrread output")],
+    reference_values: Annotated[Path, typer.Option(help="the reference-value set (JSON)")],
+) -> None:
+    """Check an event log and its PCR 0-9 against a reference-value set."""
+
+    def judge() -> None:
+        pcr_values = _read_pcr_values(pcrs)
+        reference = load_reference_values(reference_values)
+        log = parse_event_log(_read_event_log(event_log))
+        print(check_boot_log(log, pcr_values, reference).note)
+
+    _run(judge)
+
+
+@app.command("schema")
+def schema() -> None:
+    """Print the JSON Schema of reference values."""
+    print(json.dumps(reference_values_json_schema(), indent=2, sort_keys=True))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``aicert-reference-values`` with ``argv`` (default: the process's arguments).
+
+    Args:
+        argv: the command and its options, without the program name.
+
+    Returns:
+        The exit code: 0 success, 1 the boot or quote does not verify, 2 bad input (a usage
+        error included).
+    """
+    try:
+        app(args=list(sys.argv[1:] if argv is None else argv), prog_name=PROGRAM)
+    except SystemExit as exit_:
+        # Typer always ends by exiting; the code is an int (or None for success).
+        return exit_.code if isinstance(exit_.code, int) else 0
+    return 0
