@@ -15,21 +15,23 @@ import contextlib
 import json
 import logging
 import shutil
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import Flow, flow, get_run_logger
 from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
     create_table_artifact,
 )
-from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.events import emit_event
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run as current_flow_run
 
+import aicert
 from aicert.flows.assemble import (
     assemble_certificate,
     certificate_digest,
@@ -51,11 +53,14 @@ from aicert.flows.lifecycle import (
 from aicert.flows.output_target import OutputTargetError, check_output_target
 from aicert.guest_runtime.api_models import Evidence
 from aicert.guest_runtime.config import RunConfig, parse_config
-from aicert.model import write_atomic
+from aicert.model import PlatformKind, write_atomic
+from aicert.reference_values import PlatformReferenceValues
 from aicert.tasks import (
+    MachineFailed,
     TrainingFailed,
     attest_machine_before_run,
     build_image,
+    check_tpm,
     collect_outputs,
     collect_quote,
     establish_attestation_key,
@@ -70,9 +75,10 @@ from aicert.tasks import (
     verify_certificate,
     wait_for_agent,
 )
-from aicert.tasks.certification import MachineFailed, check_tpm
 from aicert.tasks.platforms import get_provider
 from aicert.tasks.platforms.base import EnrolledKey, Machine, Provider
+from aicert.tasks.task_factory import aicert_task
+from aicert.verify import VerificationReport
 
 CERTIFICATE_CREATED = "aicert.certificate.created"
 CERTIFICATE_FAILED = "aicert.certificate.failed"
@@ -87,22 +93,6 @@ _RUNS_STARTED_HERE: list[ActiveRun] = []
 def runs_started_here() -> list[ActiveRun]:
     """The records of the runs this process started (newest last), as last saved."""
     return list(_RUNS_STARTED_HERE)
-
-
-def _active_record(flow_run_id: str) -> Path:
-    return record_path(flow_run_id)
-
-
-def _save_record(record: ActiveRun) -> None:
-    save_record(record)
-
-
-def _load_record(flow_run_id: str) -> ActiveRun | None:
-    return load_record(flow_run_id)
-
-
-def _discard_record(flow_run_id: str) -> None:
-    discard_record(flow_run_id)
 
 
 def _cleanup_before_run() -> None:
@@ -125,14 +115,14 @@ def _cleanup_before_run() -> None:
         logger.warning("cleanup: the record %s stays", record_path(flow_run_id))
 
 
-def _after_unsuccessful_run(flow_run: Any, state: Any) -> None:
+def _after_unsuccessful_run(flow_run: FlowRun, state: State) -> None:
     """Shared by the failure, crash and cancellation hooks: teardown, then the event.
 
     The event's resource is ``aicert.run.<run id>``, or ``aicert.flow-run.<flow run id>``
     when the run failed before it got a run id (an invalid configuration).
     """
     flow_run_id = str(flow_run.id)
-    record = _load_record(flow_run_id)
+    record = load_record(flow_run_id)
     teardown_error: str | None = None
     if record is not None and not record.torn_down:
         try:
@@ -141,9 +131,23 @@ def _after_unsuccessful_run(flow_run: Any, state: Any) -> None:
             # Only a hint for a later cleanup (the record is removed below): a full disk
             # must not turn a finished teardown into a failed one.
             with contextlib.suppress(OSError):
-                _save_record(record)
+                save_record(record)
         except Exception as exc:  # still report the failed run; the record stays
             teardown_error = f"{type(exc).__name__}: {exc}"
+    _emit_failed(flow_run, state, record, teardown_error)
+    if teardown_error is not None:
+        raise RuntimeError(
+            f"teardown of run {record.run_id if record else '?'} failed: {teardown_error}; "
+            f"its record stays at {record_path(flow_run_id)}"
+        )
+    discard_record(flow_run_id)
+
+
+def _emit_failed(
+    flow_run: FlowRun, state: State, record: ActiveRun | None, teardown_error: str | None
+) -> None:
+    """Emit ``aicert.certificate.failed`` for a run that ended without a certificate."""
+    flow_run_id = str(flow_run.id)
     resource_id = (
         f"aicert.run.{record.run_id}" if record is not None else f"aicert.flow-run.{flow_run_id}"
     )
@@ -169,23 +173,18 @@ def _after_unsuccessful_run(flow_run: Any, state: Any) -> None:
             "teardown_error": teardown_error,
         },
     )
-    if teardown_error is not None:
-        raise RuntimeError(
-            f"teardown of run {record.run_id if record else '?'} failed: {teardown_error}; "
-            f"its record stays at {_active_record(flow_run_id)}"
-        )
-    _discard_record(flow_run_id)
 
 
-def _on_failure(flow: Any, flow_run: Any, state: Any) -> None:
+# One hook per state, so that the run's logs name the one that ran.
+def _on_failure(flow: Flow[..., dict[str, Any]], flow_run: FlowRun, state: State) -> None:
     _after_unsuccessful_run(flow_run, state)
 
 
-def _on_crashed(flow: Any, flow_run: Any, state: Any) -> None:
+def _on_crashed(flow: Flow[..., dict[str, Any]], flow_run: FlowRun, state: State) -> None:
     _after_unsuccessful_run(flow_run, state)
 
 
-def _on_cancellation(flow: Any, flow_run: Any, state: Any) -> None:
+def _on_cancellation(flow: Flow[..., dict[str, Any]], flow_run: FlowRun, state: State) -> None:
     _after_unsuccessful_run(flow_run, state)
 
 
@@ -228,20 +227,22 @@ def artifact_key(project: str, kind: str) -> str:
     return f"aicert-{project}-{kind}"[:100]
 
 
-@task(name="assemble-certificate", cache_policy=NO_CACHE)
+@aicert_task("assemble-certificate")
 def assemble_and_write(
     evidence: Evidence,
     enrolled: EnrolledKey,
     project: str,
-    provider_kind: str,
+    provider_kind: PlatformKind,
     reference_values: str | None,
     run_dir: str,
 ) -> str:
+    """Build the certificate from the evidence; write it (and the platform CA it needs) to
+    ``run_dir``. Returns the certificate's path."""
     certificate = assemble_certificate(
         evidence=evidence,
         enrolled=enrolled,
         project=project,
-        provider=provider_kind,  # type: ignore[arg-type]
+        provider=provider_kind,
         reference_values=reference_values,
     )
     path = Path(run_dir) / "certificate.json"
@@ -251,29 +252,14 @@ def assemble_and_write(
     return str(path)
 
 
-@task(name="store-certificate", cache_policy=NO_CACHE)
-def store_certificate(
-    certificate_path: str,
-    report: dict[str, Any],
-    project: str,
-    output_bom: str | None,
-    outputs_path: str | None = None,
-    reference_values: Any | None = None,
-) -> dict[str, Any]:
-    """Publish: the file at ``output_bom`` (atomically), result storage, artifacts, event.
+ReferenceValues = PlatformReferenceValues | Iterable[PlatformReferenceValues] | None
 
-    ``outputs_path``: the run's outputs folder on this host, when the platform keeps one; the
-    event carries it so that a downstream flow (verify-and-promote) can re-hash the model.
-    """
-    from prefect.results import get_default_result_storage
 
-    import aicert
-
-    logger = get_run_logger()
-    data = Path(certificate_path).read_bytes()
-    digest = certificate_digest(data)
-    # Verified again from the very bytes about to be published (fail closed: nothing is
-    # written anywhere unless they verify); the report also feeds the artifacts.
+def _verify_before_publishing(
+    certificate_path: str, data: bytes, reference_values: ReferenceValues
+) -> tuple[aicert.Certificate, VerificationReport]:
+    """Verify the very bytes about to be published (fail closed: nothing is written anywhere
+    unless they verify); the report also feeds the artifacts."""
     certificate = aicert.Certificate.from_json_bytes(data, source=certificate_path)
     platform_ca = Path(certificate_path).with_name("platform-ca.pem")
     verification = certificate.verify(
@@ -281,32 +267,49 @@ def store_certificate(
         allow_dev_platform=certificate.platform.kind == "local",
         reference_values=reference_values,
     )
-    published = certificate_path
-    if output_bom:
-        # Checked again: the target may have changed during the run. The run is certified
-        # either way, so the message points at the verified certificate kept with the run.
-        try:
-            published = str(write_atomic(check_output_target(Path(output_bom)), data))
-        except (OutputTargetError, OSError) as exc:
-            reason = exc.reason if isinstance(exc, OutputTargetError) else exc.strerror
-            raise OutputTargetError(
-                Path(output_bom),
-                f"cannot write the certificate there ({reason}); the run is certified and "
-                f"its verified certificate is {certificate_path}",
-            ) from None
-        logger.info("certificate written to %s", published)
+    return certificate, verification
 
-    storage = get_default_result_storage()
-    storage_key = f"aicert/{report['run_id']}/certificate.json"
-    stored_at = storage.write_path(storage_key, data)
+
+def _write_output_bom(output_bom: str, data: bytes, certificate_path: str) -> str:
+    """Write the certificate to ``output_bom`` atomically; returns where it was written."""
+    # Checked again: the target may have changed during the run. The run is certified either
+    # way, so the message points at the verified certificate kept with the run.
+    try:
+        return str(write_atomic(check_output_target(Path(output_bom)), data))
+    except (OutputTargetError, OSError) as exc:
+        reason = exc.reason if isinstance(exc, OutputTargetError) else exc.strerror
+        raise OutputTargetError(
+            Path(output_bom),
+            f"cannot write the certificate there ({reason}); the run is certified and "
+            f"its verified certificate is {certificate_path}",
+        ) from None
+
+
+def _write_to_result_storage(run_id: str, data: bytes) -> str:
+    """Store the certificate in the flow's default result storage; returns its URL."""
+    from prefect.results import get_default_result_storage
+
+    stored_at = get_default_result_storage().write_path(f"aicert/{run_id}/certificate.json", data)
     storage_url = str(stored_at)
     if "://" not in storage_url:
         storage_url = Path(storage_url).resolve().as_uri()
+    return storage_url
 
+
+def _create_certificate_artifacts(
+    certificate: aicert.Certificate,
+    verification: VerificationReport,
+    run_id: str,
+    project: str,
+    published: str,
+    storage_url: str,
+    digest: str,
+) -> None:
+    """The certificate's summary, its bill of materials and a link to the stored file."""
     create_markdown_artifact(
         key=artifact_key(project, "certificate"),
         markdown=summary_markdown(certificate, verification, published),
-        description=f"AICert certificate of run {report['run_id']}",
+        description=f"AICert certificate of run {run_id}",
     )
     create_table_artifact(
         key=artifact_key(project, "bom"),
@@ -319,8 +322,36 @@ def store_certificate(
         link_text=f"certificate.json ({digest[:12]})",
         description="The certificate in the flow's result storage",
     )
+
+
+@aicert_task("store-certificate")
+def store_certificate(
+    certificate_path: str,
+    report: dict[str, Any],
+    project: str,
+    output_bom: str | None,
+    outputs_path: str | None = None,
+    reference_values: ReferenceValues = None,
+) -> dict[str, Any]:
+    """Publish: the file at ``output_bom`` (atomically), result storage, artifacts, event.
+
+    ``outputs_path``: the run's outputs folder on this host, when the platform keeps one; the
+    event carries it so that a downstream flow (verify-and-promote) can re-hash the model.
+    """
+    logger = get_run_logger()
+    data = Path(certificate_path).read_bytes()
+    digest = certificate_digest(data)
+    certificate, verification = _verify_before_publishing(certificate_path, data, reference_values)
+    published = certificate_path
+    if output_bom:
+        published = _write_output_bom(output_bom, data, certificate_path)
+        logger.info("certificate written to %s", published)
+    storage_url = _write_to_result_storage(report["run_id"], data)
+    _create_certificate_artifacts(
+        certificate, verification, report["run_id"], project, published, storage_url, digest
+    )
     emit_event(
-        event="aicert.certificate.created",
+        event=CERTIFICATE_CREATED,
         resource={
             "prefect.resource.id": f"aicert.run.{report['run_id']}",
             "prefect.resource.name": project,
@@ -336,6 +367,140 @@ def store_certificate(
         },
     )
     return {"path": published, "sha256": digest, "storage_url": storage_url}
+
+
+def _start_record(platform: Provider, run_id: str, project: str) -> ActiveRun:
+    """Save the run's record (what the hooks and ``aicert cleanup`` tear down from) before
+    anything is provisioned, and remember it as started here."""
+    run_dir = getattr(platform, "run_dir", None)
+    record = ActiveRun(
+        flow_run_id=str(current_flow_run.id),
+        run_id=run_id,
+        project=project,
+        provider=platform.kind,
+        state_dir=str(run_dir(run_id)) if callable(run_dir) else None,
+        owner=ProcessIdentity.current(),
+        created_at=datetime.now(UTC),
+    )
+    save_record(record)
+    _RUNS_STARTED_HERE.append(record)
+    return record
+
+
+def _bring_up_machine(
+    platform: Provider, record: ActiveRun, config: RunConfig
+) -> tuple[Machine, EnrolledKey]:
+    """Stage the inputs, provision the machine, wait for its agent, certify its AK and
+    attest it. ``record.machine`` is saved as soon as there is one, so that whatever fails
+    next (here or in a hook) tears it down."""
+    stage_inputs(platform, record.run_id, config)
+    machine = provision_machine(platform, record.run_id)
+    record.machine = machine
+    save_record(record)
+    machine = wait_for_agent(platform, machine, timeout_s=platform.agent_start_timeout_s)
+    record.machine = machine
+    save_record(record)
+    enrolled = establish_attestation_key(platform, machine)
+    attest_machine_before_run(platform, machine, enrolled)
+    return machine, enrolled
+
+
+def _collect_kept_outputs(machine: Machine, run_id: str) -> Path:
+    """Fetch the outputs and logs of a machine that keeps them, before it is torn down."""
+    workspace = Path(machine.state_dir) / "workspace"
+    return Path(collect_outputs(machine, run_id, str(workspace)))
+
+
+def _train(platform: Provider, machine: Machine, run_id: str, project: str) -> None:
+    """Check the TPM still answers, then run the training; a failure says where the run's
+    outputs and logs are kept (fetched first from a machine that keeps them)."""
+    local_outputs = platform.outputs_path(machine)
+    try:
+        check_tpm(platform, machine)
+    except MachineFailed as exc:
+        kept = f"nothing was trained; logs kept in {machine.state_dir}"
+        raise MachineFailed(f"{exc}; {kept}") from exc
+    try:
+        run_training(machine, run_id, project, platform)
+    except TrainingFailed:
+        if local_outputs is None:
+            local_outputs = _collect_kept_outputs(machine, run_id)
+        get_run_logger().error("no certificate; outputs and training log kept in %s", local_outputs)
+        raise
+    except Exception as exc:
+        _raise_machine_failure(platform, machine, local_outputs, exc)
+        raise
+
+
+def _measure_and_quote(
+    platform: Provider, machine: Machine, run_id: str, project: str
+) -> tuple[Evidence, Path]:
+    """Measure the outputs into PCR 15 and take the quote; returns the evidence and the
+    folder on this host that holds the run's outputs and logs."""
+    local_outputs = platform.outputs_path(machine)
+    try:
+        measure_outputs(machine, run_id, project)
+        evidence = collect_quote(machine, run_id)
+    except Exception as exc:
+        _raise_machine_failure(platform, machine, local_outputs, exc)
+        raise
+    if local_outputs is None:
+        local_outputs = _collect_kept_outputs(machine, run_id)
+    return evidence, local_outputs
+
+
+def _certify(
+    platform: Provider,
+    machine: Machine,
+    enrolled: EnrolledKey,
+    evidence: Evidence,
+    project: str,
+    local_outputs: Path,
+    output_bom: str | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Assemble the certificate, verify it, publish it. Returns the verification report and
+    where the certificate was published (path, SHA-256, storage URL)."""
+    certificate_path = assemble_and_write(
+        evidence,
+        enrolled,
+        project,
+        platform.kind,
+        platform.reference_values(),
+        machine.state_dir,
+    )
+    model_path = str(local_outputs / "outputs")
+    report = verify_certificate(
+        certificate_path,
+        trusted_roots=[enrolled.trusted_root_pem] if enrolled.trusted_root_pem else [],
+        allow_dev_platform=platform.kind == "local",
+        model_path=model_path,
+        reference_values=platform.boot_reference(),
+    )
+    published = store_certificate(
+        certificate_path, report, project, output_bom, model_path, platform.boot_reference()
+    )
+    return report, published
+
+
+def _finish(
+    platform: Provider,
+    record: ActiveRun,
+    early_teardown: PrefectFuture[None] | None,
+    succeeded: bool,
+) -> None:
+    """The machine torn down (waiting for the early teardown, or now), the record updated;
+    discarded once the run succeeded. If teardown raises, the record stays and the failure
+    hook tears down again."""
+    if record.machine is not None:
+        if early_teardown is not None:
+            early_teardown.result()
+        else:
+            teardown_machine(platform, record.machine)
+        record.torn_down = True
+        with contextlib.suppress(OSError):
+            save_record(record)
+    if succeeded:
+        discard_record(record.flow_run_id)
 
 
 @flow(
@@ -374,117 +539,36 @@ def certify_training(
     platform = resolve_platform(provider, platform_block)
     project = config.project_name()
     run_id = new_run_id(project)
-    nonce = new_nonce()
     logger.info("certifying %s as run %s on the %s platform", project, run_id, platform.kind)
 
     _cleanup_before_run()
-    run_dir = getattr(platform, "run_dir", None)
-    record = ActiveRun(
-        flow_run_id=str(current_flow_run.id),
-        run_id=run_id,
-        project=project,
-        provider=platform.kind,
-        state_dir=str(run_dir(run_id)) if callable(run_dir) else None,
-        owner=ProcessIdentity.current(),
-        created_at=datetime.now(UTC),
-    )
-    _save_record(record)
-    _RUNS_STARTED_HERE.append(record)
-    machine: Machine | None = None
+    record = _start_record(platform, run_id, project)
     early_teardown: PrefectFuture[None] | None = None
     succeeded = False
     try:
-        stage_inputs(platform, run_id, config)
-        machine = provision_machine(platform, run_id)
-        record.machine = machine
-        _save_record(record)
-        machine = wait_for_agent(platform, machine, timeout_s=platform.agent_start_timeout_s)
-        record.machine = machine
-        _save_record(record)
-        enrolled = establish_attestation_key(platform, machine)
-        attest_machine_before_run(platform, machine, enrolled)
-        start_run(machine, run_id, nonce, config)
+        machine, enrolled = _bring_up_machine(platform, record, config)
+        start_run(machine, run_id, new_nonce(), config)
         measure_inputs(machine, run_id, project)
         build_image(machine, run_id, project)
-        local_outputs = platform.outputs_path(machine)
-        try:
-            check_tpm(platform, machine)
-        except MachineFailed as exc:
-            raise MachineFailed(
-                f"{exc}; nothing was trained; logs kept in {machine.state_dir}"
-            ) from exc
-        try:
-            run_training(machine, run_id, project, platform)
-        except TrainingFailed:
-            if local_outputs is None:
-                local_outputs = Path(
-                    collect_outputs(machine, run_id, str(Path(machine.state_dir) / "workspace"))
-                )
-            logger.error("no certificate; outputs and training log kept in %s", local_outputs)
-            raise
-        except Exception as exc:
-            _raise_machine_failure(platform, machine, local_outputs, exc)
-            raise
-        try:
-            measure_outputs(machine, run_id, project)
-            evidence = collect_quote(machine, run_id)
-        except Exception as exc:
-            _raise_machine_failure(platform, machine, local_outputs, exc)
-            raise
-        if local_outputs is None:
-            # The machine keeps its files: fetch them before it is torn down.
-            local_outputs = Path(
-                collect_outputs(machine, run_id, str(Path(machine.state_dir) / "workspace"))
-            )
+        _train(platform, machine, run_id, project)
+        evidence, local_outputs = _measure_and_quote(platform, machine, run_id, project)
         # The machine has done its part: tear it down while the certificate is assembled.
         early_teardown = teardown_machine.submit(platform, machine)
-        certificate_path = assemble_and_write(
-            evidence,
-            enrolled,
-            project,
-            platform.kind,
-            platform.reference_values(),
-            machine.state_dir,
-        )
-        trusted = [enrolled.trusted_root_pem] if enrolled.trusted_root_pem else []
-        report = verify_certificate(
-            certificate_path,
-            trusted_roots=trusted,
-            allow_dev_platform=platform.kind == "local",
-            model_path=str(local_outputs / "outputs"),
-            reference_values=platform.boot_reference(),
-        )
-        published = store_certificate(
-            certificate_path,
-            report,
-            project,
-            output_bom,
-            str(local_outputs / "outputs"),
-            platform.boot_reference(),
+        report, published = _certify(
+            platform, machine, enrolled, evidence, project, local_outputs, output_bom
         )
         if outputs_dir:
             destination = Path(outputs_dir).resolve()
             shutil.copytree(local_outputs / "outputs", destination, dirs_exist_ok=True)
             logger.info("outputs copied to %s", destination)
-        result = {
+        logger.info("certificate %s verified: %s", published["path"], json.dumps(report["checks"]))
+        succeeded = True
+        return {
             "run_id": run_id,
             "project": project,
             "certificate": published,
             "workspace": str(local_outputs),
             "report": report,
         }
-        logger.info("certificate %s verified: %s", published["path"], json.dumps(report["checks"]))
-        succeeded = True
-        return result
     finally:
-        if machine is not None:
-            # If this raises, the record stays and the failure hook tears down again.
-            if early_teardown is not None:
-                early_teardown.result()
-            else:
-                teardown_machine(platform, machine)
-            record.torn_down = True
-            with contextlib.suppress(OSError):
-                _save_record(record)
-        if succeeded:
-            _discard_record(record.flow_run_id)
+        _finish(platform, record, early_teardown, succeeded)

@@ -14,6 +14,7 @@ _EXPORTS = {
     "TrainingFailed": "certification",
     "attest_machine_before_run": "certification",
     "build_image": "certification",
+    "check_tpm": "certification",
     "collect_outputs": "certification",
     "collect_quote": "certification",
     "establish_attestation_key": "certification",
