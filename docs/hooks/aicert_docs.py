@@ -4,12 +4,13 @@ package found.
 The CLI reference page holds two markers that the build replaces with what the installed
 programs say about themselves, so the page cannot drift from the code:
 
-- ``<!-- aicert --help -->``: every ``aicert`` command, rendered by typer's own Markdown
-  generator (``typer.cli.get_docs_for_click``, what ``typer ... utils docs`` prints). The
-  builder's commands (``run``, ``cleanup``, ``image``, ``azure``) are added to the typer app only
-  when ``aicert.cli.main`` starts; they are added here the same way.
-- ``<!-- aicert-reference-values --help -->``: the argparse program's ``--help``, and each
-  subcommand's.
+- ``<!-- aicert --help -->``: every ``aicert`` command, ``aicert reference-values ...``
+  included, rendered by typer's own Markdown generator (``typer.cli.get_docs_for_click``, what
+  ``typer ... utils docs`` prints). The builder's commands (``run``, ``cleanup``, ``image``,
+  ``azure``) are added to the typer app only when ``aicert.cli.main`` starts, from the
+  ``aicert.cli`` entry-point group; they are added here the same way.
+- ``<!-- aicert-reference-values --help -->``: the ``aicert-reference-values`` program runs the
+  commands of ``aicert reference-values``; a table names each with its one-line help.
 
 The API reference (mkdocstrings, griffe) reads the ``aicert`` package from its source files,
 which griffe finds by folder name; the package's folder is ``verification/`` (setuptools
@@ -19,10 +20,6 @@ it. So the build gives griffe a temporary folder where ``aicert`` names the real
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,11 +29,11 @@ import typer
 import typer.main
 from mkdocs.plugins import event_priority
 from typer.cli import get_docs_for_click
+from typer.core import TyperGroup
 
 import aicert
 from aicert.cli import app
 from aicert.flows.cli import register
-from aicert.reference_values import main as reference_values_main
 
 if TYPE_CHECKING:
     from mkdocs.config.defaults import MkDocsConfig
@@ -45,8 +42,8 @@ if TYPE_CHECKING:
 
 AICERT_MARKER = "<!-- aicert --help -->"
 REFERENCE_VALUES_MARKER = "<!-- aicert-reference-values --help -->"
-# argparse wraps to the terminal's width: a fixed one keeps the page the same on every host.
-HELP_COLUMNS = "100"
+# The typer group of ``aicert`` that the ``aicert-reference-values`` program also runs.
+REFERENCE_VALUES_GROUP = "reference-values"
 
 _package_folders: list[Path] = []
 
@@ -78,62 +75,56 @@ def on_shutdown() -> None:
         shutil.rmtree(_package_folders.pop(), ignore_errors=True)
 
 
+def _aicert_command() -> TyperGroup:
+    """The ``aicert`` program as ``main`` assembles it (the builder's commands added).
+
+    Returns:
+        Its command group.
+    """
+    # The registration of aicert.cli.main, once per process (mkdocs serve rebuilds).
+    if "run" not in {command.name for command in app.registered_commands}:
+        register(app)
+    command = typer.main.get_command(app)
+    if not isinstance(command, TyperGroup):
+        raise TypeError(f"aicert is a single command ({type(command).__name__}), not a group")
+    return command
+
+
 def aicert_markdown() -> str:
     """Markdown for every ``aicert`` command, from the typer app as ``main`` assembles it.
 
     Returns:
         The program as a level-2 heading, each command below it, with usage and options.
     """
-    # The registration of aicert.cli.main, once per process (mkdocs serve rebuilds).
-    if "run" not in {command.name for command in app.registered_commands}:
-        register(app)
-    command = typer.main.get_command(app)
+    command = _aicert_command()
     context = typer.Context(command, info_name="aicert")
     # indent=1: the program is a level-2 heading under the page's title.
     return get_docs_for_click(obj=command, ctx=context, indent=1, name="aicert").strip()
 
 
-def _argparse_help(argv: list[str]) -> str:
-    """What ``aicert-reference-values <argv>`` prints (argparse exits after --help).
-
-    Args:
-        argv: the arguments, ending in ``--help``.
-
-    Returns:
-        The printed help, without trailing blank lines.
-    """
-    output = io.StringIO()
-    previous = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = HELP_COLUMNS
-    try:
-        with contextlib.redirect_stdout(output), contextlib.suppress(SystemExit):
-            reference_values_main(argv)
-    finally:
-        if previous is None:
-            del os.environ["COLUMNS"]
-        else:
-            os.environ["COLUMNS"] = previous
-    return output.getvalue().rstrip()
-
-
 def reference_values_markdown() -> str:
-    """Markdown: the program's help, then one section per subcommand.
+    """Markdown: each ``aicert-reference-values`` command beside the ``aicert`` one it runs.
 
     Returns:
-        The help as a text block, then a level-3 heading and help block per subcommand.
+        A sentence, then a table of the commands, each with its one-line help.
 
     Raises:
-        RuntimeError: the program's help lists no subcommands (its format changed).
+        RuntimeError: ``aicert`` has no ``reference-values`` group (the program changed).
     """
-    top = _argparse_help(["--help"])
-    found = re.search(r"\{([a-z0-9,-]+)\}", top)
-    if found is None:
-        raise RuntimeError("aicert-reference-values --help lists no subcommands")
-    parts = ["```text", top, "```"]
-    for name in found.group(1).split(","):
-        parts += ["", f"### `aicert-reference-values {name}`", "", "```text"]
-        parts += [_argparse_help([name, "--help"]), "```"]
-    return "\n".join(parts)
+    group = _aicert_command().commands.get(REFERENCE_VALUES_GROUP)
+    if not isinstance(group, TyperGroup) or not group.commands:
+        raise RuntimeError(f"aicert has no {REFERENCE_VALUES_GROUP} commands")
+    rows = [
+        f"| `aicert-reference-values {name}` | `aicert {REFERENCE_VALUES_GROUP} {name}` "
+        f"| {command.get_short_help_str(limit=200).replace('|', '&#124;')} |"
+        for name, command in group.commands.items()
+    ]
+    lead = (
+        f"The program runs the commands of `aicert {REFERENCE_VALUES_GROUP}` above, with the "
+        "same options and exit codes:"
+    )
+    table = ["| command | the same as | what it does |", "|---|---|---|", *rows]
+    return "\n".join([lead, "", *table])
 
 
 def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Files) -> str:
