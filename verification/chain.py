@@ -16,8 +16,8 @@ relax or replace only what differs for TPM AK certificates (TCG EK/AK profile, A
 A local/qemu AK certificate (issued by the project's platform CA after MakeCredential /
 ActivateCredential) also carries the AK binding extension (``AK_BINDING_OID``, non-critical):
 the AK's TPM name, which covers every attribute of its TPMT_PUBLIC, and the SHA-256 of the EK
-certificate the CA verified. ``AkBinding`` encodes and decodes it; the verifier compares it
-with the certificate's ``attestation.ak.public`` and ``attestation.ek.certificate``.
+certificate the CA verified. ``AkBinding`` encodes and decodes it; ``check_ak_binding`` (step 3)
+compares it with the certificate's ``attestation.ak.public`` and ``attestation.ek.certificate``.
 
 Trust anchors are explicit: the certificates the caller passes, plus self-signed certificates
 that travel in the evidence and whose SHA-256 fingerprint is pinned (how Microsoft's Azure
@@ -27,6 +27,7 @@ vTPM root is trusted without shipping it). Any failure is a ``CertificateChainEr
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 import uuid
 from collections.abc import Collection, Sequence
@@ -47,7 +48,8 @@ from cryptography.x509.verification import (
 )
 from cryptography.x509.verification import VerificationError as X509VerificationError
 
-from aicert.errors import CertificateChainError
+from aicert.errors import AkMismatchError, CertificateChainError, TpmStructureError
+from aicert.tpm_structures import TpmtPublic
 
 __all__ = [
     "AK_BINDING_OID",
@@ -59,6 +61,7 @@ __all__ = [
     "ChainVerification",
     "ak_ca_extension_policy",
     "ak_leaf_extension_policy",
+    "check_ak_binding",
     "fingerprint_sha256",
     "leaf_public_key_matches",
     "load_pem_certificates",
@@ -220,14 +223,7 @@ def _ak_leaf_extended_key_usage(
 ) -> None:
     # Hand-written: the library checks one fixed EKU (TLS client/server auth) and cannot be
     # told to expect the TCG AK purpose instead.
-    if usage is None:
-        return
-    if _AK_KEY_PURPOSES.isdisjoint(usage):
-        purposes = ", ".join(oid.dotted_string for oid in usage)
-        raise ValueError(
-            f"AK certificate extendedKeyUsage ({purposes}) lacks tcg-kp-AIKCertificate "
-            f"({TCG_KP_AIK_CERTIFICATE.dotted_string})"
-        )
+    _require_ak_purpose(usage, "AK certificate extendedKeyUsage ({}) lacks tcg-kp-AIKCertificate")
 
 
 def _ak_issuer_extended_key_usage(
@@ -236,14 +232,17 @@ def _ak_issuer_extended_key_usage(
     # Hand-written for the same reason: EKU chaining as the Web PKI does it, but for the AK
     # purpose. A CA whose EKU excludes AK certificates (e.g. a TLS-only CA) may not issue one.
     # Azure's intermediates list 2.23.133.8.1 (EK) and 2.23.133.8.3 (AK).
+    _require_ak_purpose(usage, "issuing CA extendedKeyUsage ({}) does not allow AK certificates")
+
+
+def _require_ak_purpose(usage: x509.ExtendedKeyUsage | None, refusal: str) -> None:
+    """An extendedKeyUsage, when present, includes the TCG AK purpose (or anyExtendedKeyUsage);
+    else ValueError: ``refusal`` with the listed purposes, then the AK purpose's OID."""
     if usage is None:
         return
     if _AK_KEY_PURPOSES.isdisjoint(usage):
         purposes = ", ".join(oid.dotted_string for oid in usage)
-        raise ValueError(
-            f"issuing CA extendedKeyUsage ({purposes}) does not allow AK certificates "
-            f"({TCG_KP_AIK_CERTIFICATE.dotted_string})"
-        )
+        raise ValueError(f"{refusal.format(purposes)} ({TCG_KP_AIK_CERTIFICATE.dotted_string})")
 
 
 def ak_ca_extension_policy() -> ExtensionPolicy:
@@ -367,3 +366,77 @@ def verify_ak_chain(
         not_before=max(certificate.not_valid_before_utc for certificate in built),
         not_after=min(certificate.not_valid_after_utc for certificate in built),
     )
+
+
+def check_ak_binding(
+    leaf: x509.Certificate,
+    ak: TpmtPublic,
+    ek_certificate_pem: str | None,
+    *,
+    platform: str,
+    required: bool,
+) -> str:
+    """The AK binding extension of the AK certificate ``leaf`` against the certificate's
+    ``attestation.ak.public`` (``ak``) and ``attestation.ek.certificate``
+    (``ek_certificate_pem``); the check's detail.
+
+    The extension carries the AK's TPM name (nameAlg || hash of the whole TPMT_PUBLIC), so
+    it binds every attribute bit of ``ak.public``, not only the key the certificate names;
+    and the SHA-256 of the EK certificate the platform CA verified before activation. It is
+    ``required`` for the platforms whose AK the project's platform CA certifies (local, qemu:
+    ``aicert.verify.PLATFORM_CA_PLATFORMS``) and checked wherever present. Every failure is an
+    ``AkMismatchError`` naming the extension: a missing or malformed extension, another name
+    (an edited attribute), an EK certificate that is not the one the CA verified, or none
+    attached. Azure's AK
+    certificates (Microsoft's) carry no such extension: there the attributes are Microsoft's
+    provisioning, and the EK certificate is bound by nothing, so it is neither checked nor
+    shown.
+    """
+    oid = AK_BINDING_OID.dotted_string
+    try:
+        binding = AkBinding.of(leaf)
+    except ValueError as exc:
+        raise AkMismatchError(f"AK certificate: AK binding extension {oid}: {exc}") from None
+    if binding is None:
+        if required:
+            raise AkMismatchError(
+                f"{platform} platform: the AK certificate lacks the AK binding extension {oid} "
+                "that the platform CA adds at activation: nothing binds the attributes of "
+                "attestation.ak.public to the activated AK"
+            )
+        return (
+            "the AK's attributes (restricted, fixedTPM, ...) are Microsoft's provisioning of "
+            "the vTPM, not bound by the AK certificate (no AK binding extension); "
+            "attestation.ek.certificate is bound by nothing and not checked"
+        )
+    try:
+        name = ak.name()
+    except TpmStructureError as exc:
+        raise AkMismatchError(f"attestation.ak.public: {exc}") from None
+    if not hmac.compare_digest(name, binding.ak_name):
+        raise AkMismatchError(
+            f"the TPM name of attestation.ak.public ({name.hex()}) is not the one the AK "
+            f"binding extension {oid} certifies ({binding.ak_name.hex()}): its attributes "
+            "were edited, or it is not the activated AK"
+        )
+    detail = f"its TPM name (every attribute) is the activated AK's (AK binding extension {oid})"
+    if ek_certificate_pem is None:
+        # The binding names the EK certificate the CA verified: a certificate without it
+        # would verify with another report, so it is refused rather than reported as absent.
+        raise AkMismatchError(
+            f"attestation.ek.certificate is missing, but the AK binding extension {oid} names "
+            f"the EK certificate the platform CA verified "
+            f"({binding.ek_certificate_sha256.hex()[:16]}...)"
+        )
+    try:
+        (ek_certificate,) = x509.load_pem_x509_certificates(ek_certificate_pem.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        raise AkMismatchError("attestation.ek.certificate: not one PEM certificate") from None
+    ek_sha256 = hashlib.sha256(ek_certificate.public_bytes(Encoding.DER)).digest()
+    if not hmac.compare_digest(ek_sha256, binding.ek_certificate_sha256):
+        raise AkMismatchError(
+            f"attestation.ek.certificate (SHA-256 {ek_sha256.hex()[:16]}...) is not the EK "
+            f"certificate the platform CA verified, which the AK binding extension {oid} "
+            f"names ({binding.ek_certificate_sha256.hex()[:16]}...)"
+        )
+    return detail + "; the EK certificate is the one the platform CA verified"

@@ -42,7 +42,9 @@ from aicert.tpm_structures import (
     TPM_ALG_SHA512,
     TPM_GENERATED_VALUE,
     TPM_ST_ATTEST_QUOTE,
+    TpmlPcrSelection,
     TpmsAttest,
+    TpmsQuoteInfo,
     TpmtPublic,
     TpmtSignature,
     parse_attest,
@@ -145,13 +147,33 @@ def verify_quote(
     if not isinstance(nonce, bytes | bytearray | memoryview):
         raise TypeError(f"nonce must be bytes, not {type(nonce).__name__}")
     attest = bytes(attest)
+    parsed_signature = _verify_signature_over(attest, bytes(signature), ak_public)
+    parsed, quote_info = _parse_quote_attest(attest, bytes(nonce))
+    claimed = _checked_claimed_pcrs(pcrs)
+    signed_pcrs = _check_pcr_selection(quote_info.pcr_select, claimed, hash_alg)
+    # The TPM computes pcrDigest with the signing scheme's hash, over the selected values in
+    # selection order (ascending index within the single bank).
+    expected_digest = hashlib.new(
+        HASHLIB_NAMES[parsed_signature.hash_alg],
+        b"".join(claimed[index] for index in signed_pcrs),
+    ).digest()
+    if not hmac.compare_digest(quote_info.pcr_digest, expected_digest):
+        raise PcrDigestError("the signed pcrDigest is not the digest of the claimed PCR values")
+    return parsed
 
-    parsed_signature = parse_signature(bytes(signature))
+
+def _verify_signature_over(attest: bytes, signature: bytes, ak_public: AkPublic) -> TpmtSignature:
+    """The AK's signature over ``attest``, in an accepted scheme that matches the key."""
+    parsed_signature = parse_signature(signature)
     signature_hash = _accepted_signature_hash(parsed_signature)
     key, public = public_key_from_ak(ak_public)
     _check_scheme_matches_key(parsed_signature, key, public)
     _verify_signature(parsed_signature, signature_hash, key, attest)
+    return parsed_signature
 
+
+def _parse_quote_attest(attest: bytes, nonce: bytes) -> tuple[TpmsAttest, TpmsQuoteInfo]:
+    """``attest`` as a TPM-generated quote whose extraData is ``nonce``, and its quote part."""
     parsed = parse_attest(attest)
     if parsed.magic != TPM_GENERATED_VALUE:
         raise AttestStructureError(
@@ -162,12 +184,18 @@ def verify_quote(
         raise AttestStructureError(
             f"TPMS_ATTEST.type is 0x{parsed.type:04x}, not TPM_ST_ATTEST_QUOTE"
         )
-    if not hmac.compare_digest(parsed.extra_data, bytes(nonce)):
+    if not hmac.compare_digest(parsed.extra_data, nonce):
         raise NonceMismatchError("the quote's extraData is not the expected nonce")
+    return parsed, parsed.quote
 
+
+def _check_pcr_selection(
+    pcr_select: TpmlPcrSelection, claimed: Mapping[int, bytes], hash_alg: str
+) -> tuple[int, ...]:
+    """The quote selects exactly the claimed PCRs of exactly the ``hash_alg`` bank, and each
+    claimed value has that bank's size; the signed PCR indices in selection order."""
     bank = _pcr_bank(hash_alg)
-    claimed = _checked_claimed_pcrs(pcrs)
-    selections = parsed.quote.pcr_select.selections
+    selections = pcr_select.selections
     if len(selections) != 1:
         raise PcrSelectionError(
             f"the quote selects {len(selections)} PCR banks; exactly one ({hash_alg}) is required"
@@ -193,16 +221,7 @@ def verify_quote(
                 f"claimed PCR {index} has {len(claimed[index])} bytes, the {hash_alg} bank "
                 f"has {digest_size}"
             )
-
-    # The TPM computes pcrDigest with the signing scheme's hash, over the selected values in
-    # selection order (ascending index within the single bank).
-    expected_digest = hashlib.new(
-        HASHLIB_NAMES[parsed_signature.hash_alg],
-        b"".join(claimed[index] for index in signed_pcrs),
-    ).digest()
-    if not hmac.compare_digest(parsed.quote.pcr_digest, expected_digest):
-        raise PcrDigestError("the signed pcrDigest is not the digest of the claimed PCR values")
-    return parsed
+    return tuple(signed_pcrs)
 
 
 def _accepted_signature_hash(signature: TpmtSignature) -> hashes.HashAlgorithm:

@@ -8,7 +8,6 @@ The inputs and outputs in the report come only from the replayed application eve
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,7 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from aicert.appevents import (
     INPUTS_PCR,
@@ -30,10 +28,9 @@ from aicert.appevents import (
 from aicert.boot_events import replay_against_quote
 from aicert.boot_log_check import check_boot_log
 from aicert.chain import (
-    AK_BINDING_OID,
     PINNED_ROOT_FINGERPRINTS,
-    AkBinding,
     ChainVerification,
+    check_ak_binding,
     leaf_public_key_matches,
     load_pem_certificates,
     verify_ak_chain,
@@ -55,7 +52,7 @@ from aicert.model import Certificate, InputRecord, OutputRecord, check_time
 from aicert.quote import verify_quote
 from aicert.reference_value_sets import REFERENCE_VALUE_SET_TYPES, PlatformReferenceValues
 from aicert.tcg_eventlog import TcgEventLog, parse_event_log
-from aicert.tpm_structures import TpmtPublic, parse_tpmt_public
+from aicert.tpm_structures import parse_tpmt_public
 
 QUOTED_PCRS = frozenset(range(16))
 DEV_PLATFORM_NOTE = (
@@ -321,7 +318,13 @@ def _check_ak_public_key(
         Check(
             "ak-public-key",
             "the quote key is the certified restricted signing key; "
-            + _check_ak_binding(certificate, leaf, ak),
+            + check_ak_binding(
+                leaf,
+                ak,
+                certificate.attestation.ek.certificate,
+                platform=certificate.platform.kind,
+                required=certificate.platform.kind in PLATFORM_CA_PLATFORMS,
+            ),
         )
     )
 
@@ -394,73 +397,6 @@ def _check_expectations(
 # Platforms whose AK certificate comes from the project's platform CA, which binds the AK's
 # TPM name (and the EK certificate) in the AK binding extension. Azure's come from Microsoft.
 PLATFORM_CA_PLATFORMS = frozenset({"local", "qemu"})
-
-
-def _check_ak_binding(certificate: Certificate, leaf: x509.Certificate, ak: TpmtPublic) -> str:
-    """The AK binding extension of the AK certificate against ``attestation.ak.public`` and
-    ``attestation.ek.certificate``; the check's detail.
-
-    The extension carries the AK's TPM name (nameAlg || hash of the whole TPMT_PUBLIC), so
-    it binds every attribute bit of ``ak.public``, not only the key the certificate names;
-    and the SHA-256 of the EK certificate the platform CA verified before activation. It is
-    required for the platforms whose AK the project's platform CA certifies (local, qemu)
-    and checked wherever present. Every failure is an ``AkMismatchError`` naming the
-    extension: a missing or malformed extension, another name (an edited attribute), an EK
-    certificate that is not the one the CA verified, or none attached. Azure's AK
-    certificates (Microsoft's) carry no such extension: there the attributes are Microsoft's
-    provisioning, and the EK certificate is bound by nothing, so it is neither checked nor
-    shown.
-    """
-    oid = AK_BINDING_OID.dotted_string
-    try:
-        binding = AkBinding.of(leaf)
-    except ValueError as exc:
-        raise AkMismatchError(f"AK certificate: AK binding extension {oid}: {exc}") from None
-    kind = certificate.platform.kind
-    if binding is None:
-        if kind in PLATFORM_CA_PLATFORMS:
-            raise AkMismatchError(
-                f"{kind} platform: the AK certificate lacks the AK binding extension {oid} "
-                "that the platform CA adds at activation: nothing binds the attributes of "
-                "attestation.ak.public to the activated AK"
-            )
-        return (
-            "the AK's attributes (restricted, fixedTPM, ...) are Microsoft's provisioning of "
-            "the vTPM, not bound by the AK certificate (no AK binding extension); "
-            "attestation.ek.certificate is bound by nothing and not checked"
-        )
-    try:
-        name = ak.name()
-    except TpmStructureError as exc:
-        raise AkMismatchError(f"attestation.ak.public: {exc}") from None
-    if not hmac.compare_digest(name, binding.ak_name):
-        raise AkMismatchError(
-            f"the TPM name of attestation.ak.public ({name.hex()}) is not the one the AK "
-            f"binding extension {oid} certifies ({binding.ak_name.hex()}): its attributes "
-            "were edited, or it is not the activated AK"
-        )
-    detail = f"its TPM name (every attribute) is the activated AK's (AK binding extension {oid})"
-    pem = certificate.attestation.ek.certificate
-    if pem is None:
-        # The binding names the EK certificate the CA verified: a certificate without it
-        # would verify with another report, so it is refused rather than reported as absent.
-        raise AkMismatchError(
-            f"attestation.ek.certificate is missing, but the AK binding extension {oid} names "
-            f"the EK certificate the platform CA verified "
-            f"({binding.ek_certificate_sha256.hex()[:16]}...)"
-        )
-    try:
-        (ek_certificate,) = x509.load_pem_x509_certificates(pem.encode("ascii"))
-    except (ValueError, UnicodeEncodeError):
-        raise AkMismatchError("attestation.ek.certificate: not one PEM certificate") from None
-    ek_sha256 = hashlib.sha256(ek_certificate.public_bytes(Encoding.DER)).digest()
-    if not hmac.compare_digest(ek_sha256, binding.ek_certificate_sha256):
-        raise AkMismatchError(
-            f"attestation.ek.certificate (SHA-256 {ek_sha256.hex()[:16]}...) is not the EK "
-            f"certificate the platform CA verified, which the AK binding extension {oid} "
-            f"names ({binding.ek_certificate_sha256.hex()[:16]}...)"
-        )
-    return detail + "; the EK certificate is the one the platform CA verified"
 
 
 def _boot_log(certificate: Certificate) -> TcgEventLog | None:
