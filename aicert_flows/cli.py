@@ -11,15 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-
-from aicert.flows.temp_server import TemporaryPrefectServer, needs_temporary_server
 
 console = Console()
 error_console = Console(stderr=True)
@@ -55,19 +54,38 @@ def run(
 ) -> None:
     """Certify a training run: measure inputs, train without network, measure outputs, quote."""
     if qemu_accel is not None:
-        if provider != "qemu":
-            error_console.print("[bold red]--qemu-accel[/bold red] applies to --provider qemu")
-            raise typer.Exit(2)
-        from aicert.tasks.platforms.qemu.provider import ACCEL_ENV
+        _select_qemu_accel(provider, qemu_accel)
+    _check_arguments(config, output_bom, provider)
+    result = _certify_until_stopped(config, output_bom, provider, outputs_dir)
+    console.print(
+        f"[bold green]certified[/bold green] run {result['run_id']}: "
+        f"{result['certificate']['path']} (sha256 {result['certificate']['sha256'][:16]}...)"
+    )
+    if result.get("workspace"):
+        console.print(f"outputs and logs: {result['workspace']}")
 
-        # The flow builds the provider from its name: the option reaches it through the
-        # variable the provider reads, overriding the environment's value.
-        os.environ[ACCEL_ENV] = qemu_accel
+
+def _select_qemu_accel(provider: str, qemu_accel: str) -> None:
+    """Hand ``--qemu-accel`` to the qemu provider; exit 2 for another provider."""
+    if provider != "qemu":
+        error_console.print("[bold red]--qemu-accel[/bold red] applies to --provider qemu")
+        raise typer.Exit(2)
+    from aicert.tasks.platforms.qemu.provider import ACCEL_ENV
+
+    # The flow builds the provider from its name: the option reaches it through the
+    # variable the provider reads, overriding the environment's value.
+    os.environ[ACCEL_ENV] = qemu_accel
+
+
+def _check_arguments(config: Path, output_bom: Path, provider: str) -> None:
+    """Bad input is exit code 2, before anything is provisioned: the configuration, the
+    certificate's target, the provider's name."""
     from aicert.flows.output_target import OutputTargetError, check_output_target
     from aicert.guest_runtime.config import ConfigError, load_config
+    from aicert.tasks.platforms import PROVIDERS
 
-    # Bad input is exit code 2, before anything is provisioned. What the user wrote is
-    # printed with markup off: a regex's [a-z0-9] is not a rich style tag.
+    # What the user wrote is printed with markup off: a regex's [a-z0-9] is not a rich
+    # style tag.
     try:
         load_config(config)
     except ConfigError as exc:
@@ -82,12 +100,20 @@ def run(
             "[bold red]invalid --output-bom[/bold red]", escape(str(exc)), soft_wrap=True
         )
         raise typer.Exit(2) from None
-    from aicert.flows.flows import certify_training
-    from aicert.tasks.platforms import PROVIDERS
-
     if provider not in PROVIDERS:
         error_console.print(f"[red]--provider {provider!r}: choose from {sorted(PROVIDERS)}[/red]")
         raise typer.Exit(2)
+
+
+def _certify_until_stopped(
+    config: Path, output_bom: Path, provider: str, outputs_dir: Path | None
+) -> dict[str, Any]:
+    """Run the ``certify-training`` flow (on a temporary Prefect server when no API is
+    configured) until it ends or a signal stops it; returns the flow's result. A failed or
+    stopped run exits 1, 130 or 143 once its machine is torn down."""
+    from aicert.flows.flows import certify_training
+    from aicert.flows.temp_server import TemporaryPrefectServer, needs_temporary_server
+
     server: TemporaryPrefectServer | None = None
     with _StopSignals() as stop:
         try:
@@ -99,7 +125,7 @@ def run(
                 error_console.print("starting a temporary Prefect server...", style="dim")
                 settings = temporary_settings({PREFECT_API_URL: server.start()})
             with settings:
-                result = certify_training(
+                return certify_training(
                     config_path=str(config),
                     provider=provider,
                     output_bom=str(output_bom),
@@ -109,8 +135,8 @@ def run(
             stop.finishing = True
             if stop.received is None and not isinstance(exc, Exception):
                 raise  # typer.Exit, SystemExit: not a signal of ours
-            message = escape(str(exc)) or type(exc).__name__
             if stop.received is None:
+                message = escape(str(exc)) or type(exc).__name__
                 error_console.print(
                     f"[bold red]certification failed[/bold red]: {message}", soft_wrap=True
                 )
@@ -121,12 +147,6 @@ def run(
             if server is not None:
                 _flush_to_prefect()
                 server.stop()
-    console.print(
-        f"[bold green]certified[/bold green] run {result['run_id']}: "
-        f"{result['certificate']['path']} (sha256 {result['certificate']['sha256'][:16]}...)"
-    )
-    if result.get("workspace"):
-        console.print(f"outputs and logs: {result['workspace']}")
 
 
 FLUSH_TIMEOUT_S = 5.0
@@ -144,6 +164,10 @@ def _flush_to_prefect() -> None:
         EventsWorker.drain_all(timeout=FLUSH_TIMEOUT_S)
 
 
+SignalHandler = Callable[[int, FrameType | None], object] | int | signal.Handlers
+"""What ``signal.signal`` takes and gives back: a function, or ``SIG_DFL``/``SIG_IGN``."""
+
+
 class _StopSignals:
     """SIGINT and SIGTERM stop the run: the first one interrupts the flow (Prefect marks it
     crashed and its hook tears the machine down), later ones only say that it is stopping,
@@ -156,7 +180,7 @@ class _StopSignals:
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
         self.finishing = False
-        self._previous: dict[signal.Signals, object] = {}
+        self._previous: dict[signal.Signals, SignalHandler] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         first = self.received is None
@@ -175,12 +199,14 @@ class _StopSignals:
 
     def __enter__(self) -> _StopSignals:
         for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
+            previous = signal.signal(signum, self._handle)
+            # None: a handler not installed from Python; the default is what to restore.
+            self._previous[signum] = signal.SIG_DFL if previous is None else previous
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)  # type: ignore[arg-type]
+            signal.signal(signum, handler)
 
 
 def _finish_stopped_runs(received: signal.Signals | None) -> int:
@@ -286,7 +312,7 @@ def register(app: typer.Typer) -> None:
 
     if importlib.util.find_spec("prefect") is None or importlib.util.find_spec("docker") is None:
         return
-    from aicert.tasks.platforms.qemu.image import build_guest_command
+    from aicert.tasks.platforms.qemu.command import build_guest_command
 
     image_app.command("build-guest")(build_guest_command)
 
