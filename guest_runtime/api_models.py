@@ -97,11 +97,6 @@ class PlatformEvidence(_Model):
     channel_key: dict[str, Any] | None = None
 
 
-class ProblemDetail(_Model):
-    error: str
-    kind: str
-
-
 class ProgressReport(_Model):
     """What the agent is doing now: ``phase`` is "idle" between long operations."""
 

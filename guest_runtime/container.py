@@ -17,17 +17,19 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO, NotRequired, TypedDict
 
 import docker
 import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
 from docker.types import DeviceRequest, Mount
+
+from aicert.guest_runtime.config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -250,126 +252,248 @@ def _parse_docker_time(value: str | None) -> datetime | None:
         return None
 
 
-def run_training_container(
-    image: str,
-    *,
-    command: list[str],
-    source_dir: Path,
-    resources_dir: Path,
-    outputs_dir: Path,
-    cpu_limit: float | None,
-    memory_limit: str | None,
-    gpus: int | None,
-    timeout_s: float,
-    on_log_line: LogCallback,
-    env: Mapping[str, str] | None = None,
-    name: str | None = None,
-    log_path: Path | None = None,
-    labels: Mapping[str, str] | None = None,
-    pids_limit: int = DEFAULT_PIDS_LIMIT,
-    outputs_mount: str = WORKSPACE_OUTPUTS,
-) -> ContainerResult:
-    """Run ``command`` in ``image`` with the training sandbox; return how it ended.
+class CreateArgs(TypedDict):
+    """The arguments of Docker's ``containers.create`` for the training container."""
+
+    image: str
+    command: list[str]
+    name: str | None
+    labels: dict[str, str]
+    user: str
+    working_dir: str
+    environment: dict[str, str]
+    mounts: list[Mount]
+    network_mode: str
+    privileged: bool
+    devices: list[str]
+    device_requests: list[DeviceRequest]
+    cap_drop: list[str]
+    security_opt: list[str]
+    read_only: bool
+    tmpfs: dict[str, str]
+    pids_limit: int
+    stdin_open: bool
+    tty: bool
+    nano_cpus: NotRequired[int]
+    mem_limit: NotRequired[str]
+    memswap_limit: NotRequired[str]
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxSpec:
+    """What the training container is: image, command, mounts and limits.
 
     Mounts: ``source_dir`` at /workspace/src and ``resources_dir`` at /workspace/resources
-    (read-only), ``outputs_dir`` at ``outputs_mount`` (default /workspace/outputs; read-write,
-    given to uid 1000).
-    ``gpus``: ``None`` or 0 for none, -1 for all, n for n GPUs. ``memory_limit`` is Docker's
-    notation (``"4g"``); swap is not allowed beyond it. Each output line (stdout and stderr) goes
-    to ``on_log_line`` as it is written and, when ``log_path`` is given, is appended to that file.
-    The container carries the label ``aicert.run`` (= ``name``, or a random id) plus ``labels``.
-
-    A non-zero exit is reported in the result, not raised. After ``timeout_s`` the container is
-    killed and the result has ``timed_out=True``. The container is removed in every case.
-    Raises ``ContainerError`` when Docker cannot run the job (engine down, image missing, ...).
+    (read-only), ``outputs_dir`` at ``outputs_mount`` (read-write, given to uid 1000).
+    ``gpus``: 0 for none, -1 for all, n for n GPUs. ``memory_limit`` is Docker's notation
+    (``"4g"``); swap is not allowed beyond it. The container carries the label ``aicert.run``
+    (``labels``' own, else ``name``, else a random id) plus ``labels``. When ``log_path`` is
+    given, each output line is appended to that file. The rest of the sandbox (no network, no
+    devices, no capabilities, read-only root, uid 1000) is fixed: see ``create_args``.
     """
-    if not command:
-        raise ContainerError("the training command is empty")
-    if timeout_s <= 0:
-        raise ContainerError(f"timeout must be positive, got {timeout_s}")
-    source = _checked_folder(Path(source_dir), "source")
-    resources = _checked_folder(Path(resources_dir), "resources")
-    outputs = _prepare_outputs(Path(outputs_dir))
 
-    client = _docker_client()
+    image: str
+    command: tuple[str, ...]
+    source_dir: Path
+    resources_dir: Path
+    outputs_dir: Path
+    timeout_s: float
+    outputs_mount: str = WORKSPACE_OUTPUTS
+    cpu_limit: float | None = None
+    memory_limit: str | None = None
+    pids_limit: int = DEFAULT_PIDS_LIMIT
+    gpus: int = 0
+    env: Mapping[str, str] = field(default_factory=dict)
+    name: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    log_path: Path | None = None
+
+    @classmethod
+    def for_run(
+        cls,
+        config: RunConfig,
+        *,
+        image: str,
+        run_id: str,
+        source_dir: Path,
+        workspace: Path,
+        log_path: Path,
+    ) -> SandboxSpec:
+        """The sandbox of a run: its configuration's command, limits, GPUs and environment,
+        the run's source, and ``workspace``'s ``resources`` and ``outputs`` folders."""
+        limits = config.limits
+        return cls(
+            image=image,
+            command=tuple(config.entry_command),
+            source_dir=source_dir,
+            resources_dir=workspace / "resources",
+            outputs_dir=workspace / "outputs",
+            outputs_mount=config.outputs_path,
+            timeout_s=limits.timeout_seconds,
+            cpu_limit=limits.cpus,
+            memory_limit=limits.memory,
+            pids_limit=limits.pids,
+            gpus=config.gpus,
+            env=dict(config.env),
+            name=f"aicert-{run_id}",
+            labels={RUN_LABEL: run_id},
+            log_path=log_path,
+        )
+
+    def checked_folders(self) -> tuple[Path, Path, Path]:
+        """Source, resources and outputs, resolved; the outputs made writable by uid 1000.
+
+        Raises:
+            ContainerError: an empty command, a non-positive timeout, or a folder missing or
+                given as a symlink.
+        """
+        if not self.command:
+            raise ContainerError("the training command is empty")
+        if self.timeout_s <= 0:
+            raise ContainerError(f"timeout must be positive, got {self.timeout_s}")
+        return (
+            _checked_folder(Path(self.source_dir), "source"),
+            _checked_folder(Path(self.resources_dir), "resources"),
+            _prepare_outputs(Path(self.outputs_dir)),
+        )
+
+    def create_args(self, image_id: str, folders: tuple[Path, Path, Path]) -> CreateArgs:
+        """Docker's ``containers.create`` arguments for ``image_id`` with ``folders`` (from
+        ``checked_folders``) mounted."""
+        source, resources, outputs = folders
+        # The caller's run label wins: teardown finds a run's containers by it.
+        run_label = self.labels.get(RUN_LABEL) or self.name or f"aicert-{uuid.uuid4().hex}"
+        device_requests = (
+            [DeviceRequest(count=self.gpus, capabilities=[["gpu"]])] if self.gpus else []
+        )
+        args: CreateArgs = {
+            "image": image_id,
+            "command": list(self.command),
+            "name": self.name,
+            "labels": {**self.labels, RUN_LABEL: run_label},
+            "user": TRAINING_USER,
+            "working_dir": WORKSPACE_SRC,
+            "environment": {"HOME": CONTAINER_TMP, "PYTHONUNBUFFERED": "1", **self.env},
+            "mounts": [
+                Mount(WORKSPACE_SRC, str(source), type="bind", read_only=True),
+                Mount(WORKSPACE_RESOURCES, str(resources), type="bind", read_only=True),
+                Mount(self.outputs_mount, str(outputs), type="bind", read_only=False),
+            ],
+            "network_mode": "none",
+            "privileged": False,
+            "devices": [],
+            "device_requests": device_requests,
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+            "read_only": True,
+            "tmpfs": {CONTAINER_TMP: DEFAULT_TMPFS_OPTIONS},
+            "pids_limit": self.pids_limit,
+            "stdin_open": False,
+            "tty": False,
+        }
+        if self.cpu_limit is not None:
+            args["nano_cpus"] = int(self.cpu_limit * 1_000_000_000)
+        if self.memory_limit is not None:
+            args["mem_limit"] = self.memory_limit
+            args["memswap_limit"] = self.memory_limit
+        return args
+
+
+def _local_image_id(client: docker.DockerClient, image: str) -> str:
+    """The ID of ``image`` in the local engine (nothing is pulled)."""
     try:
-        image_id = str(client.images.get(image).id)
+        return str(client.images.get(image).id)
     except docker.errors.ImageNotFound as exc:
         raise ContainerError(f"image not found locally (nothing is pulled): {image}") from exc
     except _DOCKER_FAILURES as exc:
         raise ContainerError(f"cannot inspect image {image}: {exc}") from exc
 
-    # The caller's run label wins: teardown finds a run's containers by it.
-    run_label = (labels or {}).get(RUN_LABEL) or name or f"aicert-{uuid.uuid4().hex}"
-    environment = {"HOME": CONTAINER_TMP, "PYTHONUNBUFFERED": "1", **(env or {})}
-    device_requests = (
-        [DeviceRequest(count=gpus, capabilities=[["gpu"]])]
-        if gpus is not None and gpus != 0
-        else []
-    )
-    create_args: dict[str, Any] = {
-        "image": image_id,
-        "command": list(command),
-        "name": name,
-        "labels": {**(labels or {}), RUN_LABEL: run_label},
-        "user": TRAINING_USER,
-        "working_dir": WORKSPACE_SRC,
-        "environment": environment,
-        "mounts": [
-            Mount(WORKSPACE_SRC, str(source), type="bind", read_only=True),
-            Mount(WORKSPACE_RESOURCES, str(resources), type="bind", read_only=True),
-            Mount(outputs_mount, str(outputs), type="bind", read_only=False),
-        ],
-        "network_mode": "none",
-        "privileged": False,
-        "devices": [],
-        "device_requests": device_requests,
-        "cap_drop": ["ALL"],
-        "security_opt": ["no-new-privileges"],
-        "read_only": True,
-        "tmpfs": {CONTAINER_TMP: DEFAULT_TMPFS_OPTIONS},
-        "pids_limit": pids_limit,
-        "stdin_open": False,
-        "tty": False,
-    }
-    if cpu_limit is not None:
-        create_args["nano_cpus"] = int(cpu_limit * 1_000_000_000)
-    if memory_limit is not None:
-        create_args["mem_limit"] = memory_limit
-        create_args["memswap_limit"] = memory_limit
 
-    container: Container | None = None
-    frames: Any = None
-    pump: _LogPump | None = None
-    log_file: BinaryIO | None = None
-    try:
+def run_training_container(spec: SandboxSpec, on_log_line: LogCallback) -> ContainerResult:
+    """Run ``spec.command`` in the training sandbox; return how it ended.
+
+    Each output line (stdout and stderr) goes to ``on_log_line`` as it is written. A non-zero
+    exit is reported in the result, not raised. After ``spec.timeout_s`` the container is
+    killed and the result has ``timed_out=True``. The container is removed in every case.
+
+    Raises:
+        ContainerError: Docker cannot run the job (engine down, image missing, ...).
+    """
+    folders = spec.checked_folders()
+    client = _docker_client()
+    image_id = _local_image_id(client, spec.image)
+    with _Attached(client, spec, image_id, folders, on_log_line) as attached:
+        return attached.run()
+
+
+class _Attached:
+    """A created training container with its output followed from before its start; leaving
+    the ``with`` removes the container and closes the log stream and file, whatever happened."""
+
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        spec: SandboxSpec,
+        image_id: str,
+        folders: tuple[Path, Path, Path],
+        on_log_line: LogCallback,
+    ) -> None:
+        self._client = client
+        self._spec = spec
+        self._image_id = image_id
+        self._folders = folders
+        self._on_log_line = on_log_line
+        self._container: Container | None = None
+        self._frames: Iterator[tuple[bytes | None, bytes | None]] | None = None
+        self._pump: _LogPump | None = None
+        self._log_file: BinaryIO | None = None
+
+    def __enter__(self) -> _Attached:
         try:
-            container = client.containers.create(**create_args)
+            self._container = self._client.containers.create(
+                **self._spec.create_args(self._image_id, self._folders)
+            )
         except _DOCKER_FAILURES as exc:
             raise ContainerError(f"cannot create the training container: {exc}") from exc
+        try:
+            self._attach()
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def _attach(self) -> None:
+        assert self._container is not None
+        log_path = self._spec.log_path
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
-            log_file = open(log_path, "ab")
+            self._log_file = open(log_path, "ab")  # closed by _release
         # Attach before start, so that not a byte of output is missed.
         try:
-            frames = client.api.attach(
-                container.id, stdout=True, stderr=True, stream=True, logs=True, demux=True
+            self._frames = self._client.api.attach(
+                self._container.id, stdout=True, stderr=True, stream=True, logs=True, demux=True
             )
         except _DOCKER_FAILURES as exc:
             raise ContainerError(f"cannot attach to the training container: {exc}") from exc
-        pump = _LogPump(frames, on_log_line, log_file)
-        pump.start()
+        self._pump = _LogPump(self._frames, self._on_log_line, self._log_file)
+        self._pump.start()
 
+    def __exit__(self, *_: object) -> None:
+        self._release()
+
+    def run(self) -> ContainerResult:
+        """Start the container, wait for it (killing it at the timeout), drain its output."""
+        container, pump = self._container, self._pump
+        assert container is not None and pump is not None
         started_at = datetime.now(UTC)
         started = time.monotonic()
         try:
             container.start()
         except _DOCKER_FAILURES as exc:
             raise ContainerError(f"cannot start the training container: {exc}") from exc
-        status, timed_out = _wait_or_kill(container, timeout_s, started)
+        status, timed_out = _wait_or_kill(container, self._spec.timeout_s, started)
         duration_ms = int((time.monotonic() - started) * 1000)
         finished_at = datetime.now(UTC)
-
         if not pump.join(LOG_DRAIN_TIMEOUT_S):
             logger.warning("container log stream did not end %ss after exit", LOG_DRAIN_TIMEOUT_S)
         try:
@@ -390,11 +514,13 @@ def run_training_container(
             finished_at=finished_at,
             timed_out=timed_out,
             container_id=str(container.id),
-            image_id=image_id,
+            image_id=self._image_id,
             oom_killed=bool(state.get("OOMKilled", False)),
-            log_path=log_path,
+            log_path=self._spec.log_path,
         )
-    finally:
+
+    def _release(self) -> None:
+        container = self._container
         if container is not None:
             try:
                 container.remove(force=True)
@@ -402,13 +528,15 @@ def run_training_container(
                 pass
             except _DOCKER_FAILURES:
                 logger.exception("could not remove training container %s", container.id)
-        if frames is not None:
-            with contextlib.suppress(Exception):
-                frames.close()
-        if pump is not None:
-            pump.join(5.0)
-        if log_file is not None:
-            log_file.close()
+        if self._frames is not None:
+            close = getattr(self._frames, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
+        if self._pump is not None:
+            self._pump.join(5.0)
+        if self._log_file is not None:
+            self._log_file.close()
 
 
 def _wait_or_kill(container: Container, timeout_s: float, started: float) -> tuple[dict, bool]:

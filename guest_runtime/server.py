@@ -17,13 +17,15 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from aicert.guest_runtime import RUNTIME_VERSION
-from aicert.guest_runtime.agent import (
+from aicert.guest_runtime import api_models as api
+from aicert.guest_runtime.agent import CertificationAgent
+from aicert.guest_runtime.config import ConfigError
+from aicert.guest_runtime.errors import (
     AgentError,
-    CertificationAgent,
     DependencyError,
     EventLimitError,
     InputMismatchError,
@@ -33,22 +35,6 @@ from aicert.guest_runtime.agent import (
     TrainingFailedError,
     UnsafeOutputError,
 )
-from aicert.guest_runtime.api_models import (
-    API_PREFIX,
-    ActivateRequest,
-    ActivateResponse,
-    EventsResponse,
-    Evidence,
-    Health,
-    KeyMaterial,
-    LogChunk,
-    PlatformEvidence,
-    PlatformQuoteRequest,
-    ProgressReport,
-    StartRunRequest,
-    TrainingStatus,
-)
-from aicert.guest_runtime.config import ConfigError
 from aicert.model import PLATFORM_KINDS
 
 log = logging.getLogger(__name__)
@@ -97,10 +83,15 @@ def create_app(
     *,
     event_loop_stall_s: float | None = None,
 ) -> FastAPI:
-    """``boot_event_log``: where this machine's kernel exposes the TCG boot event log
-    (default: securityfs). ``event_loop_stall_s``: dump every thread's stack to stderr when
-    the event loop does not turn for that long (the process-wide faulthandler: set by
-    ``main`` only)."""
+    """The agent's API application.
+
+    Args:
+        agent: the agent the routes drive.
+        boot_event_log: where this machine's kernel exposes the TCG boot event log
+            (default: securityfs).
+        event_loop_stall_s: dump every thread's stack to stderr when the event loop does not
+            turn for that long (the process-wide faulthandler: set by ``main`` only).
+    """
     log_path = boot_event_log or BOOT_EVENT_LOG
 
     @contextlib.asynccontextmanager
@@ -112,6 +103,15 @@ def create_app(
             yield
 
     app = FastAPI(title="AICert guest agent", version=RUNTIME_VERSION, lifespan=lifespan)
+    _add_error_handlers(app)
+    app.include_router(_machine_routes(agent, log_path), prefix=api.API_PREFIX)
+    app.include_router(_run_routes(agent, log_path), prefix=api.API_PREFIX)
+    app.include_router(_training_routes(agent), prefix=api.API_PREFIX)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Errors as ``{"error", "kind"}``: the agent's own with their status, others 500/503."""
 
     @app.exception_handler(AgentError)
     @app.exception_handler(ConfigError)
@@ -135,76 +135,95 @@ def create_app(
             status = 503 if kind in _UNAVAILABLE_KINDS else 500
             return JSONResponse({"error": str(exc), "kind": kind}, status_code=status)
 
-    @app.get(f"{API_PREFIX}/health")
-    def health() -> Health:
+
+def _machine_routes(agent: CertificationAgent, log_path: Path) -> APIRouter:
+    """The machine's routes: health, progress, its attestation key and platform quote."""
+    router = APIRouter()
+
+    @router.get("/health")
+    def health() -> api.Health:
         run = agent.run
         busy = run.run_id if run is not None and run.step != "quoted" else None
-        return Health(
+        return api.Health(
             status="ok", runtime_version=RUNTIME_VERSION, platform=agent.platform, busy_run_id=busy
         )
 
-    @app.get(f"{API_PREFIX}/progress")
-    def progress() -> ProgressReport:
-        return ProgressReport(**agent.work.snapshot())
+    @router.get("/progress")
+    def progress() -> api.ProgressReport:
+        return api.ProgressReport(**agent.work.snapshot())
 
-    @app.post(f"{API_PREFIX}/runs")
-    def start_run(request: StartRunRequest) -> EventsResponse:
-        return EventsResponse(events=agent.start_run(request.run_id, request.nonce, request.config))
+    @router.post("/ak")
+    def key_material() -> api.KeyMaterial:
+        return api.KeyMaterial(**agent.key_material())
 
-    @app.post(f"{API_PREFIX}/ak")
-    def key_material() -> KeyMaterial:
-        return KeyMaterial(**agent.key_material())
-
-    @app.post(f"{API_PREFIX}/ak/activate")
-    def activate(request: ActivateRequest) -> ActivateResponse:
+    @router.post("/ak/activate")
+    def activate(request: api.ActivateRequest) -> api.ActivateResponse:
         secret = agent.activate_credential(request.credential_blob, request.encrypted_secret)
-        return ActivateResponse(secret=secret)
+        return api.ActivateResponse(secret=secret)
 
-    @app.post(f"{API_PREFIX}/platform-quote")
-    def platform_quote(request: PlatformQuoteRequest) -> PlatformEvidence:
-        return PlatformEvidence(
-            **agent.platform_quote(request.challenge, boot_event_log=_read_boot_event_log(log_path))
-        )
+    @router.post("/platform-quote")
+    def platform_quote(request: api.PlatformQuoteRequest) -> api.PlatformEvidence:
+        boot_log = _read_boot_event_log(log_path)
+        return api.PlatformEvidence(**agent.platform_quote(request.challenge, boot_log))
 
-    @app.post(f"{API_PREFIX}/runs/{{run_id}}/inputs")
-    def measure_inputs(run_id: str) -> EventsResponse:
-        return EventsResponse(events=agent.measure_inputs(run_id))
+    return router
 
-    @app.post(f"{API_PREFIX}/runs/{{run_id}}/image")
-    def build_image(run_id: str) -> EventsResponse:
-        return EventsResponse(events=agent.build_image(run_id))
 
-    @app.post(f"{API_PREFIX}/runs/{{run_id}}/training")
-    def start_training(run_id: str) -> TrainingStatus:
+def _run_routes(agent: CertificationAgent, log_path: Path) -> APIRouter:
+    """The run's measuring steps, from start to quote."""
+    router = APIRouter()
+
+    @router.post("/runs")
+    def start_run(request: api.StartRunRequest) -> api.EventsResponse:
+        events = agent.start_run(request.run_id, request.nonce, request.config)
+        return api.EventsResponse(events=events)
+
+    @router.post("/runs/{run_id}/inputs")
+    def measure_inputs(run_id: str) -> api.EventsResponse:
+        return api.EventsResponse(events=agent.measure_inputs(run_id))
+
+    @router.post("/runs/{run_id}/image")
+    def build_image(run_id: str) -> api.EventsResponse:
+        return api.EventsResponse(events=agent.build_image(run_id))
+
+    @router.post("/runs/{run_id}/outputs")
+    def measure_outputs(run_id: str) -> api.EventsResponse:
+        return api.EventsResponse(events=agent.measure_outputs(run_id))
+
+    @router.post("/runs/{run_id}/quote")
+    def quote(run_id: str) -> api.Evidence:
+        return api.Evidence(**agent.quote(run_id, boot_event_log=_read_boot_event_log(log_path)))
+
+    return router
+
+
+def _training_routes(agent: CertificationAgent) -> APIRouter:
+    """The training job: start, status, logs by long polling, and the outputs archive."""
+    router = APIRouter()
+
+    @router.post("/runs/{run_id}/training")
+    def start_training(run_id: str) -> api.TrainingStatus:
         agent.start_training(run_id)
-        return TrainingStatus(**agent.training_status(run_id))
+        return api.TrainingStatus(**agent.training_status(run_id))
 
-    @app.get(f"{API_PREFIX}/runs/{{run_id}}/training")
-    def training_status(run_id: str) -> TrainingStatus:
-        return TrainingStatus(**agent.training_status(run_id))
+    @router.get("/runs/{run_id}/training")
+    def training_status(run_id: str) -> api.TrainingStatus:
+        return api.TrainingStatus(**agent.training_status(run_id))
 
-    @app.get(f"{API_PREFIX}/runs/{{run_id}}/logs")
+    @router.get("/runs/{run_id}/logs")
     def logs(
         run_id: str,
         offset: int = Query(0, ge=0),
         wait: float = Query(10.0, ge=0, le=60),
-    ) -> LogChunk:
+    ) -> api.LogChunk:
         lines, next_offset, finished = agent.read_logs(run_id, offset, wait)
-        return LogChunk(lines=lines, next_offset=next_offset, finished=finished)
+        return api.LogChunk(lines=lines, next_offset=next_offset, finished=finished)
 
-    @app.post(f"{API_PREFIX}/runs/{{run_id}}/outputs")
-    def measure_outputs(run_id: str) -> EventsResponse:
-        return EventsResponse(events=agent.measure_outputs(run_id))
-
-    @app.get(f"{API_PREFIX}/runs/{{run_id}}/archive")
+    @router.get("/runs/{run_id}/archive")
     def archive(run_id: str) -> StreamingResponse:
         return StreamingResponse(agent.outputs_archive(run_id), media_type="application/x-tar")
 
-    @app.post(f"{API_PREFIX}/runs/{{run_id}}/quote")
-    def quote(run_id: str) -> Evidence:
-        return Evidence(**agent.quote(run_id, boot_event_log=_read_boot_event_log(log_path)))
-
-    return app
+    return router
 
 
 BOOT_EVENT_LOG = Path("/sys/kernel/security/tpm0/binary_bios_measurements")

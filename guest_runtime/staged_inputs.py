@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import tarfile
 from collections.abc import Callable, Iterator
@@ -168,7 +167,3 @@ def verified_commit(commit_object: bytes, tree_root: Path) -> str:
             f"{commit.id.decode()} ({commit.tree.decode()})"
         )
     return commit.id.decode()
-
-
-def remove_unpacked(unpacked: UnpackedInputs) -> None:
-    shutil.rmtree(unpacked.root, ignore_errors=True)

@@ -65,7 +65,6 @@ EK_RSA_CERT_NV_INDEX = 0x01C00002
 PCR_COUNT = 24
 SHA256_SIZE = 32
 MAX_NONCE_SIZE = 64  # TPM2B_DATA in TPM2_Quote holds at most a TPMT_HA digest
-PCR_READ_MAX_PER_CALL = 8  # TPML_DIGEST in a PCR_Read response holds at most 8 digests
 DEFAULT_NV_BUFFER_MAX = 512
 TRANSIENT_HANDLE_FIRST = TPM2_HT.TRANSIENT << 24
 HMAC_SESSION_FIRST = TPM2_HT.HMAC_SESSION << 24
@@ -413,23 +412,6 @@ class Tpm:
         """HMAC and policy session handles currently loaded in the TPM."""
         return self._handles(HMAC_SESSION_FIRST) + self._handles(POLICY_SESSION_FIRST)
 
-    def flush_stale_handles(self) -> int:
-        """Flush every transient object and loaded session in the TPM, ours or not.
-
-        For a raw swtpm (no resource manager) after a crashed agent left objects behind:
-        the TPM holds only three objects. Never call it on a TPM shared with other clients.
-        """
-        if self._loaded_ak is not None and self._loaded_ak.persistent:
-            self._release(self._loaded_ak)
-        self._loaded_ak = None
-        self._ek = None
-        stale = self.transient_handles() + self.loaded_session_handles()
-        for handle in stale:
-            with self._operation("flush stale handle") as esapi:
-                tr = esapi.tr_from_tpmpublic(handle)
-                esapi.flush_context(tr)
-        return len(stale)
-
     def _nv_max(self) -> int:
         if self._nv_buffer_max is None:
             with self._operation("get capability NV buffer max") as esapi:
@@ -715,21 +697,6 @@ class Tpm:
             pcrs=values,
             nonce=nonce,
         )
-
-    # -- misc --------------------------------------------------------------------------
-
-    def get_random(self, size: int) -> bytes:
-        with self._operation("get_random") as esapi:
-            return bytes(esapi.get_random(size))
-
-    def fixed_property(self, prop: int) -> int | None:
-        """A TPM_PT fixed property (e.g. TPM2_PT.MANUFACTURER), or None if not reported."""
-        with self._operation("get capability property") as esapi:
-            _, data = esapi.get_capability(TPM2_CAP.TPM_PROPERTIES, prop, 1)
-        for item in data.data.tpmProperties:
-            if item.property == prop:
-                return int(item.value)
-        return None
 
 
 __all__ = [

@@ -84,7 +84,7 @@ def write_staged_inputs(
 ) -> Path:
     """Fetch the inputs of ``config`` and write them as a staged-inputs tar at
     ``destination`` (atomically). Returns ``destination``."""
-    from aicert.guest_runtime.agent import download
+    from aicert.guest_runtime.download import download
     from aicert.guest_runtime.wheelhouse import (
         WheelhouseError,
         has_requirements,

@@ -18,7 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
-from aicert.guest_runtime.container import run_training_container
+from aicert.guest_runtime.container import SandboxSpec, run_training_container
 from aicert.tasks.platforms.base_image import ensure_base_image
 
 LOOP = (
@@ -43,16 +43,15 @@ def run_sandboxed(image: str, script: str, workdir: Path) -> tuple[float, float]
     lines: list[str] = []
     started = time.perf_counter()
     result = run_training_container(
-        image,
-        command=["python3", "job.py"],
-        source_dir=folders["src"],
-        resources_dir=folders["res"],
-        outputs_dir=folders["out"],
-        cpu_limit=None,
-        memory_limit=None,
-        gpus=None,
-        timeout_s=300,
-        on_log_line=lines.append,
+        SandboxSpec(
+            image=image,
+            command=("python3", "job.py"),
+            source_dir=folders["src"],
+            resources_dir=folders["res"],
+            outputs_dir=folders["out"],
+            timeout_s=300,
+        ),
+        lines.append,
     )
     wall = time.perf_counter() - started
     assert result.exit_code == 0, lines

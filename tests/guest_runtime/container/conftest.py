@@ -10,7 +10,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from aicert.guest_runtime.container import RUN_LABEL
+from aicert.guest_runtime.container import DEFAULT_PIDS_LIMIT, RUN_LABEL, SandboxSpec
 from aicert.tasks.platforms.base_image import ensure_base_image
 
 
@@ -51,3 +51,32 @@ def workspace(tmp_path: Path) -> dict[str, Path]:
     for folder in folders.values():
         folder.mkdir()
     return folders
+
+
+def sandbox(
+    image: str,
+    workspace: dict[str, Path],
+    command: list[str],
+    *,
+    timeout_s: float,
+    outputs_dir: Path | None = None,
+    cpu_limit: float | None = None,
+    memory_limit: str | None = None,
+    pids_limit: int = DEFAULT_PIDS_LIMIT,
+    name: str | None = None,
+    log_path: Path | None = None,
+) -> SandboxSpec:
+    """A sandbox over the ``workspace`` fixture's folders (``outputs_dir`` replaces its own)."""
+    return SandboxSpec(
+        image=image,
+        command=tuple(command),
+        source_dir=workspace["src"],
+        resources_dir=workspace["resources"],
+        outputs_dir=outputs_dir or workspace["outputs"],
+        timeout_s=timeout_s,
+        cpu_limit=cpu_limit,
+        memory_limit=memory_limit,
+        pids_limit=pids_limit,
+        name=name,
+        log_path=log_path,
+    )

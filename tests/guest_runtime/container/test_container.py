@@ -19,7 +19,7 @@ from aicert.guest_runtime.container import (
 from aicert.guest_runtime.wheelhouse import resolve_wheelhouse
 from aicert.tasks.platforms.base_image import DEFAULT_MIRROR, ensure_base_image, find_debian_mirror
 
-from .conftest import containers_with_run_label
+from .conftest import containers_with_run_label, sandbox
 
 
 def run_python(
@@ -34,18 +34,17 @@ def run_python(
     (workspace["src"] / "job.py").write_text(textwrap.dedent(script), encoding="utf-8")
     lines: list[str] = []
     result = run_training_container(
-        image,
-        command=["python3", "job.py"],
-        source_dir=workspace["src"],
-        resources_dir=workspace["resources"],
-        outputs_dir=workspace["outputs"],
-        cpu_limit=1.0,
-        memory_limit="512m",
-        gpus=None,
-        timeout_s=timeout_s,
-        on_log_line=lines.append,
-        name=name,
-        log_path=log_path,
+        sandbox(
+            image,
+            workspace,
+            ["python3", "job.py"],
+            cpu_limit=1.0,
+            memory_limit="512m",
+            timeout_s=timeout_s,
+            name=name,
+            log_path=log_path,
+        ),
+        lines.append,
     )
     return result, lines
 
@@ -168,17 +167,14 @@ def test_timeout_kills_the_job(base_image: str, workspace: dict[str, Path], run_
     lines: list[str] = []
     started = time.monotonic()
     result = run_training_container(
-        base_image,
-        command=["sh", "-c", "echo started; sleep 60"],
-        source_dir=workspace["src"],
-        resources_dir=workspace["resources"],
-        outputs_dir=workspace["outputs"],
-        cpu_limit=None,
-        memory_limit=None,
-        gpus=None,
-        timeout_s=2,
-        on_log_line=lines.append,
-        name=run_name,
+        sandbox(
+            base_image,
+            workspace,
+            ["sh", "-c", "echo started; sleep 60"],
+            timeout_s=2,
+            name=run_name,
+        ),
+        lines.append,
     )
     elapsed = time.monotonic() - started
     assert result.timed_out
@@ -191,17 +187,14 @@ def test_timeout_kills_the_job(base_image: str, workspace: dict[str, Path], run_
 def test_missing_image_is_a_container_error(workspace: dict[str, Path], run_name: str) -> None:
     with pytest.raises(ContainerError, match="not found"):
         run_training_container(
-            "aicert/does-not-exist:never",
-            command=["true"],
-            source_dir=workspace["src"],
-            resources_dir=workspace["resources"],
-            outputs_dir=workspace["outputs"],
-            cpu_limit=None,
-            memory_limit=None,
-            gpus=None,
-            timeout_s=10,
-            on_log_line=print,
-            name=run_name,
+            sandbox(
+                "aicert/does-not-exist:never",
+                workspace,
+                ["true"],
+                timeout_s=10,
+                name=run_name,
+            ),
+            print,
         )
 
 
@@ -212,17 +205,14 @@ def test_exception_in_start_still_removes_container(
     # must still be removed.
     with pytest.raises(ContainerError, match="start"):
         run_training_container(
-            base_image,
-            command=["/no/such/binary"],
-            source_dir=workspace["src"],
-            resources_dir=workspace["resources"],
-            outputs_dir=workspace["outputs"],
-            cpu_limit=None,
-            memory_limit=None,
-            gpus=None,
-            timeout_s=10,
-            on_log_line=print,
-            name=run_name,
+            sandbox(
+                base_image,
+                workspace,
+                ["/no/such/binary"],
+                timeout_s=10,
+                name=run_name,
+            ),
+            print,
         )
 
 
@@ -233,17 +223,15 @@ def test_outputs_folder_symlink_refused(
     link.symlink_to(workspace["outputs"], target_is_directory=True)
     with pytest.raises(ContainerError, match="symlink"):
         run_training_container(
-            base_image,
-            command=["true"],
-            source_dir=workspace["src"],
-            resources_dir=workspace["resources"],
-            outputs_dir=link,
-            cpu_limit=None,
-            memory_limit=None,
-            gpus=None,
-            timeout_s=10,
-            on_log_line=print,
-            name=run_name,
+            sandbox(
+                base_image,
+                workspace,
+                ["true"],
+                outputs_dir=link,
+                timeout_s=10,
+                name=run_name,
+            ),
+            print,
         )
 
 
@@ -279,18 +267,17 @@ def test_resource_limits_applied(
     (workspace["src"] / "job.py").write_text(LIMITS_PROBE, encoding="utf-8")
     lines: list[str] = []
     result = run_training_container(
-        base_image,
-        command=["python3", "job.py"],
-        source_dir=workspace["src"],
-        resources_dir=workspace["resources"],
-        outputs_dir=workspace["outputs"],
-        cpu_limit=0.5,
-        memory_limit="256m",
-        gpus=None,
-        timeout_s=60,
-        on_log_line=lines.append,
-        name=run_name,
-        pids_limit=321,
+        sandbox(
+            base_image,
+            workspace,
+            ["python3", "job.py"],
+            cpu_limit=0.5,
+            memory_limit="256m",
+            timeout_s=60,
+            name=run_name,
+            pids_limit=321,
+        ),
+        lines.append,
     )
     assert result.exit_code == 0, lines
     limits = json.loads(lines[-1])
@@ -311,17 +298,14 @@ def test_base_image_python_matches_wheelhouse_target(
 ) -> None:
     lines: list[str] = []
     result = run_training_container(
-        base_image,
-        command=["python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-        source_dir=workspace["src"],
-        resources_dir=workspace["resources"],
-        outputs_dir=workspace["outputs"],
-        cpu_limit=None,
-        memory_limit=None,
-        gpus=None,
-        timeout_s=60,
-        on_log_line=lines.append,
-        name=run_name,
+        sandbox(
+            base_image,
+            workspace,
+            ["python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            timeout_s=60,
+            name=run_name,
+        ),
+        lines.append,
     )
     assert result.exit_code == 0
     assert lines == [inspect.signature(resolve_wheelhouse).parameters["python_version"].default]
@@ -361,14 +345,11 @@ def test_unreachable_docker_engine_is_a_container_error(
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
     with pytest.raises(ContainerError, match="not reachable"):
         run_training_container(
-            "aicert/python-base:bookworm",
-            command=["true"],
-            source_dir=workspace["src"],
-            resources_dir=workspace["resources"],
-            outputs_dir=workspace["outputs"],
-            cpu_limit=None,
-            memory_limit=None,
-            gpus=None,
-            timeout_s=10,
-            on_log_line=print,
+            sandbox(
+                "aicert/python-base:bookworm",
+                workspace,
+                ["true"],
+                timeout_s=10,
+            ),
+            print,
         )

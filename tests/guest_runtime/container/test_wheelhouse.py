@@ -21,6 +21,8 @@ from aicert.guest_runtime.wheelhouse import (
     resolve_wheelhouse,
 )
 
+from .conftest import sandbox
+
 # six 1.16.0's only wheel on PyPI, and its published SHA-256.
 SIX_WHEEL = "six-1.16.0-py2.py3-none-any.whl"
 SIX_SHA256 = "8abb2f1d86890a2dfb989f9a77cfcfd3e47c2a354b01111771326f8aa26e0254"
@@ -86,17 +88,14 @@ def test_training_image_has_six_and_runs_offline(
 
     lines: list[str] = []
     result = run_training_container(
-        image_tag,
-        command=["python", "-c", "import six, sys; print(six.__version__, sys.prefix)"],
-        source_dir=workspace["src"],
-        resources_dir=workspace["resources"],
-        outputs_dir=workspace["outputs"],
-        cpu_limit=None,
-        memory_limit=None,
-        gpus=None,
-        timeout_s=60,
-        on_log_line=lines.append,
-        name=run_name,
+        sandbox(
+            image_tag,
+            workspace,
+            ["python", "-c", "import six, sys; print(six.__version__, sys.prefix)"],
+            timeout_s=60,
+            name=run_name,
+        ),
+        lines.append,
     )
     assert result.exit_code == 0, lines
     assert result.image_id == image_id
