@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from aicert.tasks.platforms.azure.settings import DEFAULT_POLLING_INTERVAL_S
+
 if TYPE_CHECKING:
-    from aicert.tasks.platforms.azure.provider import ArmSession, ProgressCallback
+    from aicert.tasks.platforms.azure import ArmSession, ProgressCallback
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -72,7 +74,7 @@ def cleanup_leftovers(
 ) -> CleanupReport:
     """Delete every resource tagged ``aicert-run`` whose ``aicert-created-at`` is older than
     ``older_than`` (in ``resource_group``, or the whole subscription), in dependency order."""
-    from aicert.tasks.platforms.azure.provider import (
+    from aicert.tasks.platforms.azure import (
         AICERT_CREATED_TAG,
         AICERT_RUN_TAG,
         delete_in_order,
@@ -132,32 +134,27 @@ def _session_from_options(
         credential_from_block,
         resolve_credential,
     )
-    from aicert.tasks.platforms.azure.provider import ArmSession
+    from aicert.tasks.platforms.azure import ArmSession, ArmSessionSettings
 
     def echo(message: str) -> None:
         typer.echo(message, err=True)
 
     if platform_block is not None:
         block = AzurePlatform.load(platform_block)
-        settings = block.settings()
         credential = (
             credential_from_block(block.credentials)
             if block.credentials is not None
             else resolve_credential(None)
         )
-        return ArmSession.for_settings(settings, credential, progress=echo), settings.resource_group
+        return ArmSession(block.settings(), credential, echo), block.resource_group
     if subscription_id is None:
         raise typer.BadParameter("give --platform-block or --subscription-id")
-    return (
-        ArmSession(
-            subscription_id,
-            resolve_credential(credentials_block),
-            arm_endpoint=arm_endpoint,
-            polling_interval_s=polling_interval_s,
-            progress=echo,
-        ),
-        None,
+    settings = ArmSessionSettings(
+        subscription_id=subscription_id,
+        arm_endpoint=arm_endpoint,
+        polling_interval_s=polling_interval_s,
     )
+    return ArmSession(settings, resolve_credential(credentials_block), echo), None
 
 
 @azure_app.command("cleanup")
@@ -184,8 +181,10 @@ def cleanup_command(
     ] = None,
     polling_interval: Annotated[
         float,
-        typer.Option(min=0.001, help="Seconds between polls of a deletion (without a block)."),
-    ] = 10.0,
+        typer.Option(
+            min=0.001, max=120, help="Seconds between polls of a deletion (without a block)."
+        ),
+    ] = DEFAULT_POLLING_INTERVAL_S,
     dry_run: Annotated[bool, typer.Option(help="List what would be deleted.")] = False,
 ) -> None:
     """Delete Azure resources tagged aicert-run whose creation is older than --older-than."""

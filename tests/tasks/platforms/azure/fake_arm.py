@@ -24,6 +24,9 @@ long-running operation that ends ``Failed``. Binds 127.0.0.1 only.
 A ``VmLifecycle`` (optional) plays the hypervisor: it is told when a VM's creation succeeds (the
 VM boots) and when its deletion is about to succeed (the VM is gone once the operation reports
 ``Succeeded``, as on Azure).
+
+The module is longer than 600 lines on purpose: it is one server's state (routes, resources,
+operations, injected failures), which reads best in one place.
 """
 
 from __future__ import annotations
@@ -39,10 +42,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from azure.core.credentials import AccessToken
+
+if TYPE_CHECKING:
+    from aicert.tasks.platforms.azure import AzureSettings
 
 FAKE_TOKEN = "fake-arm-token"  # what StaticTokenCredential hands out
 
@@ -141,6 +147,28 @@ class _Operation:
     status: str = "InProgress"
     started: str = field(default_factory=lambda: _now())
     ended: str | None = None
+
+
+# What the server answers: status, headers, JSON body (None: no body).
+_Response = tuple[int, dict[str, str], Any]
+
+
+@dataclass(frozen=True)
+class _Target:
+    """The resource a request names."""
+
+    resource_id: str
+    full_type: str
+    resource_group: str
+    name: str
+
+    @property
+    def key(self) -> str:
+        return self.resource_id.lower()  # ARM ids compare case-insensitively
+
+    @property
+    def namespace(self) -> str:
+        return self.full_type.split("/")[0]
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -481,7 +509,7 @@ class FakeArm:
         query: dict[str, str],
         body: Any,
         authorization: str | None,
-    ) -> tuple[int, dict[str, str], Any]:
+    ) -> _Response:
         if authorization != f"Bearer {FAKE_TOKEN}":
             return 401, {}, _error("AuthenticationFailed", "missing or invalid bearer token")
         if "api-version" not in query:
@@ -501,7 +529,6 @@ class FakeArm:
         type_key = _type_key(f"{match['ns']}/{match['type']}")
         if type_key not in MANAGED_TYPES:
             return 404, {}, _error("InvalidResourceType", f"type {match['type']} not served")
-        full_type = MANAGED_TYPES[type_key]
         rule = self._failure_for(method, match["type"])
         if rule is not None and rule.kind == "throttle":
             return (
@@ -511,84 +538,92 @@ class FakeArm:
             )
         if rule is not None and rule.kind == "server_error":
             return 500, {}, _error("InternalServerError", "An internal server error occurred.")
+        full_type = MANAGED_TYPES[type_key]
+        target = _Target(
+            self._resource_id(match["rg"], full_type, match["name"]),
+            full_type,
+            match["rg"],
+            match["name"],
+        )
+        handlers = {"GET": self._get, "PUT": self._put, "PATCH": self._patch}
+        handlers["DELETE"] = self._delete
+        if method not in handlers:
+            return 405, {}, _error("MethodNotAllowed", f"{method} is not served")
+        return handlers[method](target, body, rule)
 
-        resource_id = self._resource_id(match["rg"], full_type, match["name"])
-        key = resource_id.lower()
-        existing = self._resources.get(key)
-        namespace = full_type.split("/")[0]
-        if method == "GET":
-            if existing is None:
-                return (
-                    404,
-                    {},
-                    _error(
-                        "ResourceNotFound",
-                        f"The Resource '{full_type}/{match['name']}' under resource group "
-                        f"'{match['rg']}' was not found.",
-                    ),
-                )
-            return 200, {}, existing
-        if method == "PUT":
-            if not isinstance(body, dict) or not body.get("location"):
-                return 400, {}, _error("LocationRequired", "The location property is required.")
-            missing = self._missing_reference(body)
-            if missing is not None:
-                return (
-                    400,
-                    {},
-                    _error(
-                        "InvalidResourceReference",
-                        f"Resource {missing} referenced by {resource_id} was not found.",
-                    ),
-                )
-            resource = self._new_resource(resource_id, full_type, match["name"], body)
-            resource["properties"]["provisioningState"] = (
-                "Creating" if existing is None else "Updating"
-            )
-            self._resources[key] = resource
-            status_url, _ = self._start_operation(
-                key,
-                "create" if existing is None else "update",
-                resource["location"],
-                namespace,
-                rule,
-            )
+    def _get(self, target: _Target, body: Any, rule: FailureRule | None) -> _Response:
+        existing = self._resources.get(target.key)
+        if existing is None:
             return (
-                (201 if existing is None else 200),
-                {"Azure-AsyncOperation": status_url},
-                resource,
+                404,
+                {},
+                _error(
+                    "ResourceNotFound",
+                    f"The Resource '{target.full_type}/{target.name}' under resource group "
+                    f"'{target.resource_group}' was not found.",
+                ),
             )
-        if method == "PATCH":
-            if existing is None:
-                return 404, {}, _error("ResourceNotFound", f"{resource_id} was not found.")
-            if isinstance(body, dict) and "tags" in body:
-                existing["tags"] = dict(body["tags"] or {})
-            existing["properties"]["provisioningState"] = "Updating"
-            status_url, result_url = self._start_operation(
-                key, "update", existing["location"], namespace, rule
-            )
-            return 202, {"Azure-AsyncOperation": status_url, "Location": result_url}, None
-        if method == "DELETE":
-            if existing is None:
-                return 204, {}, None
-            holder = self._referenced_by(resource_id)
-            if holder is not None:
-                return (
-                    400,
-                    {},
-                    _error(
-                        "InUseResourceCannotBeDeleted",
-                        f"Resource {resource_id} is in use by {holder} and cannot be deleted.",
-                    ),
-                )
-            existing["properties"]["provisioningState"] = "Deleting"
-            status_url, result_url = self._start_operation(
-                key, "delete", existing["location"], namespace, rule
-            )
-            return 202, {"Azure-AsyncOperation": status_url, "Location": result_url}, None
-        return 405, {}, _error("MethodNotAllowed", f"{method} is not served")
+        return 200, {}, existing
 
-    def _operation_status(self, op_id: str, kind: str) -> tuple[int, dict[str, str], Any]:
+    def _put(self, target: _Target, body: Any, rule: FailureRule | None) -> _Response:
+        if not isinstance(body, dict) or not body.get("location"):
+            return 400, {}, _error("LocationRequired", "The location property is required.")
+        missing = self._missing_reference(body)
+        if missing is not None:
+            return (
+                400,
+                {},
+                _error(
+                    "InvalidResourceReference",
+                    f"Resource {missing} referenced by {target.resource_id} was not found.",
+                ),
+            )
+        existing = self._resources.get(target.key)
+        resource = self._new_resource(target.resource_id, target.full_type, target.name, body)
+        resource["properties"]["provisioningState"] = "Creating" if existing is None else "Updating"
+        self._resources[target.key] = resource
+        status_url, _ = self._start_operation(
+            target.key,
+            "create" if existing is None else "update",
+            resource["location"],
+            target.namespace,
+            rule,
+        )
+        return (201 if existing is None else 200), {"Azure-AsyncOperation": status_url}, resource
+
+    def _patch(self, target: _Target, body: Any, rule: FailureRule | None) -> _Response:
+        existing = self._resources.get(target.key)
+        if existing is None:
+            return 404, {}, _error("ResourceNotFound", f"{target.resource_id} was not found.")
+        if isinstance(body, dict) and "tags" in body:
+            existing["tags"] = dict(body["tags"] or {})
+        existing["properties"]["provisioningState"] = "Updating"
+        status_url, result_url = self._start_operation(
+            target.key, "update", existing["location"], target.namespace, rule
+        )
+        return 202, {"Azure-AsyncOperation": status_url, "Location": result_url}, None
+
+    def _delete(self, target: _Target, body: Any, rule: FailureRule | None) -> _Response:
+        existing = self._resources.get(target.key)
+        if existing is None:
+            return 204, {}, None
+        holder = self._referenced_by(target.resource_id)
+        if holder is not None:
+            return (
+                400,
+                {},
+                _error(
+                    "InUseResourceCannotBeDeleted",
+                    f"Resource {target.resource_id} is in use by {holder} and cannot be deleted.",
+                ),
+            )
+        existing["properties"]["provisioningState"] = "Deleting"
+        status_url, result_url = self._start_operation(
+            target.key, "delete", existing["location"], target.namespace, rule
+        )
+        return 202, {"Azure-AsyncOperation": status_url, "Location": result_url}, None
+
+    def _operation_status(self, op_id: str, kind: str) -> _Response:
         operation = self._operations.get(op_id)
         if operation is None:
             return 404, {}, _error("OperationNotFound", f"operation {op_id} not found")
@@ -617,9 +652,7 @@ class FakeArm:
         assert rule is not None
         return _error(rule.error_code, rule.error_message)
 
-    def _list(
-        self, resource_group: str | None, filter_text: str | None
-    ) -> tuple[int, dict[str, str], Any]:
+    def _list(self, resource_group: str | None, filter_text: str | None) -> _Response:
         tag_name = tag_value = None
         if filter_text:
             parsed = _TAG_FILTER.match(filter_text.strip())
@@ -676,9 +709,9 @@ TEST_SSH_KEY = (
 TEST_ORCHESTRATOR = "203.0.113.7"
 
 
-def azure_settings_for(fake: FakeArm, **overrides: Any) -> Any:
+def azure_settings_for(fake: FakeArm, **overrides: Any) -> AzureSettings:
     """``AzureSettings`` pointing at ``fake``, with fast polling and retry backoff."""
-    from aicert.tasks.platforms.azure.provider import AzureSettings
+    from aicert.tasks.platforms.azure import AzureSettings
 
     values: dict[str, Any] = {
         "subscription_id": fake.subscription_id,

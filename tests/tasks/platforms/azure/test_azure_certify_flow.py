@@ -39,7 +39,6 @@ from prefect.client.orchestration import get_client
 from prefect.states import State
 
 import aicert
-import aicert.tasks.platforms.azure.provider as azure_provider
 from aicert.appevents import ChannelKeyEvent, application_pcr_start
 from aicert.errors import CertificateChainError, PlatformError
 from aicert.flows.azure_platform import AzurePlatform
@@ -51,7 +50,7 @@ from aicert.reference_values import (
 )
 from aicert.reference_values import main as reference_values_main
 from aicert.tasks.platforms.attestation import expected_channel_pcr
-from aicert.tasks.platforms.azure.provider import AICERT_RUN_TAG
+from aicert.tasks.platforms.azure import AICERT_RUN_TAG, AzureProvider, arm
 from aicert.tasks.platforms.swtpm import LocalSwtpm
 from aicert.tcg_eventlog import parse_event_log
 from tests import REPO_ROOT
@@ -195,10 +194,10 @@ def published(tmp_path_factory: pytest.TempPathFactory, ca: AzureLikeCa) -> Publ
 def trust_the_test_azure(monkeypatch: pytest.MonkeyPatch, ca: AzureLikeCa) -> None:
     """The two things a real Azure run gets from outside: a token for ARM (here FakeArm's), and
     Microsoft's vTPM root (here the generated root, trusted on purpose as the provider allows)."""
-    monkeypatch.setattr(azure_provider, "default_credential", lambda: StaticTokenCredential())
+    monkeypatch.setattr(arm, "default_credential", lambda: StaticTokenCredential())
     make_provider = AzurePlatform.provider
 
-    def provider_trusting_the_test_root(self: AzurePlatform) -> azure_provider.AzureProvider:
+    def provider_trusting_the_test_root(self: AzurePlatform) -> AzureProvider:
         provider = make_provider(self)
         provider.extra_trusted_root_pems = (ca.root.pem,)
         return provider

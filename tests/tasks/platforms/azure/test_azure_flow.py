@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from aicert.tasks.platforms.azure.provider import (
+from aicert.tasks.platforms.azure import (
     AICERT_RUN_TAG,
     AzureProvider,
     AzureReferenceValuesError,

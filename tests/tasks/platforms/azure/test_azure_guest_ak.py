@@ -38,7 +38,7 @@ from aicert.guest_runtime.azure_ak import (
 )
 from aicert.guest_runtime.tpm import Tpm, TpmError
 from aicert.quote import public_key_from_ak
-from aicert.tasks.platforms.azure.provider import check_azure_ak_chain
+from aicert.tasks.platforms.azure import check_azure_ak_chain
 from aicert.tasks.platforms.swtpm import LocalSwtpm
 from tests import REPO_ROOT
 from tests.data import TRUST_ROOTS

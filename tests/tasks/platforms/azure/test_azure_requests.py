@@ -11,31 +11,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prefect_azure.credentials import AzureContainerInstanceCredentials
 from pydantic import ValidationError
-from typer.testing import CliRunner
 
-from aicert.flows import azure_cleanup
-from aicert.flows.azure_cleanup import azure_app, cleanup_leftovers, parse_duration
-from aicert.flows.azure_platform import AzurePlatform
-from aicert.flows.blocks import PlatformBlock
-from aicert.tasks.platforms.azure import provider as azure_provider
-from aicert.tasks.platforms.azure.provider import (
+from aicert.tasks.platforms.azure import (
     AICERT_CREATED_TAG,
     AICERT_RUN_TAG,
-    ArmSession,
+    ArmSessionSettings,
     AzureOperationError,
     AzureProvider,
     AzureProvisioningError,
     AzureResourceNames,
     AzureSettings,
     AzureTeardownError,
+    log_progress,
 )
+from aicert.tasks.platforms.azure.arm import progress_log
 from aicert.tasks.platforms.base import Machine
 from tests.tasks.platforms.azure.fake_arm import (
     TEST_IMAGE_ID,
@@ -50,7 +45,6 @@ from tests.tasks.platforms.azure.fake_arm import (
 )
 from tests.tasks.platforms.azure.guest import (
     LocalAgent,
-    derived_reference_values,
     free_port,
     local_azure_agent,
 )
@@ -270,11 +264,12 @@ def test_progress_goes_to_the_logger_outside_a_flow_run(
     make_provider: ProviderFactory, fake: FakeArm, caplog: pytest.LogCaptureFixture
 ) -> None:
     provider = make_provider()
-    assert provider.progress is azure_provider.log_progress
-    caplog.set_level(logging.INFO, logger=azure_provider.__name__)
+    assert provider.progress is log_progress
+    assert progress_log.name == "aicert.tasks.platforms.azure"  # the logger the docs name
+    caplog.set_level(logging.INFO, logger=progress_log.name)
     run_id = "demo-20250101T000000Z-aaaa0005"
     provider.teardown(provider.provision(run_id))
-    logged = [r.getMessage() for r in caplog.records if r.name == azure_provider.__name__]
+    logged = [r.getMessage() for r in caplog.records if r.name == progress_log.name]
     vm_name = AzureResourceNames.for_run(run_id).vm
     assert any(m.startswith(f"create virtual machine {vm_name}: Succeeded") for m in logged)
     assert any(m.startswith(f"delete virtual machine {vm_name}: Succeeded") for m in logged)
@@ -401,112 +396,6 @@ def test_teardown_reports_what_it_could_not_delete(
     _assert_everything_deleted(fake, run_id, second_teardown)
 
 
-def test_platform_block_gives_a_configured_provider(tmp_path: Path) -> None:
-    reference_values = derived_reference_values(
-        tmp_path, TEST_IMAGE_ID, "aicert-guest-cvm-1.0.0", security_type="ConfidentialVM"
-    )
-    block = AzurePlatform(
-        subscription_id="00000000-0000-0000-0000-000000000000",
-        resource_group=TEST_RESOURCE_GROUP,
-        location="westeurope",
-        image_id=TEST_IMAGE_ID,
-        security_type="ConfidentialVM",
-        orchestrator_cidr=TEST_ORCHESTRATOR,
-        ssh_public_key=TEST_SSH_KEY,
-        reference_values=str(reference_values),
-        credentials=AzureContainerInstanceCredentials(),  # empty: DefaultAzureCredential
-    )
-    provider = block.provider()
-    assert isinstance(provider, AzureProvider)
-    assert provider.kind == "azure"
-    assert provider.settings.security_type == "ConfidentialVM"
-    assert provider.settings.orchestrator_cidr == f"{TEST_ORCHESTRATOR}/32"
-    assert provider.reference_values() == "aicert-guest-cvm-1.0.0"
-    assert provider.agent_start_timeout_s == block.agent_start_timeout_seconds
-    assert type(provider.credential).__name__ == "DefaultAzureCredential"
-    assert AzurePlatform.get_block_capabilities() == {"aicert-platform"}
-    assert isinstance(block, PlatformBlock)
-
-
-# -- cleanup of leftovers --------------------------------------------------------------------------
-
-
-def _seed_run(fake: FakeArm, run_id: str, created: datetime | None) -> dict[str, str]:
-    tags = {AICERT_RUN_TAG: run_id}
-    if created is not None:
-        tags[AICERT_CREATED_TAG] = created.isoformat().replace("+00:00", "Z")
-    names = AzureResourceNames.for_run(run_id)
-    nic = fake.seed(TEST_RESOURCE_GROUP, "networkInterfaces", names.nic, tags=tags)
-    vm = fake.seed(
-        TEST_RESOURCE_GROUP,
-        "virtualMachines",
-        names.vm,
-        tags=tags,
-        properties={"networkProfile": {"networkInterfaces": [{"id": nic}]}},
-    )
-    return {"vm": vm, "nic": nic}
-
-
-def test_cleanup_deletes_only_resources_older_than_the_cutoff(fake: FakeArm) -> None:
-    now = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
-    old = _seed_run(fake, "old-run", now - timedelta(hours=5))
-    recent = _seed_run(fake, "recent-run", now - timedelta(minutes=30))
-    undated = _seed_run(fake, "undated-run", None)
-    untagged = fake.seed(TEST_RESOURCE_GROUP, "disks", "someone-elses-disk")
-    settings = azure_settings_for(fake)
-    with ArmSession.for_settings(settings, StaticTokenCredential(), progress=lambda _: None) as arm:
-        dry = cleanup_leftovers(timedelta(hours=2), arm=arm, now=now, dry_run=True)
-        assert fake.calls("DELETE") == []
-        report = cleanup_leftovers(timedelta(hours=2), arm=arm, now=now)
-
-    assert dry.deleted == report.deleted
-    assert report.failed == {}
-    assert sorted(report.deleted) == sorted(
-        f"{TEST_RESOURCE_GROUP}/{kind}/{AzureResourceNames.for_run('old-run').by_type()[kind]}"
-        for kind in ("Microsoft.Compute/virtualMachines", "Microsoft.Network/networkInterfaces")
-    )
-    assert all(fake.resource(rid) is None for rid in old.values())
-    assert all(fake.resource(rid) is not None for rid in recent.values())
-    assert all(fake.resource(rid) is not None for rid in undated.values())
-    assert fake.resource(untagged) is not None
-    assert len(report.kept_recent) == 2
-    assert len(report.kept_undated) == 2
-    # The VM went before the NIC it holds (the fake refuses the other order, as ARM does).
-    assert [r.type_name for r in _ok(fake.calls("DELETE"))] == [
-        "virtualMachines",
-        "networkInterfaces",
-    ]
-    (listing,) = [r for r in fake.requests if r.path.endswith("/resources")][-1:]
-    assert listing.query["$filter"] == f"tagName eq '{AICERT_RUN_TAG}'"
-
-
-def test_cleanup_command(fake: FakeArm, monkeypatch: pytest.MonkeyPatch) -> None:
-    old = _seed_run(fake, "old-run", datetime.now(UTC) - timedelta(days=2))
-    # The command's credential lookup (DefaultAzureCredential here) is the one thing swapped.
-    monkeypatch.setattr(azure_provider, "default_credential", lambda: StaticTokenCredential())
-    arguments = ["cleanup", "--older-than", "2h", "--subscription-id", fake.subscription_id]
-    arguments += ["--resource-group", TEST_RESOURCE_GROUP, "--arm-endpoint", fake.url]
-    arguments += ["--polling-interval", "0.01"]
-    result = CliRunner().invoke(azure_app, arguments)
-    assert result.exit_code == 0, result.output
-    assert all(fake.resource(rid) is None for rid in old.values())
-    assert "deleted rg-aicert-runs/Microsoft.Compute/virtualMachines/" in result.output
-
-    refused = CliRunner().invoke(azure_app, ["cleanup", "--older-than", "soon"])
-    assert refused.exit_code == 2
-    assert "not a duration" in refused.output
-
-
-def test_parse_duration() -> None:
-    assert parse_duration("2h") == timedelta(hours=2)
-    assert parse_duration("90s") == timedelta(seconds=90)
-    assert parse_duration("1d") == timedelta(days=1)
-    for bad in ("", "2", "h", "0h", "-1h", "2 hours"):
-        with pytest.raises(ValueError):
-            parse_duration(bad)
-    assert azure_cleanup.parse_created_tag("2025-01-01T00:00:00") is None  # no zone: undated
-
-
 # -- settings that would open the machine up are refused ------------------------------------------
 
 
@@ -529,5 +418,5 @@ def test_unsafe_settings_are_refused(fake: FakeArm, field: str, value: str) -> N
 
 def test_plain_http_endpoint_off_loopback_is_refused() -> None:
     with pytest.raises(ValueError, match="https"):
-        ArmSession("sub", StaticTokenCredential(), arm_endpoint="http://10.1.2.3:8080")
+        ArmSessionSettings(subscription_id="sub", arm_endpoint="http://10.1.2.3:8080")
     assert AzureSettings.model_fields["arm_endpoint"].default is None

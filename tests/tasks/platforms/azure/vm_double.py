@@ -19,9 +19,9 @@ from typing import Any
 
 import docker
 
-from aicert.guest_runtime.agent import training_image_tag
 from aicert.guest_runtime.channel import ChannelFiles, new_channel_identity
-from aicert.tasks.platforms.azure.provider import AICERT_RUN_TAG
+from aicert.guest_runtime.run_state import training_image_tag
+from aicert.tasks.platforms.azure import AICERT_RUN_TAG
 from aicert.tasks.platforms.local.provider import run_container_filters
 from tests.tasks.platforms.azure.guest import (
     AzureLikeCa,
