@@ -698,6 +698,25 @@ class StaticTokenCredential:
         return AccessToken(FAKE_TOKEN, int(time.time()) + 3600)
 
 
+# What a provision asks of ARM, in order (method, resource type), and what a teardown deletes,
+# in dependency order: the sequences the tests expect of the provider.
+RUN_CREATIONS: tuple[tuple[str, str], ...] = (
+    ("PUT", "networkSecurityGroups"),
+    ("PUT", "publicIPAddresses"),
+    ("PUT", "virtualNetworks"),
+    ("PUT", "networkInterfaces"),
+    ("PUT", "virtualMachines"),
+    ("PATCH", "disks"),
+)
+RUN_DELETIONS: tuple[str, ...] = (
+    "virtualMachines",
+    "networkInterfaces",
+    "publicIPAddresses",
+    "networkSecurityGroups",
+    "virtualNetworks",
+    "disks",
+)
+
 TEST_RESOURCE_GROUP = "rg-aicert-runs"
 TEST_IMAGE_ID = (
     "/subscriptions/11111111-1111-1111-1111-111111111111/resourceGroups/rg-images/providers/"

@@ -65,6 +65,8 @@ from tests.aicert_flows.conftest import (
     write_config,
 )
 from tests.tasks.platforms.azure.fake_arm import (
+    RUN_CREATIONS,
+    RUN_DELETIONS,
     TEST_IMAGE_ID,
     TEST_ORCHESTRATOR,
     TEST_RESOURCE_GROUP,
@@ -85,22 +87,8 @@ from tests.tasks.platforms.azure.vm_double import AzureVmHost, BootedVm, VmImage
 pytestmark = [pytest.mark.swtpm, pytest.mark.docker, pytest.mark.slow]
 
 COLLECT = REPO_ROOT / "deployments" / "azure" / "collect-boot-evidence.sh"
-CREATED = [
-    ("PUT", "networkSecurityGroups"),
-    ("PUT", "publicIPAddresses"),
-    ("PUT", "virtualNetworks"),
-    ("PUT", "networkInterfaces"),
-    ("PUT", "virtualMachines"),
-    ("PATCH", "disks"),
-]
-DELETED = [
-    ("DELETE", "virtualMachines"),
-    ("DELETE", "networkInterfaces"),
-    ("DELETE", "publicIPAddresses"),
-    ("DELETE", "networkSecurityGroups"),
-    ("DELETE", "virtualNetworks"),
-    ("DELETE", "disks"),
-]
+CREATED = list(RUN_CREATIONS)
+DELETED = [("DELETE", type_name) for type_name in RUN_DELETIONS]
 
 
 def with_root_writable(raw: bytes) -> bytes:

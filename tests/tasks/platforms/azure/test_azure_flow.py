@@ -33,6 +33,8 @@ from aicert.tasks.platforms.azure import (
 from aicert.tasks.platforms.base import Machine
 from tests import REPO_ROOT
 from tests.tasks.platforms.azure.fake_arm import (
+    RUN_CREATIONS,
+    RUN_DELETIONS,
     TEST_IMAGE_ID,
     FakeArm,
     StaticTokenCredential,
@@ -102,23 +104,9 @@ def test_provision_reach_the_agent_and_tear_down(
             if r.response_status < 300 and "/operations/" not in r.path
         ]
     created = [(m, t) for m, t in timeline if m in ("PUT", "PATCH")]
-    assert created == [
-        ("PUT", "networkSecurityGroups"),
-        ("PUT", "publicIPAddresses"),
-        ("PUT", "virtualNetworks"),
-        ("PUT", "networkInterfaces"),
-        ("PUT", "virtualMachines"),
-        ("PATCH", "disks"),
-    ]
+    assert created == list(RUN_CREATIONS)
     deleted = [t for m, t in timeline if m == "DELETE"]
-    assert deleted == [
-        "virtualMachines",
-        "networkInterfaces",
-        "publicIPAddresses",
-        "networkSecurityGroups",
-        "virtualNetworks",
-        "disks",
-    ]
+    assert deleted == list(RUN_DELETIONS)
     # The listing by the run's tag happens before the deletions.
     listing = timeline.index(("GET", "resources"))
     assert listing < timeline.index(("DELETE", "virtualMachines"))

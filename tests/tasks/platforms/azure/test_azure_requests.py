@@ -33,6 +33,8 @@ from aicert.tasks.platforms.azure import (
 from aicert.tasks.platforms.azure.arm import progress_log
 from aicert.tasks.platforms.base import Machine
 from tests.tasks.platforms.azure.fake_arm import (
+    RUN_CREATIONS,
+    RUN_DELETIONS,
     TEST_IMAGE_ID,
     TEST_ORCHESTRATOR,
     TEST_RESOURCE_GROUP,
@@ -51,21 +53,8 @@ from tests.tasks.platforms.azure.guest import (
 
 pytestmark = pytest.mark.swtpm
 
-CREATED_TYPES = (
-    "networkSecurityGroups",
-    "publicIPAddresses",
-    "virtualNetworks",
-    "networkInterfaces",
-    "virtualMachines",
-)
-DELETED_IN_ORDER = (
-    "virtualMachines",
-    "networkInterfaces",
-    "publicIPAddresses",
-    "networkSecurityGroups",
-    "virtualNetworks",
-    "disks",
-)
+CREATED_TYPES = tuple(type_name for method, type_name in RUN_CREATIONS if method == "PUT")
+DELETED_IN_ORDER = RUN_DELETIONS
 
 
 @pytest.fixture(scope="module")
