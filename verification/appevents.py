@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, TypeVar, get_args
 
 from pydantic import (
     AfterValidator,
@@ -72,6 +72,10 @@ class EventData(BaseModel):
 
     def to_event(self) -> AppEvent:
         return AppEvent(pcr=self.PCR, type=self.TYPE, data=self.model_dump(mode="json"))
+
+
+# One kind of event payload, for the helpers that pick events by kind.
+_Event = TypeVar("_Event", bound=EventData)
 
 
 class RuntimeEvent(EventData):
@@ -445,7 +449,8 @@ def interpret(events: Sequence[AppEvent]) -> MeasuredRun:
         PackageEvent: 6,
     }
     leading = 1 if parsed_inputs and isinstance(parsed_inputs[0], ChannelKeyEvent) else 0
-    if len(parsed_inputs) <= leading or not isinstance(parsed_inputs[leading], RuntimeEvent):
+    runtime = parsed_inputs[leading] if len(parsed_inputs) > leading else None
+    if not isinstance(runtime, RuntimeEvent):
         raise EventLogError(
             "the first PCR 14 event must be aicert.runtime (after the channel key, if any)"
         )
@@ -459,41 +464,45 @@ def interpret(events: Sequence[AppEvent]) -> MeasuredRun:
             raise EventLogError(f"event #{position}: {data.TYPE} is out of order")
         previous = max(previous, current)
 
-    def only(kind: type[EventData]) -> list[EventData]:
-        return [d for d in parsed_inputs if isinstance(d, kind)]
-
+    configs = _of_kind(parsed_inputs, ConfigEvent)
     for kind in (RuntimeEvent, ConfigEvent):
-        if len(only(kind)) != 1:
+        if len(_of_kind(parsed_inputs, kind)) != 1:
             raise EventLogError(f"the log must have exactly one {kind.TYPE} event")
-    if len(only(ChannelKeyEvent)) > 1 or len(only(SourceEvent)) > 1:
+    channel = _of_kind(parsed_inputs, ChannelKeyEvent)
+    source = _of_kind(parsed_inputs, SourceEvent)
+    if len(channel) > 1 or len(source) > 1:
         raise EventLogError("the log has more than one channel-key or source event")
-    images = [d for d in parsed_inputs if isinstance(d, ImageEvent)]
+    images = _of_kind(parsed_inputs, ImageEvent)
     if [i.role for i in images] not in (["base"], ["base", "training"]):
         raise EventLogError("the log must measure the base image, then at most one training image")
     if images[-1] is not parsed_inputs[-1] and len(images) == 2:
         raise EventLogError("the training image must be the last PCR 14 event")
 
-    if not parsed_outputs or not isinstance(parsed_outputs[-1], ResultEvent):
+    result = parsed_outputs[-1] if parsed_outputs else None
+    if not isinstance(result, ResultEvent):
         raise EventLogError("the last PCR 15 event must be aicert.output.result")
-    files = parsed_outputs[:-1]
-    if any(not isinstance(f, OutputFileEvent) for f in files):
+    files = _of_kind(parsed_outputs[:-1], OutputFileEvent)
+    if len(files) != len(parsed_outputs) - 1:
         raise EventLogError("PCR 15 must hold output files followed by one result event")
-    paths = [f.path for f in files]  # type: ignore[attr-defined]
+    paths = [f.path for f in files]
     if paths != sorted(paths) or len(set(paths)) != len(paths):
         raise EventLogError("output file events must be sorted by path, without repeats")
     if inputs and outputs and outputs[0][0] < inputs[-1][0]:
         raise EventLogError("an input was measured after the first output")
 
-    source = only(SourceEvent)
-    channel = only(ChannelKeyEvent)
     return MeasuredRun(
-        runtime=parsed_inputs[leading],  # type: ignore[arg-type]
-        channel_key=channel[0] if channel else None,  # type: ignore[arg-type]
-        config=only(ConfigEvent)[0],  # type: ignore[arg-type]
+        runtime=runtime,
+        channel_key=channel[0] if channel else None,
+        config=configs[0],
         images=tuple(images),
-        source=source[0] if source else None,  # type: ignore[arg-type]
-        resources=tuple(only(ResourceEvent)),  # type: ignore[arg-type]
-        packages=tuple(only(PackageEvent)),  # type: ignore[arg-type]
-        outputs=tuple(files),  # type: ignore[arg-type]
-        result=parsed_outputs[-1],  # type: ignore[arg-type]
+        source=source[0] if source else None,
+        resources=tuple(_of_kind(parsed_inputs, ResourceEvent)),
+        packages=tuple(_of_kind(parsed_inputs, PackageEvent)),
+        outputs=tuple(files),
+        result=result,
     )
+
+
+def _of_kind(events: Sequence[EventData], kind: type[_Event]) -> list[_Event]:
+    """The events of one type, in log order."""
+    return [event for event in events if isinstance(event, kind)]

@@ -120,9 +120,6 @@ _SPEC_ID_SIGNATURE = b"Spec ID Event03\x00"
 _LEGACY_SPEC_ID_PREFIXES = (b"Spec ID Event00", b"Spec ID Event02")
 _STARTUP_LOCALITY_SIGNATURE = b"StartupLocality\x00"
 _SHA1_DIGEST_SIZE = 20
-# Fixed part of a TCG_EfiSpecIDEvent: signature, platformClass, 4 one-byte version/uintn
-# fields, numberOfAlgorithms.
-_SPEC_ID_FIXED_SIZE = 16 + 4 + 4 + 4
 
 
 def _sm3(data: bytes) -> bytes:
