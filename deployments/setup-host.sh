@@ -16,6 +16,7 @@ APT_PACKAGES=(
   swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config   # the software TPM and its tools
   docker.io debootstrap git make                        # containers, the base image
   qemu-system-x86 ovmf mmdebstrap binutils              # measured boot (qemu provider)
+  shellcheck                                            # the qemu guest's scripts' test
   chromium fonts-liberation postgresql curl             # UI tests, the PostgreSQL-backed stack
 )
 missing=()

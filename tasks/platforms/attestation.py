@@ -11,14 +11,13 @@ a fresh challenge and checks, before it sends the run:
 - with a reference-value set (qemu, Azure), the boot event log replays to the quoted PCR 0-9
   and matches the reference values (firmware, kernel, initrd, command line).
 
-The checks are the verifier's own functions; this module only chooses what to expect.
+The checks are the verifier's own functions (the quote's through ``platform_quote``, shared
+with the qemu image's observation boot); this module only chooses what to expect.
 """
 
 from __future__ import annotations
 
 import hmac
-import secrets
-from typing import Any
 
 from cryptography import x509
 from pydantic import BaseModel, ConfigDict
@@ -33,10 +32,10 @@ from aicert.appevents import (
 )
 from aicert.chain import leaf_public_key_matches
 from aicert.errors import AkMismatchError
-from aicert.quote import verify_quote
-from aicert.reference_values import check_boot_log, platform_quote_nonce
+from aicert.reference_values import PlatformReferenceValues, check_boot_log
 from aicert.tasks.platforms.agent_client import AgentClient
 from aicert.tasks.platforms.base import EnrolledKey, Machine
+from aicert.tasks.platforms.platform_quote import fresh_challenge, verified_platform_pcrs
 from aicert.tcg_eventlog import parse_event_log
 from aicert.tpm_structures import parse_tpmt_public
 
@@ -76,24 +75,17 @@ def attest_machine(
     machine: Machine,
     client: AgentClient,
     enrolled: EnrolledKey,
-    reference: Any | None = None,
+    reference: PlatformReferenceValues | None = None,
 ) -> MachineAttestation:
     """Run the checks in the module docstring; raise the verifier's errors (quote, event
     log, platform) or ``MachineAttestationError``."""
-    challenge = secrets.token_bytes(32)
+    challenge = fresh_challenge()
     evidence = client.platform_quote(challenge)
     leaf = x509.load_pem_x509_certificate(enrolled.ak_certificate_chain[0].encode())
     ak = parse_tpmt_public(evidence.ak_public)
     if not leaf_public_key_matches(leaf, ak.to_cryptography_key()):
         raise AkMismatchError("the platform quote is not signed by the certified AK")
-    pcrs = {int(index): bytes.fromhex(value) for index, value in evidence.pcrs.items()}
-    verify_quote(
-        evidence.attest,
-        evidence.signature,
-        evidence.ak_public,
-        platform_quote_nonce(challenge),
-        pcrs,
-    )
+    pcrs = verified_platform_pcrs(evidence, challenge)
 
     # Shim may have measured its MOK lists into PCR 14 during the boot: that is the start.
     start = application_pcr_start(evidence.boot_event_log)

@@ -91,7 +91,8 @@ def main() -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     from aicert.tasks.platforms.base_image import ensure_base_image
-    from aicert.tasks.platforms.qemu.image import build_guest_image, observe_reference_values
+    from aicert.tasks.platforms.qemu.build import build_guest_image
+    from aicert.tasks.platforms.qemu.observe import observe_reference_values
 
     ensure_base_image()
     image = build_guest_image(args.home.resolve(), progress=print)

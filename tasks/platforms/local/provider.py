@@ -112,7 +112,31 @@ def _tail_text(path: Path, max_bytes: int = 2000) -> str:
     return data[-max_bytes:].decode(errors="replace").strip()
 
 
-class LocalProvider(Provider):
+class TpmHomeLayout:
+    """Where a provider that manufactures its own TPMs (local, qemu) keeps its CAs and runs.
+
+    Attributes:
+        home: The provider's ``AICERT_HOME``.
+    """
+
+    home: Path
+
+    @property
+    def ek_ca_dir(self) -> Path:
+        """The EK CA that signs the EK certificate of every TPM the provider makes."""
+        return self.home / "ek-ca"
+
+    @property
+    def platform_ca_dir(self) -> Path:
+        """The platform CA that certifies the AKs of those TPMs."""
+        return self.home / "platform-ca"
+
+    def run_dir(self, run_id: str) -> Path:
+        """The folder of one run (its TPM state, logs, outputs)."""
+        return self.home / "runs" / run_id
+
+
+class LocalProvider(TpmHomeLayout, Provider):
     kind = "local"
 
     def __init__(
@@ -138,19 +162,8 @@ class LocalProvider(Provider):
         self._swtpms: dict[str, LocalSwtpm] = {}
 
     @property
-    def ek_ca_dir(self) -> Path:
-        return self.home / "ek-ca"
-
-    @property
-    def platform_ca_dir(self) -> Path:
-        return self.home / "platform-ca"
-
-    @property
     def spares_dir(self) -> Path:
         return self.home / "tpm-spares"
-
-    def run_dir(self, run_id: str) -> Path:
-        return self.home / "runs" / run_id
 
     # -- spare TPMs ------------------------------------------------------------------------
     # Manufacturing a TPM (swtpm_setup: EKs, EK certificates) takes about a second, the
@@ -365,7 +378,7 @@ def _remove_run_containers(run_id: str) -> None:
     """
     import docker
 
-    from aicert.guest_runtime.agent import training_image_tag
+    from aicert.guest_runtime.run_state import training_image_tag
 
     client = docker.from_env(timeout=30)
     try:

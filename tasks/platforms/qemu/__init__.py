@@ -1,7 +1,10 @@
 """The ``qemu`` platform: a measured-boot VM (OVMF, swtpm) from an image built here.
 
-``provider`` runs the VM; ``image`` builds the guest image (kernel, initramfs) and records
-the reference values its boot must replay to.
+Running VMs: ``provider`` (the VM's life), ``vm`` (qemu processes, firmware), ``kvm`` (the
+accelerator's choice), ``monitor`` (qemu's monitor). The guest image: ``image`` (finding and
+loading one), ``recipe`` (what it is made of), ``debian``, ``wheels``, ``initramfs`` and
+``build`` (making one), ``observe`` (recording its measured boot), ``command`` (``aicert
+image build-guest``); ``guest/`` holds the guest's scripts.
 """
 
 from aicert.tasks.platforms.qemu.provider import QemuProvider

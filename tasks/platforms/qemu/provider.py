@@ -8,87 +8,78 @@ initrd into PCR 9, and the guest agent reaches the TPM through ``/dev/tpmrm0``. 
 port 8080 is forwarded to a free loopback port; qemu's user-mode network is restricted, so
 the guest reaches nothing outside the VM.
 
-The accelerator: ``accel`` (the argument, a ``QemuPlatform`` block's field or ``aicert run
---qemu-accel``) when given, else ``$AICERT_QEMU_ACCEL``, else ``auto``; any other value than
-``auto``, ``tcg`` or ``kvm`` is an error. ``auto`` uses KVM only when ``probe_kvm`` saw guest
-code run under it: the real OVMF firmware, booted with no disk under ``-accel kvm`` with the
-provider's CPU model, must write to its serial console within ``KVM_PROBE_TIMEOUT_S``. It
-answers no when /dev/kvm is missing or not ours, when qemu aborts as the vCPU starts ("failed
-to set MSR"), when qemu reports ``KVM internal error`` / ``emulation failure`` (the guest
-hangs, paused) and when nothing comes out in time. A paused VM that only survives a moment
-is not enough: on some machines KVM sets up the vCPU and then fails on OVMF's first
-instructions. The verdict is cached for the process (a failure answers in well under a
-second, a working KVM in about one).
+The accelerator is chosen as ``kvm``'s docstring says (``auto``: KVM only where its probe saw
+OVMF run under it). A boot that still dies of KVM (the internal error in qemu's log, or the
+VM in run state ``internal-error`` on its monitor) is booted again under ``-accel tcg`` when
+the setting was ``auto``: ``machine_problem`` tears that VM and its vTPM process down, logs
+why, starts them again (same vTPM state, fresh firmware variables; the failed attempt's logs
+kept as ``qemu-kvm.log`` and ``serial-kvm.log``) and records ``accel: tcg`` and
+``kvm_failure`` in the machine's details; later VMs of the process go straight to tcg. With
+an explicit ``kvm`` the failure is reported at once, naming the cause. A VM that does not
+answer within ``boot_timeout_s`` is reported by ``machine_problem`` (and torn down by
+``boot``), with the tail of its serial console.
 
-A boot that still dies of KVM (the internal error in qemu's log, or the VM in run state
-``internal-error`` on its monitor) is booted again under ``-accel tcg`` when the setting was
-``auto``: ``machine_problem`` tears that VM and its vTPM process down, logs why, starts them
-again (same vTPM state, fresh firmware variables; the failed attempt's logs kept as
-``qemu-kvm.log`` and ``serial-kvm.log``) and records ``accel: tcg`` and ``kvm_failure`` in the
-machine's details; later VMs of the process go straight to tcg. With an explicit ``kvm`` the
-failure is reported at once, naming the cause. A VM that does not answer within
-``boot_timeout_s`` is reported by ``machine_problem`` (and torn down by ``boot``), with the
-tail of its serial console.
+The VM's processes and firmware are ``vm``'s, the accelerator's choice ``kvm``'s and the qemu
+monitor ``monitor``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 from aicert.guest_runtime.config import RunConfig
-from aicert.guest_runtime.hostutil import stop_child
-from aicert.reference_values import (
-    ReferenceValueSet,
-    VmShape,
-)
+from aicert.hashing import sha256_file
+from aicert.reference_values import ReferenceValueSet, VmShape
 from aicert.tasks.platforms.agent_client import AgentClient, AgentUnreachableError
 from aicert.tasks.platforms.base import EnrolledKey, Machine, Provider
 from aicert.tasks.platforms.enrollment import enroll_with_platform_ca
-from aicert.tasks.platforms.qemu.image import (
-    AGENT_PORT,
-    GuestImage,
-    load_guest_image,
+from aicert.tasks.platforms.local.provider import TpmHomeLayout
+from aicert.tasks.platforms.qemu.image import GuestImage, load_guest_image
+from aicert.tasks.platforms.qemu.kvm import (
+    ACCEL_ENV,
+    Accelerator,
+    accel_from,
+    kvm_failed_in_a_boot,
+    kvm_failure_in,
+    kvm_usable,
+    kvm_verdict,
+)
+from aicert.tasks.platforms.qemu.monitor import ask_monitor
+from aicert.tasks.platforms.qemu.recipe import AGENT_PORT
+from aicert.tasks.platforms.qemu.vm import (
+    CPU_MODEL,
+    MACHINE_TYPE,
+    OVMF_CODE,
+    OVMF_VARS,
+    QEMU_BINARY,
+    QemuProviderError,
+    firmware_vm,
+    free_port,
+    log_tail,
+    process_alive,
+    qemu_version,
+    read_pid,
+    reap,
+    terminate,
 )
 from aicert.tasks.platforms.settings import aicert_home
 
 log = logging.getLogger(__name__)
 
-Accelerator = Literal["auto", "tcg", "kvm"]
-ACCEL_ENV = "AICERT_QEMU_ACCEL"
-
-QEMU_BINARY = "qemu-system-x86_64"
-OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
-OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
-MACHINE_TYPE = "q35"
-CPU_MODEL = "max"
 DEFAULT_MEMORY_MIB = 2048
 DEFAULT_SMP = 2
 DEFAULT_BOOT_TIMEOUT_S = 180.0
 SWTPM_START_TIMEOUT_S = 10.0
 HOSTFWD_ATTEMPTS = 4
-KVM_DEVICE = Path("/dev/kvm")
-# OVMF reaches its console in about a second under a working KVM (6 s under tcg here): a
-# probe still silent after this long is a hang (qemu paused on an error it did not print).
-KVM_PROBE_TIMEOUT_S = 5.0
-KVM_PROBE_MEMORY_MIB = 256
-KVM_LOG_BYTES = 64 * 1024
-MONITOR_ANSWER_BYTES = 1 << 20
 MONITOR_TIMEOUT_S = 2.0
-LOG_TAIL_BYTES = 3000
 INPUTS_DISK = "inputs.tar"
 MONITOR_SOCKET = "monitor.sock"
 QEMU_PIDFILE = "qemu.pid"
@@ -102,319 +93,11 @@ _FATAL_CONSOLE = re.compile(
 )
 # What qemu prints when KVM cannot run the guest: the internal error (then the VM is paused,
 # so qemu stays up and the guest hangs) or a vCPU it could not set up (then qemu aborts).
-_KVM_FAILURE = re.compile(
-    r"KVM internal error.*|emulation failure.*|error: failed to set MSR.*|"
-    r"kvm_\w+: Assertion.*|Could not access KVM kernel module.*|failed to initialize kvm.*",
-    re.IGNORECASE,
-)
 
 
-class QemuProviderError(RuntimeError):
-    """The VM or its vTPM could not be started, or the VM did not boot."""
+class QemuProvider(TpmHomeLayout, Provider):
+    """VMs booted from a guest image with a fresh vTPM each (see the module docstring)."""
 
-
-def _process_alive(pid: int, marker: str) -> bool:
-    """True when ``pid`` runs and its command line contains ``marker`` (no pid reuse)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return marker in cmdline and state != "Z"
-
-
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def _terminate(pid: int, marker: str, grace_s: float = 5.0) -> None:
-    if not _process_alive(pid, marker):
-        _reap(pid)
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        _reap(pid)
-        if not _process_alive(pid, marker):
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
-
-
-def _tail(path: Path, max_bytes: int = LOG_TAIL_BYTES) -> str:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - max_bytes))
-            return handle.read().decode(errors="replace").strip()
-    except OSError:
-        return "(no log)"
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        text = path.read_text()[:32].strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def qemu_version() -> str:
-    binary = shutil.which(QEMU_BINARY)
-    if binary is None:
-        raise QemuProviderError(f"{QEMU_BINARY} not found (apt-get install qemu-system-x86 ovmf)")
-    output = subprocess.run(
-        [binary, "--version"], capture_output=True, text=True, check=False, timeout=30
-    ).stdout
-    match = re.search(r"version (\S+)", output)
-    if match is None:
-        raise QemuProviderError(f"cannot read the qemu version from {output[:200]!r}")
-    return match.group(1)
-
-
-def accel_from(argument: str | None) -> tuple[Accelerator, str]:
-    """The accelerator asked for, and who asked: ``argument`` (a block's field, the CLI)
-    when given, else ``$AICERT_QEMU_ACCEL`` when set and not empty, else ``auto``.
-
-    Raises:
-        QemuProviderError: the argument or the variable is not auto, tcg or kvm.
-    """
-    if argument is not None:
-        return _valid_accel(argument, "accel"), "argument"
-    configured = os.environ.get(ACCEL_ENV, "")
-    if configured.strip():
-        return _valid_accel(configured, ACCEL_ENV), ACCEL_ENV
-    return "auto", "default"
-
-
-def _valid_accel(value: str, origin: str) -> Accelerator:
-    choices: tuple[Accelerator, ...] = get_args(Accelerator)
-    for choice in choices:
-        if value.strip().lower() == choice:
-            return choice
-    raise QemuProviderError(
-        f"{origin}={value[:40]!r} is not a qemu accelerator: choose one of {', '.join(choices)}"
-    )
-
-
-@dataclass(frozen=True)
-class KvmVerdict:
-    """What the KVM probe found.
-
-    Attributes:
-        usable: OVMF ran under KVM up to its console.
-        reason: Why (the first line of qemu's complaint, or how far the firmware got).
-        seconds: How long the probe took.
-    """
-
-    usable: bool
-    reason: str
-    seconds: float
-
-
-def probe_kvm(
-    cpu: str = CPU_MODEL,
-    timeout_s: float = KVM_PROBE_TIMEOUT_S,
-    device: Path = KVM_DEVICE,
-) -> KvmVerdict:
-    """Boot the provider's OVMF firmware under KVM, with no disk, and watch it run.
-
-    KVM is usable when the firmware writes to its serial console (its boot manager's first
-    output: SEC, PEI and DXE ran as guest code) within ``timeout_s``. It is not when
-    ``device`` is missing or not readable and writable, when qemu exits (e.g. it aborts as
-    the vCPU starts: "failed to set MSR"), when qemu's log reports a KVM internal error or an
-    emulation failure (it then stays up, the guest paused), or when the console stays empty
-    (a hang). Not cached: ``kvm_verdict`` is.
-
-    Args:
-        cpu: The qemu CPU model (the provider's by default; KVM may take one and not another).
-        timeout_s: How long the firmware may take to reach its console.
-        device: The KVM device node.
-
-    Returns:
-        The verdict, its reason and the probe's duration.
-    """
-    started = time.monotonic()
-
-    def verdict(usable: bool, reason: str) -> KvmVerdict:
-        return KvmVerdict(usable, reason, round(time.monotonic() - started, 3))
-
-    binary = shutil.which(QEMU_BINARY)
-    if binary is None:
-        return verdict(False, f"{QEMU_BINARY} not found")
-    if not device.exists():
-        return verdict(False, f"{device} does not exist (no KVM in this kernel or container)")
-    if not os.access(device, os.R_OK | os.W_OK):
-        return verdict(False, f"no permission to use {device} (not in its group?)")
-    if not OVMF_CODE.is_file() or not OVMF_VARS.is_file():
-        return verdict(False, f"{OVMF_CODE} or {OVMF_VARS} is missing (apt-get install ovmf)")
-    with tempfile.TemporaryDirectory(prefix="aicert-kvm-probe-") as folder:
-        work = Path(folder)
-        vars_copy, console, qemu_log = work / "vars.fd", work / "serial.log", work / "qemu.log"
-        shutil.copyfile(OVMF_VARS, vars_copy)
-        marker = f"aicert-kvm-probe-{os.getpid()}-{work.name}"
-        command = _firmware_vm(binary, marker, "kvm", cpu, DEFAULT_SMP, KVM_PROBE_MEMORY_MIB)
-        command += [
-            "-drive",
-            f"if=pflash,format=raw,unit=1,file={vars_copy}",
-            "-serial",
-            f"file:{console}",
-        ]
-        with qemu_log.open("wb") as output:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            deadline = started + timeout_s
-            while True:
-                # The error first: qemu may print it after the firmware wrote something.
-                failure = kvm_failure_in(qemu_log)
-                if failure is not None:
-                    return verdict(False, failure)
-                if console.is_file() and console.stat().st_size > 0:
-                    return verdict(True, "OVMF reached its console under KVM")
-                if process.poll() is not None:
-                    return verdict(
-                        False,
-                        f"qemu exited ({process.returncode}) under KVM: "
-                        f"{_tail(qemu_log, 500) or '(nothing on stderr)'}",
-                    )
-                if time.monotonic() > deadline:
-                    return verdict(
-                        False,
-                        f"OVMF wrote nothing on its console within {timeout_s:g} s under KVM "
-                        "(the guest hangs)",
-                    )
-                time.sleep(0.02)
-        finally:
-            # Our own child, not yet reaped: its Popen cannot name another process, so no
-            # command-line check is needed (one missed a probe qemu once in CI).
-            stop_child(process)
-
-
-def _firmware_vm(
-    binary: str, name: str, accel: str, cpu: str, smp: int, memory_mib: int
-) -> list[str]:
-    """The start of a qemu command line: the provider's machine and OVMF firmware (its
-    variables are the caller's copy), no default devices, no display, no reboot."""
-    return [
-        binary,
-        "-name",
-        name,
-        "-machine",
-        MACHINE_TYPE,
-        "-accel",
-        accel,
-        "-cpu",
-        cpu,
-        "-smp",
-        str(smp),
-        "-m",
-        str(memory_mib),
-        "-nodefaults",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-drive",
-        f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
-    ]
-
-
-def kvm_failure_in(qemu_log: Path) -> str | None:
-    """The lines of qemu's log saying KVM could not run the guest, joined, or None."""
-    try:
-        with qemu_log.open("rb") as handle:
-            text = handle.read(KVM_LOG_BYTES).decode(errors="replace")
-    except OSError:
-        return None
-    lines = [match.group(0).strip() for match in _KVM_FAILURE.finditer(text)]
-    return "; ".join(dict.fromkeys(lines))[:500] or None
-
-
-_kvm_verdict: KvmVerdict | None = None
-_kvm_verdict_lock = threading.Lock()
-
-
-def kvm_verdict() -> KvmVerdict:
-    """``probe_kvm`` once per process (or what a failed KVM boot taught it since)."""
-    global _kvm_verdict
-    with _kvm_verdict_lock:
-        if _kvm_verdict is None:
-            _kvm_verdict = probe_kvm()
-            log.info(
-                "KVM probe: %s in %.2f s (%s)",
-                "usable" if _kvm_verdict.usable else "not usable",
-                _kvm_verdict.seconds,
-                _kvm_verdict.reason,
-            )
-        return _kvm_verdict
-
-
-def kvm_usable() -> bool:
-    """Whether ``auto`` picks KVM in this process (see ``probe_kvm``)."""
-    return kvm_verdict().usable
-
-
-def _kvm_failed_in_a_boot(failure: str) -> None:
-    """A KVM boot died although the probe passed: later VMs of the process use tcg."""
-    global _kvm_verdict
-    with _kvm_verdict_lock:
-        _kvm_verdict = KvmVerdict(False, f"a VM died under KVM: {failure}", 0.0)
-
-
-def ask_monitor(path: Path, command: str, timeout_s: float = 10.0) -> str:
-    """Send one command to the qemu human monitor listening on ``path``; return its answer.
-
-    Waits up to ``timeout_s`` for the socket (qemu makes it as it starts) and as long for
-    each answer. Raises OSError (TimeoutError included) when the monitor does not answer."""
-    deadline = time.monotonic() + timeout_s
-    while not path.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    with socket.socket(socket.AF_UNIX) as monitor:
-        monitor.settimeout(timeout_s)
-        monitor.connect(str(path))
-        _read_until_prompt(monitor)  # the greeting
-        monitor.sendall(command.encode() + b"\n")
-        return _read_until_prompt(monitor).decode(errors="replace")
-
-
-def _read_until_prompt(monitor: socket.socket) -> bytes:
-    answer = b""
-    while not answer.endswith(b"(qemu) "):
-        chunk = monitor.recv(4096)
-        if not chunk or len(answer) > MONITOR_ANSWER_BYTES:
-            raise OSError("the qemu monitor closed or answered too much")
-        answer += chunk
-    return answer
-
-
-class QemuProvider(Provider):
     kind = "qemu"
 
     def __init__(
@@ -468,17 +151,6 @@ class QemuProvider(Provider):
         return f"{self.accel} (auto; KVM probe: {verdict.reason})"
 
     @property
-    def ek_ca_dir(self) -> Path:
-        return self.home / "ek-ca"
-
-    @property
-    def platform_ca_dir(self) -> Path:
-        return self.home / "platform-ca"
-
-    def run_dir(self, run_id: str) -> Path:
-        return self.home / "runs" / run_id
-
-    @property
     def image(self) -> GuestImage:
         if self._image is None:
             self._image = load_guest_image(self.image_ref, self.home)
@@ -492,8 +164,8 @@ class QemuProvider(Provider):
             cpu=CPU_MODEL,
             smp=self.smp,
             memory_mib=self.memory_mib,
-            ovmf_code_sha256=_sha256_file(OVMF_CODE),
-            ovmf_vars_sha256=_sha256_file(OVMF_VARS),
+            ovmf_code_sha256=sha256_file(OVMF_CODE)[0],
+            ovmf_vars_sha256=sha256_file(OVMF_VARS)[0],
         )
 
     def reference_values(self) -> str | None:
@@ -597,8 +269,8 @@ class QemuProvider(Provider):
         deadline = time.monotonic() + SWTPM_START_TIMEOUT_S
         while not control.exists():
             if process.poll() is not None or time.monotonic() > deadline:
-                _terminate(process.pid, "swtpm")
-                raise QemuProviderError(f"the vTPM did not start:\n{_tail(swtpm_log)}")
+                terminate(process.pid, "swtpm")
+                raise QemuProviderError(f"the vTPM did not start:\n{log_tail(swtpm_log)}")
             time.sleep(0.02)
         return process.pid
 
@@ -619,7 +291,7 @@ class QemuProvider(Provider):
         initrd = self.initrd_override or image.initrd
         command_line = self.command_line_override or image.command_line
         return [
-            *_firmware_vm(
+            *firmware_vm(
                 QEMU_BINARY, name, accel or self.accel, CPU_MODEL, self.smp, self.memory_mib
             ),
             "-drive",
@@ -673,7 +345,7 @@ class QemuProvider(Provider):
         name = f"aicert-{machine.run_id}"
         qemu_log = run_dir / "qemu.log"
         for _ in range(HOSTFWD_ATTEMPTS):
-            port = _free_port()
+            port = free_port()
             with qemu_log.open("wb") as output:
                 process = subprocess.Popen(
                     self.qemu_command(run_dir, socket_dir, port, name, accel),
@@ -689,9 +361,9 @@ class QemuProvider(Provider):
             machine.agent_url = f"https://127.0.0.1:{port}"
             # qemu binds the forwarded port at start: another process may have taken it.
             time.sleep(0.3)
-            if process.poll() is None or "host forwarding" not in _tail(qemu_log):
+            if process.poll() is None or "host forwarding" not in log_tail(qemu_log):
                 return
-        raise QemuProviderError(f"qemu could not forward a port:\n{_tail(qemu_log)}")
+        raise QemuProviderError(f"qemu could not forward a port:\n{log_tail(qemu_log)}")
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -713,11 +385,11 @@ class QemuProvider(Provider):
                 except QemuProviderError as exc:
                     return f"KVM failed ({failure}) and the tcg boot did not start: {exc}"
                 return None
-        serial = _tail(Path(details.get("serial_log", "/nonexistent")))
+        serial = log_tail(Path(details.get("serial_log", "/nonexistent")))
         qemu_pid = details.get("qemu_pid")
-        if qemu_pid and not _process_alive(int(qemu_pid), str(details.get("qemu_marker"))):
-            _reap(int(qemu_pid))
-            qemu_log = _tail(Path(details.get("qemu_log", "/nonexistent")))
+        if qemu_pid and not process_alive(int(qemu_pid), str(details.get("qemu_marker"))):
+            reap(int(qemu_pid))
+            qemu_log = log_tail(Path(details.get("qemu_log", "/nonexistent")))
             return (
                 f"the VM exited (qemu pid {qemu_pid}).\nqemu: {qemu_log or '(nothing)'}\n"
                 f"serial console ends with:\n{serial}"
@@ -726,7 +398,7 @@ class QemuProvider(Provider):
         if fatal:
             return f"the VM will not come up ({fatal.group(0).strip()}); serial console:\n{serial}"
         swtpm_pid = details.get("swtpm_pid")
-        if swtpm_pid and not _process_alive(int(swtpm_pid), "swtpm"):
+        if swtpm_pid and not process_alive(int(swtpm_pid), "swtpm"):
             return f"the vTPM (swtpm pid {swtpm_pid}) exited"
         started = float(details.get("started_at", time.time()))
         timeout = float(details.get("boot_timeout_s", self.boot_timeout_s))
@@ -767,11 +439,11 @@ class QemuProvider(Provider):
             failure,
             " and ".join(str(path) for path in kept.values()),
         )
-        _kvm_failed_in_a_boot(failure)
-        _terminate(int(details["qemu_pid"]), str(details.get("qemu_marker", QEMU_BINARY)))
+        kvm_failed_in_a_boot(failure)
+        terminate(int(details["qemu_pid"]), str(details.get("qemu_marker", QEMU_BINARY)))
         # swtpm --terminate exits with qemu's connection; it must be gone before its socket
         # and state are taken by the new one.
-        _terminate(int(details["swtpm_pid"]), str(socket_dir))
+        terminate(int(details["swtpm_pid"]), str(socket_dir))
         for log_file, copy in kept.items():
             with contextlib.suppress(FileNotFoundError):
                 log_file.replace(copy)
@@ -852,13 +524,13 @@ class QemuProvider(Provider):
         run_dir = Path(machine.state_dir)
         marker = str(details.get("qemu_marker", QEMU_BINARY))
         # The pid files name the VM of a fall back to tcg that a stale record does not.
-        for qemu_pid in (details.get("qemu_pid"), _read_pid(run_dir / QEMU_PIDFILE)):
+        for qemu_pid in (details.get("qemu_pid"), read_pid(run_dir / QEMU_PIDFILE)):
             if qemu_pid:
-                _terminate(int(qemu_pid), marker)
+                terminate(int(qemu_pid), marker)
         socket_dir = details.get("socket_dir")
-        for swtpm_pid in (details.get("swtpm_pid"), _read_pid(run_dir / SWTPM_PIDFILE)):
+        for swtpm_pid in (details.get("swtpm_pid"), read_pid(run_dir / SWTPM_PIDFILE)):
             if swtpm_pid:
-                _terminate(int(swtpm_pid), str(socket_dir or "swtpm"))
+                terminate(int(swtpm_pid), str(socket_dir or "swtpm"))
         if socket_dir:
             shutil.rmtree(socket_dir, ignore_errors=True)
         # A copy of inputs fetched for the VM (the base image alone is hundreds of MB); the

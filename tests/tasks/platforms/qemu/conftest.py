@@ -38,12 +38,9 @@ from aicert.reference_values import verify_platform_quote
 from aicert.tasks.platforms.agent_client import AgentClient, AgentUnreachableError
 from aicert.tasks.platforms.attestation import MachineAttestation, attest_machine
 from aicert.tasks.platforms.base import EnrolledKey, Machine
-from aicert.tasks.platforms.qemu.image import (
-    GuestImage,
-    build_guest_image,
-    load_guest_image,
-    observe_reference_values,
-)
+from aicert.tasks.platforms.qemu.build import build_guest_image
+from aicert.tasks.platforms.qemu.image import GuestImage, load_guest_image
+from aicert.tasks.platforms.qemu.observe import observe_reference_values
 from aicert.tasks.platforms.qemu.provider import QemuProvider
 
 # A run that only asks for a platform quote: parsed by the agent, never executed.

@@ -27,15 +27,15 @@ from typing import Literal
 import pytest
 
 from aicert.guest_runtime.api_models import Health
-from aicert.tasks.platforms.qemu.image import (
+from aicert.tasks.platforms.qemu.image import GuestImage
+from aicert.tasks.platforms.qemu.initramfs import write_cpio
+from aicert.tasks.platforms.qemu.provider import QemuProvider
+from aicert.tasks.platforms.qemu.recipe import (
     DOCKER_DATA_ROOT,
     DOCKER_READY_MESSAGE,
     DOCKER_SOCKET,
     DOCKERD_ARGUMENTS,
-    GuestImage,
-    write_cpio,
 )
-from aicert.tasks.platforms.qemu.provider import QemuProvider
 
 from .conftest import WALL_TIMES, QuotedBoot
 from .test_guest_image import read_cpio

@@ -15,19 +15,16 @@ from pathlib import Path
 import pytest
 
 from aicert.reference_values import load_options_digest
-from aicert.tasks.platforms.qemu.image import (
+from aicert.tasks.platforms.qemu.build import assemble_image, default_inputs, prepare_inputs
+from aicert.tasks.platforms.qemu.image import GuestImage, image_id_for
+from aicert.tasks.platforms.qemu.initramfs import write_cpio
+from aicert.tasks.platforms.qemu.provider import QemuProvider
+from aicert.tasks.platforms.qemu.recipe import (
     DOCKERD_ARGUMENTS,
     GUEST_KERNEL_MODULES,
     KERNEL_COMMAND_LINE,
-    GuestImage,
-    assemble_image,
-    default_inputs,
-    guest_python_pins,
-    image_id_for,
-    prepare_inputs,
-    write_cpio,
 )
-from aicert.tasks.platforms.qemu.provider import QemuProvider
+from aicert.tasks.platforms.qemu.wheels import guest_python_pins
 
 from .conftest import WALL_TIMES
 
@@ -135,10 +132,10 @@ def test_initrd_holds_the_agent_and_its_init(initrd_entries: dict[str, CpioEntry
         f"dockerd {' '.join(DOCKERD_ARGUMENTS)} < /dev/null > /run/dockerd.log 2>&1 &",
         "/usr/bin/python3 -m aicert.guest_runtime.server --tcti device:/dev/tpmrm0 "
         "--platform qemu --host 0.0.0.0 --port 8080 --work-root /var/lib/aicert/work "
-        "--tls $staged &",
+        '--tls "$@" &',
     ]
     # The staged inputs disk, when the provider attached one; TLS always.
-    assert '[ -b /dev/vda ] && staged="--staged-inputs /dev/vda"' in script
+    assert "[ -b /dev/vda ] && set -- --staged-inputs /dev/vda" in script
     assert "--host 0.0.0.0 --port 8080" in script
     assert "mount -t securityfs securityfs /sys/kernel/security" in script
     console = initrd_entries["dev/console"]
@@ -150,6 +147,21 @@ def test_initrd_holds_the_agent_and_its_init(initrd_entries: dict[str, CpioEntry
     loaded = {Path(path).stem.replace("-", "_") for path in modules}
     assert set(GUEST_KERNEL_MODULES) <= loaded
     assert all(path.lstrip("/") in initrd_entries for path in modules)
+
+
+def test_initrd_holds_only_what_runs_in_the_guest(initrd_entries: dict[str, CpioEntry]) -> None:
+    """The verifier and the guest runtime, not the orchestrator's tasks and flows."""
+    package = "usr/local/lib/python3.11/dist-packages/aicert/"
+    assert package + "verify.py" in initrd_entries
+    assert package + "guest_runtime/agent.py" in initrd_entries
+    subpackages = {
+        name[len(package) :].split("/")[0] for name in initrd_entries if name.startswith(package)
+    }
+    assert not subpackages & {"tasks", "flows", "exports"}, sorted(subpackages)
+    records = [name for name in initrd_entries if name.endswith(".dist-info/RECORD")]
+    record = next(initrd_entries[name].data.decode() for name in records if "/aicert-" in name)
+    assert "aicert/guest_runtime/agent.py," in record
+    assert "aicert/tasks/" not in record and "aicert/flows/" not in record
 
 
 def test_python_files_are_compiled_without_timestamps(

@@ -26,17 +26,18 @@ import pytest
 from typer.testing import CliRunner
 
 from aicert.flows.blocks import QemuPlatform
-from aicert.tasks.platforms.qemu import provider as qemu
+from aicert.tasks.platforms.qemu import kvm
+from aicert.tasks.platforms.qemu import provider as qemu_provider
 from aicert.tasks.platforms.qemu.image import GuestImage
-from aicert.tasks.platforms.qemu.provider import (
+from aicert.tasks.platforms.qemu.kvm import (
     ACCEL_ENV,
     KvmVerdict,
-    QemuProvider,
-    QemuProviderError,
     kvm_failure_in,
     kvm_verdict,
     probe_kvm,
 )
+from aicert.tasks.platforms.qemu.provider import QemuProvider
+from aicert.tasks.platforms.qemu.vm import QEMU_BINARY, QemuProviderError
 
 from .conftest import WALL_TIMES, QuotedBoot, boot_and_quote, process_gone, verify_against
 
@@ -100,14 +101,14 @@ StandIn = Callable[[str], Path]
 def stand_in_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> StandIn:
     """Put a stand-in ``qemu-system-x86_64`` (mode: see STAND_IN) first on PATH; returns the
     file its kvm invocations are recorded in."""
-    real = shutil.which(qemu.QEMU_BINARY)
+    real = shutil.which(QEMU_BINARY)
     assert real is not None
 
     def install(mode: str) -> Path:
         folder = tmp_path / "stand-in-bin"
         folder.mkdir()
         record = tmp_path / "kvm-invocations"
-        script = folder / qemu.QEMU_BINARY
+        script = folder / QEMU_BINARY
         body = STAND_IN.format(real=real, mode=mode, record=str(record), error=KVM_INTERNAL_ERROR)
         script.write_text(f"#!{sys.executable}\n{body}")
         script.chmod(0o755)
@@ -120,7 +121,7 @@ def stand_in_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> StandIn:
 @pytest.fixture(autouse=True)
 def fresh_accel_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No cached verdict and no $AICERT_QEMU_ACCEL; both restored afterwards."""
-    monkeypatch.setattr(qemu, "_kvm_verdict", None)
+    monkeypatch.setattr(kvm, "_kvm_verdict", None)
     monkeypatch.delenv(ACCEL_ENV, raising=False)
     yield
 
@@ -189,7 +190,7 @@ def test_probe_refuses_a_kvm_device_it_may_not_use() -> None:
         device.touch()
         device.chmod(stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IWGRP)
         code = (
-            "from pathlib import Path; from aicert.tasks.platforms.qemu.provider import probe_kvm; "
+            "from pathlib import Path; from aicert.tasks.platforms.qemu.kvm import probe_kvm; "
             f"print(probe_kvm(device=Path({str(device)!r})).reason)"
         )
         command = [sys.executable, "-c", code]
@@ -208,7 +209,7 @@ def test_probe_refuses_when_qemu_is_not_installed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert probe_kvm() == KvmVerdict(False, f"{qemu.QEMU_BINARY} not found", 0.0)
+    assert probe_kvm() == KvmVerdict(False, f"{QEMU_BINARY} not found", 0.0)
 
 
 def test_probe_verdict_is_cached_for_the_process() -> None:
@@ -246,7 +247,7 @@ def test_probe_verdict_agrees_with_a_real_boot_under_kvm(
     WALL_TIMES[f"KVM probe on this machine ({'usable' if verdict.usable else 'not usable'})"] = (
         verdict.seconds
     )
-    assert verdict.seconds < qemu.KVM_PROBE_TIMEOUT_S + 6.0  # its bound, and the teardown's
+    assert verdict.seconds < kvm.KVM_PROBE_TIMEOUT_S + 6.0  # its bound, and the teardown's
     provider = QemuProvider(guest_image.directory, qemu_home, accel="kvm", boot_timeout_s=120)
     started = time.monotonic()
     if verdict.usable:
@@ -273,10 +274,10 @@ def test_a_vm_that_dies_of_kvm_under_auto_is_booted_again_with_tcg(
     failure and the VM hangs): the probe's verdict is set to usable, and the stand-in qemu
     prints the internal error and hangs under kvm; under tcg it is the real qemu."""
     record = stand_in_qemu("internal-error")
-    monkeypatch.setattr(qemu, "_kvm_verdict", KvmVerdict(True, "stand-in: the probe passed", 0))
+    monkeypatch.setattr(kvm, "_kvm_verdict", KvmVerdict(True, "stand-in: the probe passed", 0))
     provider = QemuProvider(guest_image.directory, qemu_home)
     assert provider.accel == "kvm"
-    caplog.set_level(logging.INFO, logger=qemu.__name__)
+    caplog.set_level(logging.INFO, logger=qemu_provider.__name__)
     started = time.monotonic()
     boot = boot_and_quote(provider, "kvm-fallback")
     WALL_TIMES["KVM internal error, then tcg: qemu start to agent answering"] = (
@@ -296,7 +297,7 @@ def test_a_vm_that_dies_of_kvm_under_auto_is_booted_again_with_tcg(
     # The tcg VM is a good one: its firmware and boot measurements are the reference's.
     verify_against(boot, guest_image)
     # Later VMs of the process go straight to tcg.
-    assert not qemu.kvm_usable()
+    assert not kvm.kvm_usable()
     assert QemuProvider(guest_image.directory, qemu_home).accel == "tcg"
 
 
@@ -334,11 +335,11 @@ def test_env_chooses_the_accelerator_without_a_probe(monkeypatch: pytest.MonkeyP
         provider = QemuProvider()
         assert (provider.accel, provider.accel_origin) == (expected, ACCEL_ENV)
         assert provider.accel_reason() == f"{expected}, asked by ${ACCEL_ENV}"
-    assert qemu._kvm_verdict is None  # nothing was probed
+    assert kvm._kvm_verdict is None  # nothing was probed
 
 
 def test_env_auto_or_empty_means_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(qemu, "_kvm_verdict", KvmVerdict(False, "stand-in verdict", 0))
+    monkeypatch.setattr(kvm, "_kvm_verdict", KvmVerdict(False, "stand-in verdict", 0))
     for value in ("auto", ""):
         monkeypatch.setenv(ACCEL_ENV, value)
         provider = QemuProvider()

@@ -19,12 +19,9 @@ from aicert.chain import leaf_public_key_matches, verify_ak_chain
 from aicert.errors import PlatformError
 from aicert.tasks.platforms.base import Machine
 from aicert.tasks.platforms.qemu.image import GuestImage
-from aicert.tasks.platforms.qemu.provider import (
-    MONITOR_SOCKET,
-    QemuProvider,
-    QemuProviderError,
-    ask_monitor,
-)
+from aicert.tasks.platforms.qemu.monitor import ask_monitor
+from aicert.tasks.platforms.qemu.provider import MONITOR_SOCKET, QemuProvider
+from aicert.tasks.platforms.qemu.vm import QemuProviderError
 from aicert.tpm_structures import parse_tpmt_public
 
 from .conftest import WALL_TIMES, QuotedBoot, certified_boot, process_gone, verify_against
