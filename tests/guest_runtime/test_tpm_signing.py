@@ -33,6 +33,7 @@ from aicert.hashing import hash_tree
 from aicert.model_signing_format import model_signing_bundle, model_statement
 from aicert.tasks.platforms.platform_ca import PlatformCA, parse_tpmt_public, public_key_of
 from aicert.tasks.platforms.swtpm import LocalSwtpm
+from tests.verification.test_model_signing_format import write_folder
 
 pytestmark = pytest.mark.swtpm
 
@@ -114,7 +115,7 @@ def is_ticket_error(rc: int | None) -> bool:
 
 
 @pytest.mark.parametrize("algorithm", list(AkAlgorithm))
-def test_signature_over_data_of_four_bytes_or_more_verifies(tpm: Tpm, algorithm: AkAlgorithm) -> None:
+def test_signature_over_four_bytes_or_more_verifies(tpm: Tpm, algorithm: AkAlgorithm) -> None:
     ak = tpm.create_ak(algorithm)
     key = ak_public_key(ak)
     chunk = SEQUENCE_CHUNK_SIZE
@@ -171,14 +172,6 @@ def run_model_signing(outputs: Path, root_path: Path) -> subprocess.CompletedPro
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
 
 
-def write_outputs(folder: Path) -> Path:
-    for relative, content in OUTPUTS.items():
-        path = folder / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content)
-    return folder
-
-
 def sign_outputs(
     outputs: Path, tpm: Tpm, ak: AttestationKey, chain: list[x509.Certificate]
 ) -> None:
@@ -192,7 +185,7 @@ def sign_outputs(
 def signed_outputs(
     swtpm: LocalSwtpm, certified_ak: CertifiedAk, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
-    outputs = write_outputs(tmp_path_factory.mktemp("run") / "outputs")
+    outputs = write_folder(tmp_path_factory.mktemp("run") / "outputs", OUTPUTS)
     with Tpm(swtpm.tcti) as tpm:
         sign_outputs(outputs, tpm, certified_ak.ak, certified_ak.chain)
     return outputs
