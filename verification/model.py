@@ -31,7 +31,6 @@ from pydantic import (
     StringConstraints,
     ValidationError,
     WithJsonSchema,
-    field_validator,
 )
 
 from aicert.bounded_json import JsonLimits, check_json
@@ -170,13 +169,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-def _require_sha256(value: dict[str, str]) -> dict[str, str]:
+def _require_sha256(value: dict[DigestAlgorithm, str]) -> dict[DigestAlgorithm, str]:
     if "sha256" not in value:
         raise ValueError("a digest must include sha256")
     return value
 
 
-Digest = dict[DigestAlgorithm, LowerHex]
+# Every digest of an input or output includes SHA-256, whatever else it lists.
+Digest = Annotated[dict[DigestAlgorithm, LowerHex], AfterValidator(_require_sha256)]
 
 
 class AppEvent(_Strict):
@@ -209,21 +209,11 @@ class InputRecord(_Strict):
     size: Annotated[int, Field(ge=0)] | None = None
     digest: Digest
 
-    @field_validator("digest")
-    @classmethod
-    def _has_sha256(cls, value: dict[str, str]) -> dict[str, str]:
-        return _require_sha256(value)
-
 
 class OutputRecord(_Strict):
     path: ShortText
     size: Annotated[int, Field(ge=0)]
     digest: Digest
-
-    @field_validator("digest")
-    @classmethod
-    def _has_sha256(cls, value: dict[str, str]) -> dict[str, str]:
-        return _require_sha256(value)
 
 
 class Platform(_Strict):

@@ -18,7 +18,8 @@ import base64
 import binascii
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
@@ -162,20 +163,67 @@ def _check_ak_certificate(
     return chain.root_subject
 
 
+EventLogOption = Annotated[
+    Path,
+    typer.Option(
+        help="the boot event log: a VM's /sys/kernel/security/tpm0/binary_bios_measurements "
+        "(raw or base64)"
+    ),
+]
+PcrsOption = Annotated[
+    Path,
+    typer.Option(help='PCR 0-9 of the same boot: JSON {"0": "hex", ...} or tpm2_pcrread output'),
+]
+OutputOption = Annotated[
+    Path | None, typer.Option("--output", "-o", help="write here instead of stdout")
+]
+
+
+@dataclass(frozen=True)
+class _QuoteEvidence:
+    """The optional ``derive-azure`` files that vouch for the PCR values: the quote over them,
+    and the AK certificate that vouches for the quote's key."""
+
+    quote: Path | None
+    signature: Path | None
+    ak_public: Path | None
+    nonce: str | None
+    ak_certificate: Path | None
+    intermediates: Path | None
+    trust_roots: Sequence[Path]
+
+    def check(self, pcr_values: Mapping[int, bytes]) -> dict[str, str | bool]:
+        """Verify the quote over ``pcr_values`` (and the AK certificate when given); what was
+        checked, for the set's provenance."""
+        checked: dict[str, str | bool] = {"quote_verified": False}
+        quote, signature, ak_public, nonce = self.quote, self.signature, self.ak_public, self.nonce
+        if quote is None and signature is None and ak_public is None and nonce is None:
+            if self.ak_certificate is not None:
+                raise ValueError("--ak-certificate checks the quote's key: give the quote too")
+            return checked
+        if quote is None or signature is None or ak_public is None or nonce is None:
+            raise ValueError("--quote, --signature, --ak-public and --nonce go together")
+        key = _read(ak_public, "AK public key")
+        if self.ak_certificate is not None:
+            checked["ak_root"] = _check_ak_certificate(
+                self.ak_certificate, ak_public, key, self.intermediates, self.trust_roots
+            )
+        # The PCR values are only as good as the quote that signs them: check it first.
+        verify_quote(
+            _read(quote, "quote"),
+            _read(signature, "signature"),
+            key,
+            bytes.fromhex(nonce),
+            pcr_values,
+        )
+        checked["quote_verified"] = True
+        return checked
+
+
 @app.command("derive-azure")
 def derive_azure(
-    event_log: Annotated[
-        Path,
-        typer.Option(
-            help="the VM's /sys/kernel/security/tpm0/binary_bios_measurements (raw or base64)"
-        ),
-    ],
-    pcrs: Annotated[
-        Path,
-        typer.Option(
-            help='PCR 0-9 of the same boot: JSON {"0": "hex", ...} or tpm2_pcrread output'
-        ),
-    ],
+    event_log: EventLogOption,
+    pcrs: PcrsOption,
     image_version: Annotated[str, typer.Option(help="the gallery image version's resource id")],
     reference_id: Annotated[
         str | None, typer.Option("--id", help="the set's id (default: <image>-<version>)")
@@ -217,37 +265,18 @@ def derive_azure(
         list[Path] | None,
         typer.Option(help="PEM root trusted besides Microsoft's pinned one (tests); repeatable"),
     ] = None,
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="write here instead of stdout")
-    ] = None,
+    output: OutputOption = None,
 ) -> None:
     """Derive an Azure set from one boot's event log and PCR 0-9 (prints JSON)."""
+    evidence = _QuoteEvidence(
+        quote, signature, ak_public, nonce, ak_certificate, intermediates, trust_root or []
+    )
 
     def derive() -> None:
         pcr_values = _read_pcr_values(pcrs)
         if missing := [index for index in BOOT_PCRS if index not in pcr_values]:
             raise ValueError(f"PCR values {pcrs}: PCR {missing} missing (need 0-9)")
-        checked: dict[str, str | bool] = {"quote_verified": False}
-        quote_files = (quote, signature, ak_public, nonce)
-        if any(item is not None for item in quote_files):
-            if quote is None or signature is None or ak_public is None or nonce is None:
-                raise ValueError("--quote, --signature, --ak-public and --nonce go together")
-            key = _read(ak_public, "AK public key")
-            if ak_certificate is not None:
-                checked["ak_root"] = _check_ak_certificate(
-                    ak_certificate, ak_public, key, intermediates, trust_root or []
-                )
-            # The PCR values are only as good as the quote that signs them: check it first.
-            verify_quote(
-                _read(quote, "quote"),
-                _read(signature, "signature"),
-                key,
-                bytes.fromhex(nonce),
-                pcr_values,
-            )
-            checked["quote_verified"] = True
-        elif ak_certificate is not None:
-            raise ValueError("--ak-certificate checks the quote's key: give the quote too")
+        checked = evidence.check(pcr_values)
         reference = derive_azure_reference_values(
             _read_event_log(event_log),
             pcr_values,
@@ -265,9 +294,7 @@ def derive_azure(
 @app.command("merge-azure")
 def merge_azure(
     sets: Annotated[list[Path], typer.Argument(help="the Azure sets to merge")],
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="write here instead of stdout")
-    ] = None,
+    output: OutputOption = None,
 ) -> None:
     """One Azure set accepting every value of the given sets."""
     _run(
@@ -282,8 +309,8 @@ def merge_azure(
 
 @app.command("check")
 def check(
-    event_log: Annotated[Path, typer.Option(help="the boot event log (raw or base64)")],
-    pcrs: Annotated[Path, typer.Option(help="PCR 0-9: JSON or tpm2_pcrread output")],
+    event_log: EventLogOption,
+    pcrs: PcrsOption,
     reference_values: Annotated[Path, typer.Option(help="the reference-value set (JSON)")],
 ) -> None:
     """Check an event log and its PCR 0-9 against a reference-value set."""
