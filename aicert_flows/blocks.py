@@ -78,12 +78,8 @@ class AicertRunConfig(Block):
         """The validated configuration; raises ``ConfigError`` naming the field (and line)."""
         import yaml
 
-        from aicert.guest_runtime.config import (
-            ConfigError,
-            parse_config,
-            resolve_local_source,
-            strict_yaml_load,
-        )
+        from aicert.guest_runtime.config import ConfigError, parse_config, resolve_local_source
+        from aicert.guest_runtime.strict_yaml import strict_yaml_load
 
         source = f"block {self._block_document_name or self.get_block_type_slug()}"
         if len(self.config_yaml.encode()) > MAX_CONFIG_YAML_BYTES:

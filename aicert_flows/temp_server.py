@@ -19,12 +19,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import httpx
 
-from aicert.guest_runtime.hostutil import stop_child
+from aicert.guest_runtime.hostutil import StartStop, stop_child
 from aicert.tasks.platforms.settings import aicert_home
 
 STARTUP_TIMEOUT_S = 180.0
@@ -63,7 +61,7 @@ def _tail(path: Path) -> str:
     return data[-LOG_TAIL_BYTES:].decode(errors="replace").strip()
 
 
-class TemporaryPrefectServer:
+class TemporaryPrefectServer(StartStop):
     """A Prefect API server that lives exactly as long as this process (see the module).
 
     The parent-death signal fires when the thread that started the server ends, so start it
@@ -165,18 +163,6 @@ class TemporaryPrefectServer:
         process, self.process = self.process, None
         if process is not None:
             stop_child(process, STOP_TIMEOUT_S)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def needs_temporary_server() -> bool:

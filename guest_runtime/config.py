@@ -3,17 +3,15 @@
 Every error names the field and, when the config came from a YAML file, the line, so a
 typo'd key or a ``..`` in a destination path is caught before a machine is provisioned.
 
-The YAML is read strictly (``strict_yaml_load``): at most ``MAX_CONFIG_BYTES``, no anchors or
-aliases (a nine-level alias "bomb" of under 1 KB expands to gigabytes), no duplicate keys (the
-last one would silently win), no merge keys, nesting at most ``MAX_YAML_DEPTH`` deep. Every
-number has documented bounds (``Limits``), and the image reference follows Docker's grammar.
+The YAML is read strictly (``strict_yaml``: bounded size and depth, no anchors, aliases,
+merge or duplicate keys). Every number has documented bounds (``Limits``), and the image
+reference follows Docker's grammar.
 """
 
 from __future__ import annotations
 
 import datetime
 import re
-from collections.abc import Hashable
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
@@ -29,6 +27,14 @@ from pydantic import (
     model_validator,
 )
 
+from aicert.guest_runtime.strict_yaml import (
+    MAX_CONFIG_BYTES,
+    Location,
+    compose_strict,
+    node_index,
+    value_node,
+    yaml_problem,
+)
 from aicert.model import MAX_OUTPUT_FILES
 
 DEFAULT_BASE_IMAGE = "aicert/python-base:bookworm"
@@ -37,10 +43,6 @@ DEFAULT_OUTPUTS = "/workspace/outputs"
 SUPPORTED_PYTHON = "3.11"  # the base image is Debian bookworm, whose python3 is 3.11
 
 # -- bounds (documented in the README's configuration section) ---------------------------------
-# A training config is a page of YAML; 256 KiB leaves room for long resource lists.
-MAX_CONFIG_BYTES = 256 * 1024
-# The config's structure is four levels deep; anything much deeper is not a config.
-MAX_YAML_DEPTH = 32
 MIN_CPUS = 0.01  # Docker refuses less than 0.01 CPU
 MAX_CPUS = 1024.0
 MIN_MEMORY_BYTES = 6 * 1024 * 1024  # Docker's minimum memory limit (6 MiB)
@@ -95,93 +97,6 @@ _MEMORY_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
-
-
-# -- strict YAML -----------------------------------------------------------------------------
-
-
-class RefusedYamlError(yaml.MarkedYAMLError):
-    """YAML that is valid but refused in a run configuration (an alias, a duplicate key...).
-
-    A ``MarkedYAMLError``: callers report it like any YAML error, with its line.
-    """
-
-    def __init__(self, problem: str, mark: yaml.Mark | None) -> None:
-        super().__init__(problem=problem, problem_mark=mark)
-
-
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """``SafeLoader`` without anchors, aliases, merge keys or duplicate keys, depth-bounded.
-
-    Aliases are refused rather than bounded: a training config has no use for them, and
-    each one can multiply what the document expands to (the "billion laughs").
-    """
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-            raise RefusedYamlError(
-                "YAML anchors and aliases (&name, *name) are not allowed: a training config "
-                "has no need for them, and aliases can expand exponentially",
-                event.start_mark,
-            )
-        self._depth += 1
-        if self._depth > MAX_YAML_DEPTH:
-            raise RefusedYamlError(
-                f"nested more than {MAX_YAML_DEPTH} levels deep", event.start_mark
-            )
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        first_seen: dict[Hashable, int] = {}
-        for key_node, _ in node.value:
-            line = key_node.start_mark.line + 1
-            if key_node.tag == _MERGE_TAG:
-                raise RefusedYamlError("YAML merge keys (<<) are not allowed", key_node.start_mark)
-            if not isinstance(key_node, yaml.ScalarNode):
-                raise RefusedYamlError("a key must be a plain name", key_node.start_mark)
-            key = self.construct_object(key_node)
-            if key in first_seen:
-                raise RefusedYamlError(
-                    f"duplicate key {key_node.value!r} (first given on line "
-                    f"{first_seen[key]}): a repeated key would silently replace the first",
-                    key_node.start_mark,
-                )
-            first_seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def _compose_strict(text: str) -> tuple[Any, yaml.Node | None]:
-    """The data and the node tree of one YAML document, read by ``_StrictLoader``."""
-    if len(text.encode("utf-8", errors="surrogatepass")) > MAX_CONFIG_BYTES:
-        raise RefusedYamlError(f"larger than {MAX_CONFIG_BYTES} bytes", None)
-    loader = _StrictLoader(text)
-    try:
-        root = loader.get_single_node()
-        data = None if root is None else loader.construct_document(root)
-    finally:
-        loader.dispose()
-    return data, root
-
-
-def strict_yaml_load(text: str) -> Any:
-    """Parse a run configuration's YAML strictly (see ``_StrictLoader``).
-
-    Raises:
-        yaml.YAMLError: invalid YAML, or ``RefusedYamlError`` (too large, an anchor or alias,
-            a duplicate or merge key, too deep); both carry ``problem`` and ``problem_mark``.
-    """
-    return _compose_strict(text)[0]
 
 
 class ConfigError(ValueError):
@@ -480,45 +395,6 @@ class RunConfig(_ConfigModel):
         return self.model_dump(mode="json", by_alias=True)
 
 
-Location = tuple[str | int, ...]
-
-
-def _node_index(root: yaml.Node | None) -> dict[Location, yaml.Node]:
-    """Map each YAML key/item path to its node (the key's node for a mapping entry).
-
-    The strict loader refused aliases, so the node graph is a tree: this walk is linear.
-    """
-    nodes: dict[Location, yaml.Node] = {}
-
-    def walk(node: yaml.Node, path: Location) -> None:
-        nodes.setdefault(path, node)
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = (*path, key_node.value)
-                nodes[key] = key_node
-                walk(value_node, key)
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                walk(item, (*path, index))
-
-    if root is not None:
-        walk(root, ())
-    return nodes
-
-
-def _value_node(root: yaml.Node | None, path: Location) -> yaml.ScalarNode | None:
-    """The scalar node holding the value at ``path`` (to quote what the YAML said)."""
-    node = root
-    for part in path:
-        if isinstance(node, yaml.MappingNode):
-            node = next((v for k, v in node.value if k.value == part), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            node = node.value[part] if part < len(node.value) else None
-        else:
-            return None
-    return node if isinstance(node, yaml.ScalarNode) else None
-
-
 def _field_path(location: Location) -> str:
     text = ""
     for part in location:
@@ -570,7 +446,7 @@ def _location(loc: tuple[str | int, ...]) -> Location:
 
 
 def _problems(exc: ValidationError, root: yaml.Node | None) -> list[str]:
-    nodes = _node_index(root)
+    nodes = node_index(root)
     problems = []
     for error in exc.errors():
         location = _location(error["loc"])
@@ -582,7 +458,7 @@ def _problems(exc: ValidationError, root: yaml.Node | None) -> list[str]:
         elif error["type"] in _RANGE_ERRORS and location in _RANGES:
             message = f"{error.get('input')!r} is out of range: allowed {_RANGES[location]}"
         else:
-            hint = _type_hint(error["type"], error.get("input"), _value_node(root, location))
+            hint = _type_hint(error["type"], error.get("input"), value_node(root, location))
             message = hint or message
         line = None
         probe = location
@@ -611,24 +487,17 @@ def parse_config(data: Any, *, text: str | None = None, source: str = "config") 
     root = None
     if text is not None:
         try:
-            root = _compose_strict(text)[1]
+            root = compose_strict(text)[1]
         except yaml.YAMLError:
             root = None  # the caller parsed it; without the tree, errors just have no line
     return _validate(data, root, source)
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    where = f"line {mark.line + 1}: " if mark else ""
-    problem = getattr(exc, "problem", None) or str(exc)
-    label = "" if isinstance(exc, RefusedYamlError) else "invalid YAML: "
-    return f"{where}{label}{problem}"
-
-
 def load_config(path: str | Path) -> RunConfig:
     """Read and validate an ``aicert.yaml``; raise ConfigError naming the field and line.
 
-    The file is read strictly (``strict_yaml_load``) and at most ``MAX_CONFIG_BYTES`` of it.
+    The file is read strictly (``strict_yaml.strict_yaml_load``), at most ``MAX_CONFIG_BYTES``
+    of it.
     """
     config_path = Path(path)
     try:
@@ -643,9 +512,9 @@ def load_config(path: str | Path) -> RunConfig:
     except UnicodeDecodeError:
         raise ConfigError(["the file is not UTF-8 text"], str(config_path)) from None
     try:
-        data, root = _compose_strict(text)
+        data, root = compose_strict(text)
     except yaml.YAMLError as exc:
-        raise ConfigError([_yaml_problem(exc)], str(config_path)) from None
+        raise ConfigError([yaml_problem(exc)], str(config_path)) from None
     if not isinstance(data, dict):
         raise ConfigError(["the top level must be a mapping of fields"], str(config_path))
     return _validate(data, root, str(config_path))

@@ -1,13 +1,19 @@
-"""Small host helpers shared by the guest runtime's modules (locks, streamed subprocesses)."""
+"""Small host helpers shared by the guest runtime and the host side (locks, subprocesses, the
+``with`` protocol of things that start and stop)."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+_log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -67,3 +73,41 @@ def stop_child(process: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=grace_s)
+
+
+class StartStop:
+    """Mixin: ``with obj:`` calls ``obj.start()`` and, on leaving, always ``obj.stop()``.
+
+    When the block raised, a ``stop`` that fails too is logged, not raised: it must not hide
+    the error that is already propagating. ``start`` does nothing by default (an object that
+    its constructor opened).
+    """
+
+    def start(self) -> object:
+        """Start what the object manages (a subclass may return what it started, e.g. a URL);
+        nothing by default."""
+        return None
+
+    def stop(self) -> None:
+        """Stop what the object manages (idempotent in every subclass)."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.stop()
+            return
+        try:
+            self.stop()
+        except Exception as stop_error:
+            _log.warning(
+                "stopping %s after an error also failed: %s", type(self).__name__, stop_error
+            )

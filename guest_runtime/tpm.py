@@ -4,6 +4,9 @@ One ``Tpm`` per TCTI ("swtpm:host=...,port=..." or "device:/dev/tpmrm0"). A raw 
 has no resource manager, so every transient object and session this class creates is flushed
 in a ``finally`` (sessions) or when the ``Tpm`` closes (the EK and the loaded AK, kept loaded
 in between because re-creating an RSA EK per quote costs more than the quote).
+
+The data it hands out and takes back (keys, quotes, templates, errors) is in ``tpm_types``,
+re-exported here (``__all__``): callers import everything TPM from this module.
 """
 
 from __future__ import annotations
@@ -13,19 +16,14 @@ import hmac
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from enum import StrEnum
-from types import TracebackType
-from typing import Self
+from dataclasses import dataclass
 
 from tpm2_pytss import ESAPI, TSS2_Exception
 from tpm2_pytss.constants import (
     ESYS_TR,
     TPM2_ALG,
     TPM2_CAP,
-    TPM2_ECC,
     TPM2_GENERATED,
-    TPM2_HT,
     TPM2_PT_NV,
     TPM2_SE,
     TPM2_ST,
@@ -36,39 +34,44 @@ from tpm2_pytss.constants import (
 from tpm2_pytss.types import (
     TPM2B_ENCRYPTED_SECRET,
     TPM2B_ID_OBJECT,
-    TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
     TPML_DIGEST_VALUES,
-    TPML_PCR_SELECTION,
     TPMS_ATTEST,
-    TPMS_ECC_PARMS,
-    TPMS_PCR_SELECTION,
-    TPMS_RSA_PARMS,
-    TPMT_ECC_SCHEME,
     TPMT_HA,
-    TPMT_KDF_SCHEME,
     TPMT_PUBLIC,
-    TPMT_RSA_SCHEME,
     TPMT_SIG_SCHEME,
     TPMT_SYM_DEF,
-    TPMT_SYM_DEF_OBJECT,
     TPMU_HA,
-    TPMU_PUBLIC_ID,
-    TPMU_PUBLIC_PARMS,
 )
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
-_log = logging.getLogger(__name__)
+from aicert.guest_runtime.hostutil import StartStop
+from aicert.guest_runtime.tpm_types import (
+    AK_ATTRIBUTES,
+    AK_REQUIRED_ATTRIBUTES,
+    DEFAULT_NV_BUFFER_MAX,
+    EK_RSA_CERT_NV_INDEX,
+    HMAC_SESSION_FIRST,
+    MAX_NONCE_SIZE,
+    PCR_COUNT,
+    POLICY_SESSION_FIRST,
+    SHA256_SIZE,
+    TRANSIENT_HANDLE_FIRST,
+    AkAlgorithm,
+    AttestationKey,
+    NvIndexNotDefinedError,
+    Quote,
+    TpmError,
+    TpmObject,
+    TpmUnreachableError,
+    ak_template,
+    der_prefix,
+    pcr_selection,
+    selected_pcrs,
+)
 
-EK_RSA_CERT_NV_INDEX = 0x01C00002
-PCR_COUNT = 24
-SHA256_SIZE = 32
-MAX_NONCE_SIZE = 64  # TPM2B_DATA in TPM2_Quote holds at most a TPMT_HA digest
-DEFAULT_NV_BUFFER_MAX = 512
-TRANSIENT_HANDLE_FIRST = TPM2_HT.TRANSIENT << 24
-HMAC_SESSION_FIRST = TPM2_HT.HMAC_SESSION << 24
-POLICY_SESSION_FIRST = TPM2_HT.POLICY_SESSION << 24
+_log = logging.getLogger(__name__)
 _CAP_HANDLE_BATCH = 64
 _HASH_BY_DIGEST_SIZE = {32: "sha256", 48: "sha384", 64: "sha512"}
 
@@ -80,186 +83,12 @@ _UNREACHABLE_BASE_CODES = frozenset(
 _TPM_RC_HANDLE = 0x08B  # format-1 TPM_RC_HANDLE, as returned for an undefined NV index
 _RC_FMT1 = 0x080
 
-# What makes a key an attestation key (userWithAuth aside, which only says how it is used).
-AK_REQUIRED_ATTRIBUTES = (
-    TPMA_OBJECT.FIXEDTPM
-    | TPMA_OBJECT.FIXEDPARENT
-    | TPMA_OBJECT.SENSITIVEDATAORIGIN
-    | TPMA_OBJECT.RESTRICTED
-    | TPMA_OBJECT.SIGN_ENCRYPT
-)
-AK_ATTRIBUTES = (
-    TPMA_OBJECT.FIXEDTPM
-    | TPMA_OBJECT.FIXEDPARENT
-    | TPMA_OBJECT.SENSITIVEDATAORIGIN
-    | TPMA_OBJECT.USERWITHAUTH
-    | TPMA_OBJECT.RESTRICTED
-    | TPMA_OBJECT.SIGN_ENCRYPT
-)
-
-
-class TpmError(RuntimeError):
-    """A TPM operation failed; ``operation`` names it, ``rc`` is the TSS2 code if any."""
-
-    def __init__(self, operation: str, message: str, rc: int | None = None) -> None:
-        self.operation = operation
-        self.rc = rc
-        super().__init__(f"TPM {operation}: {message}")
-
-
-class TpmUnreachableError(TpmError):
-    """The TPM does not answer (swtpm process gone, device missing, connection broken)."""
-
-
-class NvIndexNotDefinedError(TpmError):
-    """The NV index does not exist on this TPM."""
-
-
-class AkAlgorithm(StrEnum):
-    RSA2048_RSASSA_SHA256 = "rsa2048"
-    ECC_P256_ECDSA_SHA256 = "ecc-p256"
-
-
-@dataclass(frozen=True)
-class TpmObject:
-    """A transient object loaded in the TPM for the life of the owning ``Tpm``."""
-
-    handle: ESYS_TR
-    public: TPM2B_PUBLIC
-
-    @property
-    def public_bytes(self) -> bytes:
-        """TPMT_PUBLIC, marshalled."""
-        return bytes(self.public.publicArea.marshal())
-
-    @property
-    def name(self) -> bytes:
-        return bytes(self.public.get_name())
-
-
-@dataclass(frozen=True)
-class AttestationKey:
-    """An AK as plain data: either created under the EK (reload it with ``Tpm.load_ak``)
-    or persistent in the TPM (``Tpm.persistent_ak``, e.g. Azure's at 0x81000003)."""
-
-    public_bytes: bytes  # TPMT_PUBLIC, marshalled
-    private_bytes: bytes = b""  # TPM2B_PRIVATE, marshalled (wrapped by the EK); none if persistent
-    persistent_handle: int | None = None
-
-    @property
-    def public(self) -> TPM2B_PUBLIC:
-        area, _ = TPMT_PUBLIC.unmarshal(self.public_bytes)
-        return TPM2B_PUBLIC(publicArea=area)
-
-    @property
-    def private(self) -> TPM2B_PRIVATE:
-        if self.persistent_handle is not None:
-            raise TpmError("load AK", "a persistent AK has no private blob")
-        private, _ = TPM2B_PRIVATE.unmarshal(self.private_bytes)
-        return private
-
-    @property
-    def name(self) -> bytes:
-        """TPM name: nameAlg (2 bytes) followed by the digest of TPMT_PUBLIC."""
-        return bytes(self.public.get_name())
-
 
 @dataclass(frozen=True)
 class _LoadedKey:
     name: bytes
     handle: ESYS_TR
     persistent: bool
-
-
-@dataclass(frozen=True)
-class Quote:
-    attest: bytes  # TPMS_ATTEST, marshalled (the signed bytes)
-    signature: bytes  # TPMT_SIGNATURE, marshalled
-    pcrs: dict[int, bytes] = field(default_factory=dict)  # SHA-256 bank, matching pcrDigest
-    nonce: bytes = b""
-
-
-def ak_template(algorithm: AkAlgorithm = AkAlgorithm.RSA2048_RSASSA_SHA256) -> TPMT_PUBLIC:
-    """The public template of a restricted signing attestation key."""
-    null_symmetric = TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL)
-    if algorithm is AkAlgorithm.RSA2048_RSASSA_SHA256:
-        scheme = TPMT_RSA_SCHEME(scheme=TPM2_ALG.RSASSA)
-        scheme.details.anySig.hashAlg = TPM2_ALG.SHA256
-        return TPMT_PUBLIC(
-            type=TPM2_ALG.RSA,
-            nameAlg=TPM2_ALG.SHA256,
-            objectAttributes=AK_ATTRIBUTES,
-            parameters=TPMU_PUBLIC_PARMS(
-                rsaDetail=TPMS_RSA_PARMS(
-                    symmetric=null_symmetric, scheme=scheme, keyBits=2048, exponent=0
-                )
-            ),
-            unique=TPMU_PUBLIC_ID(rsa=b""),
-        )
-    if algorithm is AkAlgorithm.ECC_P256_ECDSA_SHA256:
-        ecc_scheme = TPMT_ECC_SCHEME(scheme=TPM2_ALG.ECDSA)
-        ecc_scheme.details.anySig.hashAlg = TPM2_ALG.SHA256
-        return TPMT_PUBLIC(
-            type=TPM2_ALG.ECC,
-            nameAlg=TPM2_ALG.SHA256,
-            objectAttributes=AK_ATTRIBUTES,
-            parameters=TPMU_PUBLIC_PARMS(
-                eccDetail=TPMS_ECC_PARMS(
-                    symmetric=null_symmetric,
-                    scheme=ecc_scheme,
-                    curveID=TPM2_ECC.NIST_P256,
-                    kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL),
-                )
-            ),
-        )
-    raise TpmError("create_ak", f"unsupported AK algorithm {algorithm!r}")
-
-
-def der_prefix(data: bytes) -> bytes:
-    """The DER element at the start of ``data``; the rest must be zero padding.
-
-    NV indices are sized by the manufacturer and certificates are zero padded to fill them.
-    Hand-written because a DER SEQUENCE header is four lines and cryptography rejects
-    trailing bytes rather than reporting the element's length.
-    """
-    if len(data) < 2 or data[0] != 0x30:
-        raise TpmError("read certificate", "NV content is not a DER SEQUENCE")
-    first = data[1]
-    if first < 0x80:
-        header, length = 2, first
-    else:
-        count = first & 0x7F
-        if count == 0 or count > 4 or len(data) < 2 + count:
-            raise TpmError("read certificate", "bad DER length")
-        header, length = 2 + count, int.from_bytes(data[2 : 2 + count], "big")
-    end = header + length
-    if end > len(data):
-        raise TpmError("read certificate", "DER element longer than the NV content")
-    if any(data[end:]):
-        raise TpmError("read certificate", "non-zero bytes after the DER certificate")
-    return data[:end]
-
-
-def pcr_selection(pcrs: Sequence[int]) -> TPML_PCR_SELECTION:
-    """A SHA-256 bank selection of ``pcrs``."""
-    selection = TPMS_PCR_SELECTION(hash=TPM2_ALG.SHA256, pcrs=list(pcrs))
-    return TPML_PCR_SELECTION([selection])
-
-
-def selected_pcrs(selection: TPML_PCR_SELECTION) -> list[tuple[int, list[int]]]:
-    """(hash algorithm, ascending PCR indices) per bank, in selection order."""
-    banks: list[tuple[int, list[int]]] = []
-    for index in range(selection.count):
-        bank = selection.pcrSelections[index]
-        bitmap = bytes(bank.pcrSelect)[: bank.sizeofSelect]
-        indices = [
-            byte_index * 8 + bit
-            for byte_index, byte in enumerate(bitmap)
-            for bit in range(8)
-            if byte & (1 << bit)
-        ]
-        banks.append((int(bank.hash), indices))
-    return banks
 
 
 def _validated_pcrs(pcrs: Sequence[int], operation: str) -> list[int]:
@@ -281,7 +110,7 @@ def _is_undefined_nv(rc: int) -> bool:
     return (rc & 0xFFFF) & ~0xF00 == _TPM_RC_HANDLE and bool(rc & _RC_FMT1)
 
 
-class Tpm:
+class Tpm(StartStop):
     """An open connection to one TPM. Use as a context manager."""
 
     def __init__(self, tcti: str) -> None:
@@ -368,23 +197,9 @@ class Tpm:
         with self._operation("flush") as esapi:
             esapi.flush_context(handle)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            self.close()
-            return
-        # Do not let a failing flush hide the error that is already propagating.
-        try:
-            self.close()
-        except TpmError as close_error:
-            _log.warning("closing the TPM after an error also failed: %s", close_error)
+    def stop(self) -> None:
+        """``close``, as leaving a ``with`` block calls it (``hostutil.StartStop``)."""
+        self.close()
 
     # -- capabilities and handles ------------------------------------------------------
 

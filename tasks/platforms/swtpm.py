@@ -16,10 +16,9 @@ import subprocess
 import time
 import weakref
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
-from aicert.guest_runtime.hostutil import file_lock
+from aicert.guest_runtime.hostutil import StartStop, file_lock
 
 SWTPM_SETUP_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 10.0
@@ -148,7 +147,7 @@ def _tpm_answers(port: int, timeout_s: float) -> bool:
     return header[:2] == b"\x80\x01" and header[6:10] == b"\x00\x00\x00\x00"
 
 
-class LocalSwtpm:
+class LocalSwtpm(StartStop):
     """A swtpm whose state lives in ``state_dir``, served on loopback while started."""
 
     def __init__(self, state_dir: Path, ek_ca_dir: Path) -> None:
@@ -439,15 +438,3 @@ class LocalSwtpm:
             raise SwtpmError("stop", f"swtpm pid {process.pid} survived SIGKILL") from exc
         finally:
             self.pid_file.unlink(missing_ok=True)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
