@@ -1,5 +1,5 @@
 #!/bin/sh
-# Collect what `aicert-reference-values derive-azure` needs from a VM booted from a
+# Collect what `aicert reference-values derive-azure` needs from a VM booted from a
 # new gallery image version: the boot event log, PCR 0-9, a quote over them by the VM's
 # Azure-certified AK, the AK's public key and certificate. Run as root on that VM, through
 # `az vm run-command invoke` (see README.md, section 3). Writes OUT_DIR and OUT_DIR.tar.gz.
