@@ -1,0 +1,125 @@
+"""Every AICert task is declared by ``aicert_task``: never cached, with its step's retry policy.
+
+The task names are what the Prefect UI lists (and other tests look runs up by them); the retry
+settings say which steps may run twice: a call that extends a PCR is repeated only when the
+agent never got it, waiting for the agent not once the machine is known dead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from prefect import Task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import Failed
+
+from aicert.tasks import certification, verification
+from aicert.tasks.certification import (
+    AGENT_START,
+    UNTIL_AGENT_REACHED,
+    MachineFailed,
+)
+from aicert.tasks.platforms.agent_client import AgentUnreachableError
+from aicert.tasks.task_factory import RetryPolicy, aicert_task
+
+# task object -> (name, task run name, retries, delays, retry condition)
+EXPECTED: dict[str, tuple[str, str | None, int, list[int] | None, str | None]] = {
+    "load_run_config": ("load-config", None, 0, None, None),
+    "provision_machine": ("provision", "provision-{provider.kind}-{run_id}", 2, [2, 10], None),
+    "stage_inputs": ("stage-inputs", "stage-inputs-{run_id}", 1, [5], None),
+    "wait_for_agent": ("wait-for-agent", None, 1, [2], "_unless_machine_failed"),
+    "establish_attestation_key": ("establish-ak", None, 2, [1, 5], None),
+    "attest_machine_before_run": ("attest-machine", None, 2, [1, 5], "_only_if_unreachable"),
+    "start_run": ("start-run", None, 2, [1, 5], "_only_if_unreachable"),
+    "measure_inputs": (
+        "measure-inputs",
+        "measure-inputs-{project}",
+        2,
+        [1, 5],
+        "_only_if_unreachable",
+    ),
+    "build_image": ("build-image", "build-image-{project}", 2, [1, 5], "_only_if_unreachable"),
+    "check_tpm": ("check-tpm", "check-tpm-{machine.run_id}", 0, None, None),
+    "run_training": ("run-training", "run-training-{project}", 0, None, None),
+    "measure_outputs": (
+        "measure-outputs",
+        "measure-outputs-{project}",
+        2,
+        [1, 5],
+        "_only_if_unreachable",
+    ),
+    "collect_outputs": ("collect-outputs", "collect-outputs-{run_id}", 2, [2, 10], None),
+    "collect_quote": ("quote", None, 3, [1, 2, 5], None),
+    "teardown_machine": ("teardown", "teardown-{machine.run_id}", 0, None, None),
+}
+
+
+def _settings(step: Task[..., Any]) -> tuple[str, str | None, int, list[int] | None, str | None]:
+    condition = step.retry_condition_fn
+    delays = step.retry_delay_seconds if step.retries else None
+    return (
+        step.name,
+        step.task_run_name if isinstance(step.task_run_name, str) else None,
+        step.retries,
+        list(delays) if isinstance(delays, list) else delays,
+        getattr(condition, "__name__", None),
+    )
+
+
+@pytest.mark.parametrize("attribute", sorted(EXPECTED))
+def test_each_certification_step_keeps_its_name_and_retry_policy(attribute: str) -> None:
+    step = getattr(certification, attribute)
+
+    assert isinstance(step, Task)
+    assert _settings(step) == EXPECTED[attribute]
+    assert step.cache_policy is NO_CACHE
+
+
+def test_every_task_of_the_module_is_listed() -> None:
+    tasks = {name for name, value in vars(certification).items() if isinstance(value, Task)}
+    assert tasks == set(EXPECTED)
+
+
+def test_the_verification_task_is_never_cached_nor_retried() -> None:
+    step = verification.verify_certificate
+    assert (step.name, step.retries, step.cache_policy) == ("verify-certificate", 0, NO_CACHE)
+
+
+def test_the_factory_states_retries_once_per_policy() -> None:
+    policy = RetryPolicy(delays_s=(3, 7, 11))
+
+    @aicert_task("example", run_name="example-{value}", retry=policy)
+    def example(value: int) -> int:
+        return value
+
+    assert (example.name, example.task_run_name) == ("example", "example-{value}")
+    assert (example.retries, example.retry_delay_seconds) == (3, [3, 7, 11])
+    assert example.retry_condition_fn is None
+    assert example.cache_policy is NO_CACHE
+    assert example.fn(4) == 4
+
+
+def _a_task_run() -> TaskRun:
+    return TaskRun(task_key="k", dynamic_key="0", flow_run_id=None)
+
+
+def _decide(policy: RetryPolicy, error: BaseException) -> bool:
+    """The policy's verdict on an attempt that failed with ``error``."""
+    assert policy.condition is not None
+    return policy.condition(certification.start_run, _a_task_run(), Failed(data=error))
+
+
+def test_a_pcr_extending_call_is_retried_only_when_the_agent_never_got_it() -> None:
+    refused = AgentUnreachableError("measure inputs", "ConnectError", "refused", None)
+    timed_out = AgentUnreachableError("measure inputs", "ReadTimeout", "no answer", None)
+
+    assert _decide(UNTIL_AGENT_REACHED, refused) is True
+    assert _decide(UNTIL_AGENT_REACHED, timed_out) is False  # it may have extended the PCR
+    assert _decide(UNTIL_AGENT_REACHED, RuntimeError("agent said no")) is False
+
+
+def test_waiting_for_the_agent_is_not_retried_once_the_machine_is_dead() -> None:
+    assert _decide(AGENT_START, MachineFailed("swtpm exited")) is False
+    assert _decide(AGENT_START, TimeoutError("no answer yet")) is True
