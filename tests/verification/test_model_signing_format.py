@@ -13,6 +13,7 @@ import datetime as dt
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import model_signing
 import pytest
@@ -20,11 +21,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
-from model_signing._signing.sign_sigstore_pb import pae as model_signing_pae
 
 from aicert.hashing import FileDigest, hash_tree
 from aicert.model_signing_format import (
     ModelSigningFormatError,
+    ModelStatement,
     dsse_pae,
     model_signing_bundle,
     model_statement,
@@ -39,6 +40,7 @@ FOLDER_FILES = {
     ".gitignore": b"*.tmp\n",
     ".git/HEAD": b"ref: refs/heads/main\n",
 }
+JsonObject = dict[str, Any]  # parsed JSON: its shape is what the tests check
 SIGNED_PATHS = ["a/x", "a-c", "donn\u00e9es.csv", "sub/b.bin", "sub2"]
 
 
@@ -128,9 +130,14 @@ def model_dir(tmp_path: Path) -> Path:
     return write_folder(tmp_path / "my-model")
 
 
-def statement_of_bundle(path: Path) -> dict[str, object]:
+def statement_of_bundle(path: Path) -> JsonObject:
     bundle = json.loads(path.read_text())
     return json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+
+
+def parsed(statement: ModelStatement) -> JsonObject:
+    """The statement as a verifier reads it: its payload, parsed."""
+    return json.loads(statement.payload)
 
 
 def sign_with_model_signing(model_dir: Path, signer: SoftwareSigner) -> Path:
@@ -170,24 +177,26 @@ def test_statement_equals_the_one_model_signing_builds(
     ours = model_statement(model_dir.name, hash_tree(model_dir))
     theirs = statement_of_bundle(sign_with_model_signing(model_dir, signer))
     # The tool lists ignore_paths in a frozenset's (per-process) order; ours are sorted.
-    serialization_args = theirs["predicate"]["serialization"]  # type: ignore[index]
+    serialization_args = theirs["predicate"]["serialization"]
     serialization_args["ignore_paths"].sort()
     assert ours.statement == theirs
-    assert json.loads(ours.payload) == ours.statement
-    resources = ours.statement["predicate"]["resources"]  # type: ignore[index]
+    assert parsed(ours) == ours.statement
+    resources = parsed(ours)["predicate"]["resources"]
     assert [resource["name"] for resource in resources] == SIGNED_PATHS
     assert ours.ignored == (".git/HEAD", ".gitignore")
 
 
-def test_pae_is_the_dsse_encoding_model_signing_verifies(model_dir: Path) -> None:
-    statement = model_statement(model_dir.name, hash_tree(model_dir))
-    assert statement.pae == model_signing_pae(statement.payload)
+def test_pae_is_the_dsse_v1_encoding(model_dir: Path) -> None:
+    # That model_signing checks signatures over this encoding: the bundle tests below.
     assert dsse_pae(b"hello", "text/plain") == b"DSSEv1 10 text/plain 5 hello"
+    statement = model_statement(model_dir.name, hash_tree(model_dir))
+    header = b"DSSEv1 28 application/vnd.in-toto+json %d " % len(statement.payload)
+    assert statement.pae == header + statement.payload
 
 
 def test_empty_folder_has_the_digest_of_nothing() -> None:
     statement = model_statement("empty", [])
-    subject = statement.statement["subject"][0]  # type: ignore[index]
+    subject = parsed(statement)["subject"][0]
     assert subject["digest"]["sha256"] == (
         "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
     )
@@ -247,7 +256,7 @@ def test_signature_elsewhere_in_the_folder() -> None:
     with pytest.raises(ModelSigningFormatError, match="where the signature"):
         model_statement("model", files, signature_name="sig")
     statement = model_statement("model", files, signature_name="sig/y")
-    serialization_args = statement.statement["predicate"]["serialization"]  # type: ignore[index]
+    serialization_args = parsed(statement)["predicate"]["serialization"]
     assert serialization_args["ignore_paths"] == [
         ".git",
         ".gitattributes",
