@@ -79,6 +79,7 @@ def certificate(
     issuer: tuple[str, ec.EllipticCurvePrivateKey],
     *,
     ca: bool,
+    path_length: int | None = 0,
     backdate: dt.timedelta = dt.timedelta(minutes=5),
 ) -> x509.Certificate:
     """A certificate shaped like the platform CA's (CA) or its AK certificates (leaf)."""
@@ -91,7 +92,9 @@ def certificate(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - backdate)
         .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .add_extension(
+            x509.BasicConstraints(ca=ca, path_length=path_length if ca else None), critical=True
+        )
         .add_extension(_key_usage(signing=not ca), critical=True)
         .sign(issuer[1], hashes.SHA256())
     )
@@ -162,10 +165,12 @@ def verify_with_model_signing(model_dir: Path, root_path: Path) -> None:
     ).verify(model_dir, model_dir / "model.sig")
 
 
-def software_bundle(model_dir: Path, signer: SoftwareSigner) -> bytes:
-    statement = model_statement(model_dir.name, hash_tree(model_dir))
-    signature = signer.key.sign(statement.pae, ec.ECDSA(hashes.SHA256()))
-    return model_signing_bundle(statement.payload, signature, signer.chain)
+def software_bundle(
+    model_dir: Path, key: ec.EllipticCurvePrivateKey, chain: list[x509.Certificate]
+) -> bytes:
+    statement = model_statement(model_dir.name, hash_tree(model_dir, exclude=["model.sig"]))
+    signature = key.sign(statement.pae, ec.ECDSA(hashes.SHA256()))
+    return model_signing_bundle(statement.payload, signature, chain)
 
 
 # -- the statement is model_signing's ---------------------------------------------------------
@@ -208,7 +213,7 @@ def test_empty_folder_has_the_digest_of_nothing() -> None:
 def test_software_signed_bundle_verifies_and_a_changed_file_does_not(
     model_dir: Path, signer: SoftwareSigner
 ) -> None:
-    (model_dir / "model.sig").write_bytes(software_bundle(model_dir, signer))
+    (model_dir / "model.sig").write_bytes(software_bundle(model_dir, signer.key, signer.chain))
     verify_with_model_signing(model_dir, signer.root_path)
     (model_dir / "sub2").write_bytes(b"changed")
     with pytest.raises(ValueError, match=r"Hash mismatch for .*sub2"):
@@ -218,7 +223,7 @@ def test_software_signed_bundle_verifies_and_a_changed_file_does_not(
 def test_bundle_from_another_root_is_refused(
     model_dir: Path, signer: SoftwareSigner, tmp_path: Path
 ) -> None:
-    (model_dir / "model.sig").write_bytes(software_bundle(model_dir, signer))
+    (model_dir / "model.sig").write_bytes(software_bundle(model_dir, signer.key, signer.chain))
     # Same subject, another key; valid since before the leaf, as the tool checks the chain
     # at the leaf's notBefore (a root made after the leaf is refused as "not yet valid").
     other_key = ec.generate_private_key(ec.SECP256R1())
@@ -229,6 +234,28 @@ def test_bundle_from_another_root_is_refused(
     other_root.write_bytes(other.public_bytes(serialization.Encoding.PEM))
     with pytest.raises(Exception, match="certificate signature failure"):
         verify_with_model_signing(model_dir, other_root)
+
+
+def test_chain_shapes_the_tool_builds(
+    model_dir: Path, signer: SoftwareSigner, tmp_path: Path
+) -> None:
+    signature = model_dir / "model.sig"
+    # The leaf alone: the root given on the command line is its issuer.
+    signature.write_bytes(software_bundle(model_dir, signer.key, signer.chain[:1]))
+    verify_with_model_signing(model_dir, signer.root_path)
+    # Through an intermediate CA, which the bundle must carry.
+    root_key, intermediate_key, key = (ec.generate_private_key(ec.SECP256R1()) for _ in "abc")
+    root = certificate("root", root_key.public_key(), ("root", root_key), ca=True, path_length=1)
+    intermediate = certificate("ca", intermediate_key.public_key(), ("root", root_key), ca=True)
+    leaf = certificate("signer", key.public_key(), ("ca", intermediate_key), ca=False)
+    root_path = tmp_path / "root.pem"
+    root_path.write_bytes(root.public_bytes(serialization.Encoding.PEM))
+    for chain in ([leaf, intermediate], [leaf, intermediate, root]):
+        signature.write_bytes(software_bundle(model_dir, key, chain))
+        verify_with_model_signing(model_dir, root_path)
+    signature.write_bytes(software_bundle(model_dir, key, [leaf]))
+    with pytest.raises(Exception, match="unable to get local issuer certificate"):
+        verify_with_model_signing(model_dir, root_path)
 
 
 # -- refusals -------------------------------------------------------------------------------
