@@ -29,11 +29,10 @@ import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.runtime import flow_run as current_flow_run
 
@@ -42,6 +41,7 @@ from aicert.model import MAX_CERTIFICATE_BYTES, write_atomic
 from aicert.reference_values import load_reference_values
 from aicert.tasks import verify_certificate
 from aicert.tasks.platforms.settings import aicert_home
+from aicert.tasks.task_factory import aicert_task
 
 MODEL_PROMOTED = "aicert.model.promoted"
 MODEL_REJECTED = "aicert.model.rejected"
@@ -112,7 +112,7 @@ def _safe_name(value: str, what: str) -> str:
     return value
 
 
-def _read_capped(open_file: Any, source: str) -> bytes:
+def _read_capped(open_file: IO[bytes], source: str) -> bytes:
     data: bytes = open_file.read(MAX_CERTIFICATE_BYTES + 1)
     if len(data) > MAX_CERTIFICATE_BYTES:
         raise CertificateUnavailableError(
@@ -144,7 +144,7 @@ def read_certificate_bytes(certificate_path: str | None, storage_url: str | None
     raise CertificateUnavailableError("cannot read the certificate: " + "; ".join(problems))
 
 
-@task(name="stage-certificate", cache_policy=NO_CACHE)
+@aicert_task("stage-certificate")
 def stage_certificate(
     staging: str,
     certificate_path: str | None,
@@ -163,7 +163,7 @@ def stage_certificate(
     return str(staged)
 
 
-@task(name="stage-model", cache_policy=NO_CACHE)
+@aicert_task("stage-model")
 def stage_model(staging: str, outputs_path: str) -> str:
     """Copy the run's outputs into the staging folder. Symlinks are copied as links, so the
     verifier sees (and refuses) any that leave the folder instead of following them."""
@@ -176,7 +176,7 @@ def stage_model(staging: str, outputs_path: str) -> str:
     return str(destination)
 
 
-@task(name="publish-model", cache_policy=NO_CACHE)
+@aicert_task("publish-model")
 def publish_model(staging: str, destination: str, report: dict[str, Any]) -> str:
     """Rename the verified staging folder to its registry place, atomically."""
     staged = Path(staging)
@@ -227,90 +227,65 @@ def _emit(event: str, run_id: str | None, project: str | None, payload: dict[str
     )
 
 
-@flow(name="verify-and-promote", log_prints=True)
-def verify_and_promote(
-    certificate_path: str | None = None,
-    storage_url: str | None = None,
-    certificate_sha256: str | None = None,
-    run_id: str | None = None,
-    project: str | None = None,
-    outputs_path: str | None = None,
-    registry: str | None = None,
-    trusted_roots: list[str] | None = None,
-    expected_inputs: dict[str, str] | None = None,
-    allow_dev_platform: bool = False,
-    reference_values: list[str] | None = None,
+def _stage_and_verify(
+    staging: Path,
+    certificate_path: str | None,
+    storage_url: str | None,
+    certificate_sha256: str | None,
+    run_id: str | None,
+    outputs_path: str | None,
+    trusted_roots: list[str] | None,
+    expected_inputs: dict[str, str] | None,
+    allow_dev_platform: bool,
+    reference_values: list[str] | None,
 ) -> dict[str, Any]:
-    """Verify a certificate and its model files, then publish them to the registry.
-
-    The first six parameters come from the ``aicert.certificate.created`` event's payload.
-    ``outputs_path``: the run's outputs folder (default: the local platform's workspace of
-    the run under ``$AICERT_HOME``). ``registry``: default ``$AICERT_REGISTRY`` or
-    ``$AICERT_HOME/registry``. ``trusted_roots``: PEM files of trusted platform CAs (default:
-    this host's AICert platform CA; Azure's roots are pinned in the verifier).
-    ``allow_dev_platform`` accepts ``local`` certificates, which attest no boot chain.
-    ``reference_values``: reference-value files a measured boot must match (default: those
-    of the guest images built on this host).
-
-    Returns the promoted run's id, project, registry folder and certificate digest.
-    """
-    logger = get_run_logger()
-    registry_root = Path(registry).expanduser() if registry else default_registry()
-    staging = registry_root / STAGING_FOLDER / uuid.uuid4().hex
-    try:
-        staging.mkdir(parents=True)
-        staged_certificate = stage_certificate(
-            str(staging), certificate_path, storage_url, certificate_sha256
-        )
-        located_run = run_id or aicert.load(staged_certificate).run.id
-        outputs = outputs_path or str(local_outputs_path(_safe_name(located_run, "run id")))
-        staged_model = stage_model(str(staging), outputs)
-        report = verify_certificate(
-            staged_certificate,
-            trusted_roots=default_trusted_roots() if trusted_roots is None else trusted_roots,
-            expected_inputs=expected_inputs,
-            allow_dev_platform=allow_dev_platform,
-            model_path=staged_model,
-            reference_values=[
-                load_reference_values(path)
-                for path in (
-                    default_reference_values() if reference_values is None else reference_values
-                )
-            ],
-        )
-        if run_id and report["run_id"] != run_id:
-            raise RunMismatchError(
-                f"the event names run {run_id}, the certificate is of run {report['run_id']}"
+    """Stage the certificate and the model, then verify the staged copies (the certificate,
+    and the model re-hashed against it); returns the verification report."""
+    staging.mkdir(parents=True)
+    staged_certificate = stage_certificate(
+        str(staging), certificate_path, storage_url, certificate_sha256
+    )
+    located_run = run_id or aicert.load(staged_certificate).run.id
+    outputs = outputs_path or str(local_outputs_path(_safe_name(located_run, "run id")))
+    staged_model = stage_model(str(staging), outputs)
+    return verify_certificate(
+        staged_certificate,
+        trusted_roots=default_trusted_roots() if trusted_roots is None else trusted_roots,
+        expected_inputs=expected_inputs,
+        allow_dev_platform=allow_dev_platform,
+        model_path=staged_model,
+        reference_values=[
+            load_reference_values(path)
+            for path in (
+                default_reference_values() if reference_values is None else reference_values
             )
-        if project and report["project"] != project:
-            raise RunMismatchError(
-                f"the event names project {project}, the certificate's is {report['project']}"
-            )
-        destination = (
-            registry_root
-            / _safe_name(report["project"], "project")
-            / _safe_name(report["run_id"], "run id")
-        )
-        published = publish_model(str(staging), str(destination), report)
-    except Exception as exc:
-        _emit(
-            MODEL_REJECTED,
-            run_id,
-            project,
-            {
-                "run_id": run_id,
-                "project": project,
-                "certificate_path": certificate_path,
-                "storage_url": storage_url,
-                "error_type": type(exc).__name__,
-                "error_message": str(exc)[:2000],
-            },
-        )
-        logger.error("model of run %s rejected: %s: %s", run_id, type(exc).__name__, exc)
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        ],
+    )
 
+
+def _registry_destination(
+    registry_root: Path, report: Mapping[str, Any], run_id: str | None, project: str | None
+) -> Path:
+    """``<registry>/<project>/<run id>`` of the verified certificate; the event's run and
+    project, when it names them, must be the certificate's."""
+    if run_id and report["run_id"] != run_id:
+        raise RunMismatchError(
+            f"the event names run {run_id}, the certificate is of run {report['run_id']}"
+        )
+    if project and report["project"] != project:
+        raise RunMismatchError(
+            f"the event names project {project}, the certificate's is {report['project']}"
+        )
+    return (
+        registry_root
+        / _safe_name(report["project"], "project")
+        / _safe_name(report["run_id"], "run id")
+    )
+
+
+def _announce_promotion(report: Mapping[str, Any], published: str) -> str:
+    """Emit ``aicert.model.promoted`` and the promotion artifact; returns the promoted
+    certificate's SHA-256."""
     digest = hashlib.sha256((Path(published) / CERTIFICATE_FILE).read_bytes()).hexdigest()
     outputs_list = [
         {"path": o["path"], "size": o["size"], "sha256": o["digest"]["sha256"]}
@@ -342,6 +317,73 @@ def verify_and_promote(
         ),
         description=f"Model of run {report['run_id']}, verified and promoted",
     )
+    return digest
+
+
+@flow(name="verify-and-promote", log_prints=True)
+def verify_and_promote(
+    certificate_path: str | None = None,
+    storage_url: str | None = None,
+    certificate_sha256: str | None = None,
+    run_id: str | None = None,
+    project: str | None = None,
+    outputs_path: str | None = None,
+    registry: str | None = None,
+    trusted_roots: list[str] | None = None,
+    expected_inputs: dict[str, str] | None = None,
+    allow_dev_platform: bool = False,
+    reference_values: list[str] | None = None,
+) -> dict[str, Any]:
+    """Verify a certificate and its model files, then publish them to the registry.
+
+    The first six parameters come from the ``aicert.certificate.created`` event's payload.
+    ``outputs_path``: the run's outputs folder (default: the local platform's workspace of
+    the run under ``$AICERT_HOME``). ``registry``: default ``$AICERT_REGISTRY`` or
+    ``$AICERT_HOME/registry``. ``trusted_roots``: PEM files of trusted platform CAs (default:
+    this host's AICert platform CA; Azure's roots are pinned in the verifier).
+    ``allow_dev_platform`` accepts ``local`` certificates, which attest no boot chain.
+    ``reference_values``: reference-value files a measured boot must match (default: those
+    of the guest images built on this host).
+
+    Returns the promoted run's id, project, registry folder and certificate digest.
+    """
+    logger = get_run_logger()
+    registry_root = Path(registry).expanduser() if registry else default_registry()
+    staging = registry_root / STAGING_FOLDER / uuid.uuid4().hex
+    try:
+        report = _stage_and_verify(
+            staging,
+            certificate_path,
+            storage_url,
+            certificate_sha256,
+            run_id,
+            outputs_path,
+            trusted_roots,
+            expected_inputs,
+            allow_dev_platform,
+            reference_values,
+        )
+        destination = _registry_destination(registry_root, report, run_id, project)
+        published = publish_model(str(staging), str(destination), report)
+    except Exception as exc:
+        _emit(
+            MODEL_REJECTED,
+            run_id,
+            project,
+            {
+                "run_id": run_id,
+                "project": project,
+                "certificate_path": certificate_path,
+                "storage_url": storage_url,
+                "error_type": type(exc).__name__,
+                "error_message": str(exc)[:2000],
+            },
+        )
+        logger.error("model of run %s rejected: %s: %s", run_id, type(exc).__name__, exc)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    digest = _announce_promotion(report, published)
     logger.info("promoted run %s to %s", report["run_id"], published)
     return {
         "run_id": report["run_id"],
