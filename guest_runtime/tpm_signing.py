@@ -36,7 +36,7 @@ def tpm_sign(tpm: Tpm, ak: AttestationKey, data: bytes) -> bytes:
     Args:
         tpm: An open TPM connection; the AK is loaded under its EK if it is not already.
         ak: The restricted signing key (ECC P-256 ECDSA-SHA256 or RSA-2048 RSASSA-SHA256).
-        data: The bytes to sign, of any length.
+        data: The bytes to sign, 4 bytes or more (fed to the TPM in 1 KiB blocks).
 
     Returns:
         The signature over SHA-256(``data``): DER ``SEQUENCE {r, s}`` for an ECDSA key,
