@@ -24,7 +24,7 @@ from aicert.cli import _fail, error_console
 from aicert.errors import MalformedCertificateError, PlatformError, VerificationError
 from aicert.model import write_atomic
 from aicert.reference_values import load_reference_values
-from aicert.slsa_provenance import certificate_provenance, statement_json
+from aicert.slsa_provenance import provenance_statement, statement_json
 from aicert.verify import load_trust_roots
 
 from .verified import VerifiedCertificate
@@ -45,7 +45,8 @@ def export_document(verified: VerifiedCertificate, export_format: ExportFormat) 
         export_format: CycloneDX 1.6 JSON, or the SLSA provenance statement (canonical JSON).
     """
     if export_format is ExportFormat.SLSA:
-        return statement_json(certificate_provenance(verified.certificate, verified.report))
+        reference_values = verified.certificate.platform.reference_values
+        return statement_json(provenance_statement(verified.measured, reference_values))
     # Imported here: only this format needs cyclonedx-python-lib (the `export` extra).
     from .cyclonedx import bom_json
 

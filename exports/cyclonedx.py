@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import uuid
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cyclonedx.model import (
     ExternalReference,
@@ -50,6 +50,7 @@ from cyclonedx.output.json import JsonV1Dot6
 from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 from packageurl import PackageURL
+from pydantic import JsonValue
 
 from aicert.canonical import canonical_sha256
 from aicert.slsa_provenance import git_uri, pypi_purl, rfc3339
@@ -63,7 +64,8 @@ SCHEMA_VERSION = SchemaVersion.V1_6
 PROPERTY_PREFIX = "aicert:"
 """The namespace of this BOM's property names (CycloneDX's property taxonomy convention)."""
 MODEL_REF = "model"
-WORKFLOW_TASK_TYPES = ["build"]
+WORKFLOW_TASK_TYPES = ("build",)
+"""The workflow's CycloneDX task types: a training run builds the model."""
 
 
 class CycloneDxExportError(RuntimeError):
@@ -93,7 +95,7 @@ def _output_component(path: str, size: int, sha256: str) -> Component:
     )
 
 
-def _config_component(config: dict[str, Any]) -> Component:
+def _config_component(config: dict[str, JsonValue]) -> Component:
     return Component(
         type=ComponentType.DATA,
         name="aicert.yaml",
@@ -284,7 +286,7 @@ def build_bom(verified: VerifiedCertificate) -> Bom:
     return bom
 
 
-def formulation(verified: VerifiedCertificate) -> list[dict[str, Any]]:
+def formulation(verified: VerifiedCertificate) -> list[JsonValue]:
     """The run as CycloneDX 1.6 ``formulation``: one workflow, its inputs and outputs by ref.
 
     Args:
@@ -292,7 +294,7 @@ def formulation(verified: VerifiedCertificate) -> list[dict[str, Any]]:
     """
     report, runtime = verified.report, verified.measured.runtime
 
-    def refs(components: list[Component]) -> list[dict[str, Any]]:
+    def refs(components: list[Component]) -> list[JsonValue]:
         return [{"resource": {"ref": str(component.bom_ref)}} for component in components]
 
     properties: dict[str, object] = {
@@ -303,11 +305,11 @@ def formulation(verified: VerifiedCertificate) -> list[dict[str, Any]]:
         "duration-ms": report.duration_ms,
         "nonce": runtime.nonce,
     }
-    workflow = {
+    workflow: dict[str, JsonValue] = {
         "bom-ref": f"run:{report.run_id}",
         "uid": report.run_id,
         "name": f"AICert training run on the {report.platform} platform",
-        "taskTypes": WORKFLOW_TASK_TYPES,
+        "taskTypes": list(WORKFLOW_TASK_TYPES),
         "timeStart": rfc3339(verified.measured.started_at),
         "timeEnd": rfc3339(verified.measured.finished_at),
         "inputs": refs(input_components(verified)),
