@@ -172,7 +172,6 @@ class ArmSession:
         progress: where operation progress is reported.
         """
         self.settings = settings
-        self.subscription_id = settings.subscription_id
         self.credential = credential
         self.progress = progress
         self._lock = threading.Lock()
@@ -201,7 +200,7 @@ class ArmSession:
                 from azure.mgmt.compute import ComputeManagementClient
 
                 self._compute = ComputeManagementClient(
-                    self.credential, self.subscription_id, **self._options()
+                    self.credential, self.settings.subscription_id, **self._options()
                 )
             return self._compute
 
@@ -213,7 +212,7 @@ class ArmSession:
                 from azure.mgmt.network import NetworkManagementClient
 
                 self._network = NetworkManagementClient(
-                    self.credential, self.subscription_id, **self._options()
+                    self.credential, self.settings.subscription_id, **self._options()
                 )
             return self._network
 
@@ -225,7 +224,7 @@ class ArmSession:
                 from azure.mgmt.resource import ResourceManagementClient
 
                 self._resources = ResourceManagementClient(
-                    self.credential, self.subscription_id, **self._options()
+                    self.credential, self.settings.subscription_id, **self._options()
                 )
             return self._resources
 
