@@ -1,6 +1,7 @@
 """The reference-values commands as ``aicert reference-values <command>`` (through typer's
-CliRunner), as ``main(argv)`` and once as the installed ``aicert-reference-values`` console
-script: the same commands, options, output and exit codes (0 success, 1 refused, 2 bad input).
+CliRunner), as ``main(argv)``, as ``python -m aicert.reference_values`` and as the installed
+``aicert-reference-values`` console script: the same commands, options, output and exit codes
+(0 success, 1 refused, 2 bad input).
 """
 
 from __future__ import annotations
@@ -148,6 +149,16 @@ def test_schema_prints_the_json_schema() -> None:
     result = runner.invoke(app, ["reference-values", "schema"])
     assert result.exit_code == 0
     assert json.loads(result.stdout) == reference_values_json_schema()
+
+
+def test_python_dash_m_runs_the_commands(boot: tuple[Path, Path]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "aicert.reference_values", *_derive_argv(*boot)],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    assert isinstance(parse_reference_values(result.stdout), AzureReferenceValueSet)
 
 
 def test_the_console_script(tmp_path: Path, boot: tuple[Path, Path]) -> None:

@@ -11,8 +11,6 @@ import base64
 import hashlib
 import json
 import struct
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -509,25 +507,3 @@ def test_command_line_derive_merge_and_check(
     assert main([*tampered_argv, "--reference-values", str(merged)]) == 1
     assert capsys.readouterr().err.startswith("error: kernel: ")
     assert main([*argv[:4], str(tmp_path / "missing.json"), *argv[5:]]) == 2
-
-
-def test_python_dash_m_prints_the_set(tmp_path: Path) -> None:
-    log_path, pcrs_path = _files(tmp_path)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "aicert.reference_values",
-            "derive-azure",
-            "--event-log",
-            str(log_path),
-            "--pcrs",
-            str(pcrs_path),
-            "--image-version",
-            IMAGE_VERSION_ID,
-        ],
-        capture_output=True,
-        check=True,
-        timeout=60,
-    )
-    assert isinstance(parse_reference_values(result.stdout), AzureReferenceValueSet)
