@@ -96,6 +96,7 @@ class BootChainReport:
 
     @property
     def note(self) -> str:
+        """One line for a person: what matched, and (Azure) what was not checked."""
         return (
             f"boot chain matches reference values {self.reference_id}: firmware PCR 0-7, "
             f"kernel {self.kernel_pcr4_digest[:16]}..., initrd {self.initrd_sha256[:16]}..., "
@@ -272,6 +273,7 @@ class AzureBootChainReport:
 
     @property
     def note(self) -> str:
+        """One line for a person: what matched, and (Azure) what was not checked."""
         checked = ", ".join(str(index) for index in self.checked_pcrs)
         text = (
             f"boot chain matches Azure reference values {self.reference_id} (image "

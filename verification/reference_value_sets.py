@@ -140,6 +140,7 @@ class ReferenceValueSet(_Model):
         return self
 
     def pcr_values(self) -> dict[int, bytes]:
+        """The observed PCR values, by index."""
         return {int(index): bytes.fromhex(value) for index, value in self.pcrs.items()}
 
 
@@ -280,9 +281,11 @@ class AzureReferenceValueSet(_Model):
         return self
 
     def checked_pcrs(self) -> tuple[int, ...]:
+        """The PCRs the set checks, in ascending order."""
         return tuple(sorted(int(index) for index in self.pcrs))
 
     def accepted_pcr_values(self) -> dict[int, tuple[bytes, ...]]:
+        """The accepted values of each checked PCR, by index."""
         return {
             int(index): tuple(bytes.fromhex(value) for value in values)
             for index, values in self.pcrs.items()
