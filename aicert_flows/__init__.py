@@ -1,36 +1,32 @@
 """AICert's Prefect integration: the ``certify-training`` flow, providers, blocks, builder CLI.
 
-This package is the ``prefect.collections`` entry point, so Prefect imports it to find the
-block types (``AicertRunConfig``, ``LocalPlatform``, ``QemuPlatform``): a server registers
-them at start-up and ``prefect block register -m aicert.flows`` registers them on demand.
-But ``aicert.flows.cli`` lives here too and ``aicert verify`` must not pay about a second
-and a half for importing Prefect. So the blocks are defined at import only when Prefect is
-already loaded (it is whenever Prefect itself imports this package); otherwise they are
-imported on first access (PEP 562), and ``dir()`` lists them so that
-``inspect.getmembers`` still finds them.
+Prefect finds the block types (``AicertRunConfig``, ``LocalPlatform``, ``QemuPlatform``)
+through the ``prefect.collections`` entry point, which names ``aicert.flows.blocks`` itself:
+a server registers them at start-up. This package re-exports them, but only on first access
+(PEP 562): ``aicert.flows.cli`` lives here, every ``aicert`` command (``aicert verify``
+included) loads it through the ``aicert.cli`` entry point, and importing the blocks imports
+Prefect (about a second and a half). ``dir()`` lists them, so that ``inspect.getmembers``,
+and with it ``prefect block register -m aicert.flows``, still finds them.
 """
 
 from __future__ import annotations
 
-import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
-_BLOCKS = ("AicertRunConfig", "LocalPlatform", "QemuPlatform")
-
-if "prefect" in sys.modules:
+if TYPE_CHECKING:
     from aicert.flows.blocks import AicertRunConfig, LocalPlatform, QemuPlatform
 
+__all__ = ["AicertRunConfig", "LocalPlatform", "QemuPlatform"]
 
-def __getattr__(name: str) -> Any:
-    if name in _BLOCKS:
+
+def __getattr__(name: str) -> type[AicertRunConfig | LocalPlatform | QemuPlatform]:
+    if name in __all__:
         from aicert.flows import blocks
 
-        return getattr(blocks, name)
+        block_type: type[AicertRunConfig | LocalPlatform | QemuPlatform] = getattr(blocks, name)
+        return block_type
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_BLOCKS})
-
-
-__all__ = ["AicertRunConfig", "LocalPlatform", "QemuPlatform"]
+    return sorted({*globals(), *__all__})
