@@ -64,7 +64,21 @@ def _quote_fields(quote: Quote, ak: AttestationKey) -> dict[str, object]:
 
 
 class CertificationAgent:
-    """Drives one run at a time on this machine's TPM and container engine."""
+    """Drives one run at a time on this machine's TPM and container engine.
+
+    Args:
+        tpm: this machine's TPM, opened by the caller.
+        platform: the platform kind recorded in the run's first event.
+        work_root: where each run gets its workspace.
+        progress: receives progress messages (default: the log).
+        azure_intermediates: Azure only: the intermediates of the pre-provisioned AK's
+            chain, shipped in the image.
+        staged_inputs: qemu: the tar (a raw disk) with inputs the orchestrator fetched for
+            this VM, which has no network; None: the agent fetches them itself.
+        boot_event_log: where the kernel exposes the TCG boot log (machines with a measured
+            boot): a boot may have extended PCR 14 already (shim's MOK lists), and that is
+            the fresh state.
+    """
 
     def __init__(
         self,
@@ -77,19 +91,6 @@ class CertificationAgent:
         staged_inputs: Path | None = None,
         boot_event_log: Path | None = None,
     ) -> None:
-        """Args:
-        tpm: this machine's TPM, opened by the caller.
-        platform: the platform kind recorded in the run's first event.
-        work_root: where each run gets its workspace.
-        progress: receives progress messages (default: the log).
-        azure_intermediates: Azure only: the intermediates of the pre-provisioned AK's
-            chain, shipped in the image.
-        staged_inputs: qemu: the tar (a raw disk) with inputs the orchestrator fetched for
-            this VM, which has no network; None: the agent fetches them itself.
-        boot_event_log: where the kernel exposes the TCG boot log (machines with a measured
-            boot): a boot may have extended PCR 14 already (shim's MOK lists), and that is
-            the fresh state.
-        """
         self.tpm = tpm
         self.platform = platform
         self.work_root = work_root

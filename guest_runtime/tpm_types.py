@@ -135,46 +135,46 @@ class Quote:
     nonce: bytes = b""
 
 
-def _rsa_ak_parameters(symmetric: TPMT_SYM_DEF_OBJECT) -> TPMU_PUBLIC_PARMS:
-    scheme = TPMT_RSA_SCHEME(scheme=TPM2_ALG.RSASSA)
+def _sha256_signing(scheme: TPMT_RSA_SCHEME | TPMT_ECC_SCHEME) -> TPMT_RSA_SCHEME | TPMT_ECC_SCHEME:
+    """``scheme`` with SHA-256 as its signing hash."""
     scheme.details.anySig.hashAlg = TPM2_ALG.SHA256
-    return TPMU_PUBLIC_PARMS(
-        rsaDetail=TPMS_RSA_PARMS(symmetric=symmetric, scheme=scheme, keyBits=2048, exponent=0)
-    )
+    return scheme
 
 
-def _ecc_ak_parameters(symmetric: TPMT_SYM_DEF_OBJECT) -> TPMU_PUBLIC_PARMS:
-    scheme = TPMT_ECC_SCHEME(scheme=TPM2_ALG.ECDSA)
-    scheme.details.anySig.hashAlg = TPM2_ALG.SHA256
+def _ak_parameters(algorithm: AkAlgorithm) -> TPMU_PUBLIC_PARMS:
+    """The key parameters of an AK of ``algorithm``, symmetric algorithm NULL (a signing key)."""
+    symmetric = TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL)
+    if algorithm is AkAlgorithm.RSA2048_RSASSA_SHA256:
+        rsa_scheme = _sha256_signing(TPMT_RSA_SCHEME(scheme=TPM2_ALG.RSASSA))
+        return TPMU_PUBLIC_PARMS(
+            rsaDetail=TPMS_RSA_PARMS(
+                symmetric=symmetric, scheme=rsa_scheme, keyBits=2048, exponent=0
+            )
+        )
+    ecc_scheme = _sha256_signing(TPMT_ECC_SCHEME(scheme=TPM2_ALG.ECDSA))
+    kdf = TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL)
     return TPMU_PUBLIC_PARMS(
         eccDetail=TPMS_ECC_PARMS(
-            symmetric=symmetric,
-            scheme=scheme,
-            curveID=TPM2_ECC.NIST_P256,
-            kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL),
+            symmetric=symmetric, scheme=ecc_scheme, curveID=TPM2_ECC.NIST_P256, kdf=kdf
         )
     )
 
 
 def ak_template(algorithm: AkAlgorithm = AkAlgorithm.RSA2048_RSASSA_SHA256) -> TPMT_PUBLIC:
     """The public template of a restricted signing attestation key."""
-    null_symmetric = TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL)
     if algorithm is AkAlgorithm.RSA2048_RSASSA_SHA256:
-        return TPMT_PUBLIC(
-            type=TPM2_ALG.RSA,
-            nameAlg=TPM2_ALG.SHA256,
-            objectAttributes=AK_ATTRIBUTES,
-            parameters=_rsa_ak_parameters(null_symmetric),
-            unique=TPMU_PUBLIC_ID(rsa=b""),
-        )
-    if algorithm is AkAlgorithm.ECC_P256_ECDSA_SHA256:
-        return TPMT_PUBLIC(
-            type=TPM2_ALG.ECC,
-            nameAlg=TPM2_ALG.SHA256,
-            objectAttributes=AK_ATTRIBUTES,
-            parameters=_ecc_ak_parameters(null_symmetric),
-        )
-    raise TpmError("create_ak", f"unsupported AK algorithm {algorithm!r}")
+        key_type, unique = TPM2_ALG.RSA, TPMU_PUBLIC_ID(rsa=b"")
+    elif algorithm is AkAlgorithm.ECC_P256_ECDSA_SHA256:
+        key_type, unique = TPM2_ALG.ECC, TPMU_PUBLIC_ID()
+    else:
+        raise TpmError("create_ak", f"unsupported AK algorithm {algorithm!r}")
+    return TPMT_PUBLIC(
+        type=key_type,
+        nameAlg=TPM2_ALG.SHA256,
+        objectAttributes=AK_ATTRIBUTES,
+        parameters=_ak_parameters(algorithm),
+        unique=unique,
+    )
 
 
 def der_prefix(data: bytes) -> bytes:

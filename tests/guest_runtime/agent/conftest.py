@@ -322,6 +322,13 @@ class AgentUnderTest:
         events = self.client.start_run(self.run_id, self.nonce, config)
         return events, enrolled
 
+    def prepare(self, config: dict[str, Any]) -> list[AppEvent]:
+        """``start``, then the inputs and the training image: the run ready to train.
+        Returns the events of the image step (none without requirements)."""
+        self.start(config)
+        self.client.measure_inputs(self.run_id)
+        return self.client.build_image(self.run_id)
+
     def train(self) -> tuple[TrainingStatus, list[str]]:
         """Start the job and follow its logs until it ends."""
         lines: list[str] = []

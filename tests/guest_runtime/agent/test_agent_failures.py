@@ -121,9 +121,7 @@ def test_destination_path_traversal_is_refused_at_config_validation(
 def test_failed_training_gives_no_certificate_but_keeps_outputs_and_logs(
     agent: AgentUnderTest, make_config: ConfigFactory
 ) -> None:
-    agent.start(make_config(entry="src/fail.py"))
-    agent.client.measure_inputs(agent.run_id)
-    agent.client.build_image(agent.run_id)
+    agent.prepare(make_config(entry="src/fail.py"))
     status, lines = agent.train()
     assert status.state == "failed"
     assert status.exit_code == 3
@@ -148,10 +146,8 @@ def test_the_job_runs_without_network_tpm_docker_socket_or_root(
     gateway = ipam.get("Gateway") or str(next(ipaddress.ip_network(ipam["Subnet"]).hosts()))
     with socket.create_server((gateway, 0)) as listener:
         target = f"{gateway}:{listener.getsockname()[1]}"
-        agent.start(make_config(entry="src/probe.py", env={"PROBE_TARGET": target}))
-        agent.client.measure_inputs(agent.run_id)
         # No requirements.txt at v0: no package events, the job runs on the base image.
-        assert agent.client.build_image(agent.run_id) == []
+        assert agent.prepare(make_config(entry="src/probe.py", env={"PROBE_TARGET": target})) == []
         status, lines = agent.train()
     probe = dict(line.removeprefix("probe ").split("=", 1) for line in lines)
     assert probe["failures"] == "", lines
@@ -169,9 +165,7 @@ def test_the_job_runs_without_network_tpm_docker_socket_or_root(
 def test_symlink_out_of_the_outputs_is_refused(
     agent: AgentUnderTest, make_config: ConfigFactory
 ) -> None:
-    agent.start(make_config(entry="src/symlink_out.py"))
-    agent.client.measure_inputs(agent.run_id)
-    agent.client.build_image(agent.run_id)
+    agent.prepare(make_config(entry="src/symlink_out.py"))
     status, _ = agent.train()
     assert status.state == "succeeded"
     error = call_error(agent.client.measure_outputs, agent.run_id)
@@ -188,9 +182,7 @@ def test_more_outputs_than_a_certificate_lists_are_refused_before_pcr_15(
     """A certificate lists at most MAX_OUTPUT_FILES outputs (so that the largest one verifies
     in under 2 s): a run that leaves more gets no certificate and PCR 15 stays untouched."""
     assert MAX_OUTPUT_FILES == 20_000  # the training script writes one file more
-    agent.start(make_config(entry="src/many_outputs.py"))
-    agent.client.measure_inputs(agent.run_id)
-    agent.client.build_image(agent.run_id)
+    agent.prepare(make_config(entry="src/many_outputs.py"))
     status, lines = agent.train()
     assert status.state == "succeeded", lines
     error = call_error(agent.client.measure_outputs, agent.run_id)
@@ -205,9 +197,7 @@ def test_the_configured_outputs_folder_is_the_one_measured(
     agent: AgentUnderTest, make_config: ConfigFactory
 ) -> None:
     config = make_config(outputs="/workspace/model", env={"OUTPUTS_DIR": "/workspace/model"})
-    agent.start(config)
-    agent.client.measure_inputs(agent.run_id)
-    agent.client.build_image(agent.run_id)
+    agent.prepare(config)
     status, lines = agent.train()
     assert status.state == "succeeded", lines
     events = agent.client.measure_outputs(agent.run_id)
@@ -283,9 +273,7 @@ def test_steps_out_of_order_are_refused(agent: AgentUnderTest, make_config: Conf
 def test_teardown_during_training_leaves_nothing_running(
     agent: AgentUnderTest, make_config: ConfigFactory, docker_client: docker.DockerClient
 ) -> None:
-    agent.start(make_config(entry="src/sleep.py"))
-    agent.client.measure_inputs(agent.run_id)
-    agent.client.build_image(agent.run_id)
+    agent.prepare(make_config(entry="src/sleep.py"))
     agent.client.start_training(agent.run_id)
     chunk = agent.client.read_logs(agent.run_id, 0, wait_s=30)
     assert chunk.lines == ["sleeping"]
@@ -306,9 +294,7 @@ def test_stopped_agent_kills_its_training_container(
 ) -> None:
     # Only the agent gets SIGTERM (not the provider's teardown, which also removes the
     # run's containers): the agent itself must not leave a job running unmeasured.
-    agent.start(make_config(entry="src/sleep.py"))
-    agent.client.measure_inputs(agent.run_id)
-    agent.client.build_image(agent.run_id)
+    agent.prepare(make_config(entry="src/sleep.py"))
     agent.client.start_training(agent.run_id)
     assert agent.client.read_logs(agent.run_id, 0, wait_s=30).lines == ["sleeping"]
     agent_pid = int(agent.machine.details["agent_pid"])
@@ -331,9 +317,7 @@ def test_following_training_survives_dropped_log_polls(
 ) -> None:
     # Polls that get no answer (a VM too busy to answer in time) are asked again: reading
     # logs changes nothing on the machine. Lines are neither lost nor repeated.
-    agent.start(make_config())
-    agent.client.measure_inputs(agent.run_id)
-    agent.client.build_image(agent.run_id)
+    agent.prepare(make_config())
     agent.client.start_training(agent.run_id)
     real_read_logs = agent.client.read_logs
     calls = {"n": 0}
