@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from aicert.guest_runtime.config import RunConfig
     from aicert.tasks.platforms.base import Provider
     from aicert.tasks.platforms.local.provider import LocalProvider
+    from aicert.tasks.platforms.qemu.provider import QemuProvider
 
 DOCUMENTATION_URL = "https://aicert.mithrilsecurity.io/en/latest"
 MAX_CONFIG_YAML_BYTES = 256 * 1024
@@ -126,6 +127,24 @@ class PlatformBlock(Block, ABC):
     def provider(self) -> Provider:
         """A provider configured with these settings."""
 
+    @classmethod
+    def get_code_example(cls) -> str | None:
+        """The example the Prefect UI shows: load a saved block, make its provider (the same
+        for every platform, so written once here; a ``_code_example`` still wins)."""
+        if cls._code_example is not None:
+            return super().get_code_example()
+        variable = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()  # local_platform
+        return (
+            f"\nfrom {cls.__module__} import {cls.__name__}\n\n"
+            f'{variable} = {cls.__name__}.load("BLOCK_NAME")\n'
+            f"provider = {variable}.provider()\n"
+        )
+
+
+def _home_folder(home: str | None) -> Path | None:
+    """A block's ``home`` setting as a folder; ``None`` (empty) leaves the provider's default."""
+    return Path(home).expanduser() if home else None
+
 
 class LocalPlatform(PlatformBlock):
     """Settings of the ``local`` AICert platform: a software TPM and the host's Docker engine.
@@ -141,12 +160,6 @@ class LocalPlatform(PlatformBlock):
         "Settings of the AICert local platform (a software TPM started per run and the "
         "host's Docker engine)."
     )
-    _code_example = """
-    from aicert.flows.blocks import LocalPlatform
-
-    local_platform = LocalPlatform.load("BLOCK_NAME")
-    provider = local_platform.provider()
-    """
 
     home: str | None = Field(
         default=None,
@@ -174,11 +187,11 @@ class LocalPlatform(PlatformBlock):
     )
 
     def provider(self) -> LocalProvider:
+        """The local provider with these settings."""
         from aicert.tasks.platforms.local.provider import LocalProvider
 
-        home = Path(self.home).expanduser() if self.home else None
         return LocalProvider(
-            home,
+            _home_folder(self.home),
             agent_start_timeout_s=self.agent_start_timeout_seconds,
             keep_spare_tpm=self.keep_spare_tpm,
         )
@@ -196,12 +209,6 @@ class QemuPlatform(PlatformBlock):
         "Settings of the AICert qemu platform (OVMF + swtpm vTPM, the guest image built by "
         "`aicert image build-guest`, measured boot checked against its reference values)."
     )
-    _code_example = """
-    from aicert.flows.blocks import QemuPlatform
-
-    qemu_platform = QemuPlatform.load("BLOCK_NAME")
-    provider = qemu_platform.provider()
-    """
 
     home: str | None = Field(
         default=None,
@@ -244,13 +251,13 @@ class QemuPlatform(PlatformBlock):
         description="A VM whose agent does not answer by then is torn down and reported.",
     )
 
-    def provider(self) -> Provider:
+    def provider(self) -> QemuProvider:
+        """The qemu provider with these settings."""
         from aicert.tasks.platforms.qemu.provider import QemuProvider
 
-        home = Path(self.home).expanduser() if self.home else None
         return QemuProvider(
             self.image,
-            home,
+            _home_folder(self.home),
             accel=self.accel,
             memory_mib=self.memory_mib,
             smp=self.cpus,
