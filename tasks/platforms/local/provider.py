@@ -112,8 +112,9 @@ def _tail_text(path: Path, max_bytes: int = 2000) -> str:
     return data[-max_bytes:].decode(errors="replace").strip()
 
 
-class TpmHomeLayout:
-    """Where a provider that manufactures its own TPMs (local, qemu) keeps its CAs and runs.
+class ProjectTpmMixin:
+    """What providers whose TPMs the project manufactures (local, qemu) share: the CAs and
+    run folders under their home, and AK enrolment by the project's platform CA.
 
     Attributes:
         home: The provider's ``AICERT_HOME``.
@@ -135,8 +136,15 @@ class TpmHomeLayout:
         """The folder of one run (its TPM state, logs, outputs)."""
         return self.home / "runs" / run_id
 
+    def enroll_attestation_key(self, machine: Machine, client: AgentClient) -> EnrolledKey:
+        """Certify the machine's AK with the platform CA (EK certificate, credential
+        activation)."""
+        return enroll_with_platform_ca(self.ek_ca_dir, self.platform_ca_dir, machine, client)
 
-class LocalProvider(TpmHomeLayout, Provider):
+
+class LocalProvider(ProjectTpmMixin, Provider):
+    """Runs on this host: a swtpm and an agent process per run (see the module docstring)."""
+
     kind = "local"
 
     def __init__(
@@ -163,6 +171,7 @@ class LocalProvider(TpmHomeLayout, Provider):
 
     @property
     def spares_dir(self) -> Path:
+        """Where manufactured, never started TPMs wait for a run."""
         return self.home / "tpm-spares"
 
     # -- spare TPMs ------------------------------------------------------------------------
@@ -317,18 +326,18 @@ class LocalProvider(TpmHomeLayout, Provider):
             raise
 
     def inputs_archive(self, run_id: str) -> Path:
+        """The staged inputs of a run (``staged_inputs``)."""
         return self.run_dir(run_id) / "inputs.tar"
 
     def stage_inputs(self, run_id: str, config: RunConfig) -> None:
+        """With ``staged_inputs``, fetch the run's inputs here into its staged tar."""
         if self.staged_inputs:
             from aicert.tasks.platforms.staging import write_staged_inputs
 
             write_staged_inputs(config, self.inputs_archive(run_id), run_id=run_id)
 
-    def enroll_attestation_key(self, machine: Machine, client: AgentClient) -> EnrolledKey:
-        return enroll_with_platform_ca(self.ek_ca_dir, self.platform_ca_dir, machine, client)
-
     def machine_problem(self, machine: Machine) -> str | None:
+        """Why the run's agent or TPM is gone, or None."""
         agent_pid = machine.details.get("agent_pid")
         if agent_pid and not _process_alive(int(agent_pid), AGENT_MARKER):
             log_tail = _tail_text(Path(machine.state_dir) / "agent.log")
@@ -339,6 +348,7 @@ class LocalProvider(TpmHomeLayout, Provider):
         return None
 
     def teardown(self, machine: Machine) -> None:
+        """Stop the run's agent and TPM, remove its container and staged inputs."""
         # The agent and its TPM go together: the run is over or abandoned, and the TPM's
         # state is thrown away, so nothing needs the agent to close its TPM session first.
         processes = [
@@ -361,6 +371,7 @@ class LocalProvider(TpmHomeLayout, Provider):
         self._finish_spares()
 
     def outputs_path(self, machine: Machine) -> Path | None:
+        """The agent's work folder of the run, on this host."""
         return Path(machine.state_dir) / "work" / machine.run_id
 
 

@@ -38,10 +38,9 @@ from typing import Literal
 from aicert.guest_runtime.config import RunConfig
 from aicert.hashing import sha256_file
 from aicert.reference_values import ReferenceValueSet, VmShape
-from aicert.tasks.platforms.agent_client import AgentClient, AgentUnreachableError
-from aicert.tasks.platforms.base import EnrolledKey, Machine, Provider
-from aicert.tasks.platforms.enrollment import enroll_with_platform_ca
-from aicert.tasks.platforms.local.provider import TpmHomeLayout
+from aicert.tasks.platforms.agent_client import AgentUnreachableError
+from aicert.tasks.platforms.base import Machine, Provider
+from aicert.tasks.platforms.local.provider import ProjectTpmMixin
 from aicert.tasks.platforms.qemu.image import GuestImage, load_guest_image
 from aicert.tasks.platforms.qemu.kvm import (
     ACCEL_ENV,
@@ -95,7 +94,7 @@ _FATAL_CONSOLE = re.compile(
 # so qemu stays up and the guest hangs) or a vCPU it could not set up (then qemu aborts).
 
 
-class QemuProvider(TpmHomeLayout, Provider):
+class QemuProvider(ProjectTpmMixin, Provider):
     """VMs booted from a guest image with a fresh vTPM each (see the module docstring)."""
 
     kind = "qemu"
@@ -152,6 +151,7 @@ class QemuProvider(TpmHomeLayout, Provider):
 
     @property
     def image(self) -> GuestImage:
+        """The guest image this provider boots (loaded and checked on first use)."""
         if self._image is None:
             self._image = load_guest_image(self.image_ref, self.home)
         return self._image
@@ -169,6 +169,7 @@ class QemuProvider(TpmHomeLayout, Provider):
         )
 
     def reference_values(self) -> str | None:
+        """The id of the image's reference-value set."""
         return self.image.id
 
     def boot_reference(self) -> ReferenceValueSet:
@@ -176,6 +177,7 @@ class QemuProvider(TpmHomeLayout, Provider):
         return self.image.reference
 
     def inputs_disk(self, run_id: str) -> Path:
+        """The staged inputs of a run: the VM's read-only disk."""
         return self.run_dir(run_id) / INPUTS_DISK
 
     def stage_inputs(self, run_id: str, config: RunConfig) -> None:
@@ -187,6 +189,12 @@ class QemuProvider(TpmHomeLayout, Provider):
     # -- provisioning --------------------------------------------------------------------------
 
     def provision(self, run_id: str) -> Machine:
+        """Start the run's vTPM and VM (not waiting for the agent: ``wait_until_ready``).
+
+        Raises:
+            QemuProviderError: OVMF is missing, the image was observed on another VM shape,
+                or the vTPM or qemu did not start (both are then torn down).
+        """
         from aicert.tasks.platforms.swtpm import LocalSwtpm
 
         image = self.image
@@ -512,14 +520,11 @@ class QemuProvider(TpmHomeLayout, Provider):
             raise
         return machine
 
-    # -- attestation ---------------------------------------------------------------------------
-
-    def enroll_attestation_key(self, machine: Machine, client: AgentClient) -> EnrolledKey:
-        return enroll_with_platform_ca(self.ek_ca_dir, self.platform_ca_dir, machine, client)
-
     # -- teardown ------------------------------------------------------------------------------
 
     def teardown(self, machine: Machine) -> None:
+        """Stop the VM and its vTPM (also those of a fall back to tcg), remove the sockets
+        and the staged inputs; the run's logs stay."""
         details = machine.details
         run_dir = Path(machine.state_dir)
         marker = str(details.get("qemu_marker", QEMU_BINARY))
@@ -538,4 +543,5 @@ class QemuProvider(TpmHomeLayout, Provider):
         Path(machine.state_dir, INPUTS_DISK).unlink(missing_ok=True)
 
     def outputs_path(self, machine: Machine) -> Path | None:
+        """None: the outputs are downloaded from the agent (they live in the VM)."""
         return None

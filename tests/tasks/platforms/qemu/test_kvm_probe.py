@@ -374,9 +374,9 @@ def test_cli_qemu_accel_beats_the_env_and_is_validated(
 ) -> None:
     """``aicert run --qemu-accel``: its value reaches the provider the flow builds (the run
     stops at the missing config, before any flow); invalid or on another provider: exit 2."""
-    from aicert.cli import _register_builder_commands, app
+    from aicert.cli import _register_plugin_commands, app
 
-    _register_builder_commands()
+    _register_plugin_commands()
     runner = CliRunner()
     monkeypatch.setenv(ACCEL_ENV, "kvm")
     missing = str(tmp_path / "missing.yaml")
