@@ -26,11 +26,13 @@ NONCE_BYTES = 32
 
 
 def new_run_id(project: str) -> str:
+    """A run id unique to this run: the project, the UTC time and 32 random bits."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"{project}-{stamp}-{secrets.token_hex(4)}"
 
 
 def new_nonce() -> bytes:
+    """A fresh random nonce, measured into PCR 14 at the run's start (the quote's freshness)."""
     return secrets.token_bytes(NONCE_BYTES)
 
 
@@ -86,6 +88,7 @@ def assemble_certificate(
 
 
 def certificate_digest(data: bytes) -> str:
+    """The SHA-256 (hex) of a certificate file's bytes, as events and the registry name it."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -93,7 +96,8 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def summary_markdown(certificate: Certificate, report: VerificationReport, path: str) -> str:
+def summary_markdown(report: VerificationReport, path: str) -> str:
+    """The certificate artifact's Markdown: the run, its platform, what was verified."""
     lines = [
         f"# AICert certificate: {report.project}",
         "",
@@ -124,6 +128,7 @@ def summary_markdown(certificate: Certificate, report: VerificationReport, path:
 
 
 def summary_table(report: VerificationReport) -> list[dict[str, object]]:
+    """The bill-of-materials artifact's rows: every certified input and output."""
     rows: list[dict[str, object]] = [
         {
             "direction": "input",

@@ -26,14 +26,13 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 from prefect.schedules import Cron
 
-from aicert.flows.flows import certify_training
+from aicert.flows.flows import CERTIFICATE_CREATED, certify_training
 from aicert.flows.promote import verify_and_promote
 
 DEFAULT_WORK_POOL = "aicert"
 CERTIFY_DEPLOYMENT = "certify-training"
 PROMOTE_DEPLOYMENT = "verify-and-promote"
 SOURCE_UPDATED = "aicert.source.updated"
-CERTIFICATE_CREATED = "aicert.certificate.created"
 EXAMPLE_CRON = "0 3 * * *"
 # Relative to the worker's working folder (the repository root, see ``working_dir``).
 EXAMPLE_CONFIG = "examples/aicert.yaml"
@@ -187,6 +186,7 @@ def drain(work_pool: str, *, timeout_s: float = 120.0) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m aicert.flows.deploy serve|apply|drain``; returns the exit code."""
     parser = argparse.ArgumentParser(
         prog="python -m aicert.flows.deploy",
         description="Create the certify-training and verify-and-promote deployments.",

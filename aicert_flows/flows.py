@@ -257,17 +257,16 @@ ReferenceValues = PlatformReferenceValues | Iterable[PlatformReferenceValues] | 
 
 def _verify_before_publishing(
     certificate_path: str, data: bytes, reference_values: ReferenceValues
-) -> tuple[aicert.Certificate, VerificationReport]:
+) -> VerificationReport:
     """Verify the very bytes about to be published (fail closed: nothing is written anywhere
     unless they verify); the report also feeds the artifacts."""
     certificate = aicert.Certificate.from_json_bytes(data, source=certificate_path)
     platform_ca = Path(certificate_path).with_name("platform-ca.pem")
-    verification = certificate.verify(
+    return certificate.verify(
         trusted_roots=[platform_ca] if platform_ca.exists() else [],
         allow_dev_platform=certificate.platform.kind == "local",
         reference_values=reference_values,
     )
-    return certificate, verification
 
 
 def _write_output_bom(output_bom: str, data: bytes, certificate_path: str) -> str:
@@ -297,7 +296,6 @@ def _write_to_result_storage(run_id: str, data: bytes) -> str:
 
 
 def _create_certificate_artifacts(
-    certificate: aicert.Certificate,
     verification: VerificationReport,
     run_id: str,
     project: str,
@@ -308,7 +306,7 @@ def _create_certificate_artifacts(
     """The certificate's summary, its bill of materials and a link to the stored file."""
     create_markdown_artifact(
         key=artifact_key(project, "certificate"),
-        markdown=summary_markdown(certificate, verification, published),
+        markdown=summary_markdown(verification, published),
         description=f"AICert certificate of run {run_id}",
     )
     create_table_artifact(
@@ -341,14 +339,14 @@ def store_certificate(
     logger = get_run_logger()
     data = Path(certificate_path).read_bytes()
     digest = certificate_digest(data)
-    certificate, verification = _verify_before_publishing(certificate_path, data, reference_values)
+    verification = _verify_before_publishing(certificate_path, data, reference_values)
     published = certificate_path
     if output_bom:
         published = _write_output_bom(output_bom, data, certificate_path)
         logger.info("certificate written to %s", published)
     storage_url = _write_to_result_storage(report["run_id"], data)
     _create_certificate_artifacts(
-        certificate, verification, report["run_id"], project, published, storage_url, digest
+        verification, report["run_id"], project, published, storage_url, digest
     )
     emit_event(
         event=CERTIFICATE_CREATED,
@@ -411,10 +409,12 @@ def _collect_kept_outputs(machine: Machine, run_id: str) -> Path:
     return Path(collect_outputs(machine, run_id, str(workspace)))
 
 
-def _train(platform: Provider, machine: Machine, run_id: str, project: str) -> None:
+def _train(
+    platform: Provider, machine: Machine, run_id: str, project: str, local_outputs: Path | None
+) -> None:
     """Check the TPM still answers, then run the training; a failure says where the run's
-    outputs and logs are kept (fetched first from a machine that keeps them)."""
-    local_outputs = platform.outputs_path(machine)
+    outputs and logs are kept (``local_outputs``, or fetched from a machine that keeps
+    them)."""
     try:
         check_tpm(platform, machine)
     except MachineFailed as exc:
@@ -433,11 +433,11 @@ def _train(platform: Provider, machine: Machine, run_id: str, project: str) -> N
 
 
 def _measure_and_quote(
-    platform: Provider, machine: Machine, run_id: str, project: str
+    platform: Provider, machine: Machine, run_id: str, project: str, local_outputs: Path | None
 ) -> tuple[Evidence, Path]:
     """Measure the outputs into PCR 15 and take the quote; returns the evidence and the
-    folder on this host that holds the run's outputs and logs."""
-    local_outputs = platform.outputs_path(machine)
+    folder on this host that holds the run's outputs and logs (``local_outputs``, or
+    fetched from a machine that keeps them)."""
     try:
         measure_outputs(machine, run_id, project)
         evidence = collect_quote(machine, run_id)
@@ -550,8 +550,10 @@ def certify_training(
         start_run(machine, run_id, new_nonce(), config)
         measure_inputs(machine, run_id, project)
         build_image(machine, run_id, project)
-        _train(platform, machine, run_id, project)
-        evidence, local_outputs = _measure_and_quote(platform, machine, run_id, project)
+        # Where this host keeps the run's files (None: the machine keeps them).
+        kept_here = platform.outputs_path(machine)
+        _train(platform, machine, run_id, project, kept_here)
+        evidence, local_outputs = _measure_and_quote(platform, machine, run_id, project, kept_here)
         # The machine has done its part: tear it down while the certificate is assembled.
         early_teardown = teardown_machine.submit(platform, machine)
         report, published = _certify(

@@ -94,6 +94,7 @@ class ProcessIdentity(BaseModel):
         return identity
 
     def on_this_host(self) -> bool:
+        """Whether the process ran on this host (by host name)."""
         return self.host == socket.gethostname()
 
     def alive(self) -> bool:
@@ -124,10 +125,12 @@ class ActiveRun(BaseModel):
 
 
 def active_dir(home: Path | None = None) -> Path:
+    """The folder of the run records: ``<home>/active`` (home: ``$AICERT_HOME``)."""
     return (home or aicert_home()) / "active"
 
 
 def record_path(flow_run_id: str, home: Path | None = None) -> Path:
+    """Where the record of the flow run ``flow_run_id`` is kept."""
     return active_dir(home) / f"{flow_run_id}.json"
 
 
@@ -137,6 +140,7 @@ def save_record(record: ActiveRun, home: Path | None = None) -> None:
 
 
 def load_record(flow_run_id: str, home: Path | None = None) -> ActiveRun | None:
+    """The record of the flow run ``flow_run_id``, or None (see ``read_record``)."""
     return read_record(record_path(flow_run_id, home))
 
 
@@ -156,6 +160,7 @@ def read_record(path: Path) -> ActiveRun | None:
 
 
 def discard_record(flow_run_id: str, home: Path | None = None) -> None:
+    """Remove the record of a run that needs no cleanup any more (no error when gone)."""
     record_path(flow_run_id, home).unlink(missing_ok=True)
 
 
@@ -288,6 +293,7 @@ class CleanupReport:
 
     @property
     def ok(self) -> bool:
+        """Whether every record was dealt with (none failed to tear down)."""
         return not self.failed
 
 

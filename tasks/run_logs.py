@@ -21,6 +21,7 @@ class RunLogForwarder(logging.Handler):
     """Sends a record to the current Prefect run's log, or to the root logger's handlers."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        """Log ``record`` to the current run (as its message), else hand it to the root."""
         try:
             run_logger = get_run_logger()
         except MissingContextError:
