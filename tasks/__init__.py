@@ -31,6 +31,8 @@ _EXPORTS = {
 }
 
 
+# Any: the names are tasks of several signatures and exception classes; a type checker
+# resolving ``from aicert.tasks import x`` through this hook should not narrow them.
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
