@@ -60,7 +60,7 @@ def _kernel_pcr4_digest(boot_log: TcgEventLog) -> bytes:
 
 def _quoted_boot(
     provider: QemuProvider, progress: ProgressCallback | None
-) -> tuple[dict[int, bytes], TcgEventLog, object]:
+) -> tuple[dict[int, bytes], TcgEventLog, float | None]:
     """Boot one VM, ask a platform quote, tear it down: (verified PCRs, boot log, boot s)."""
     machine = provider.boot("observe-" + secrets.token_hex(6))
     try:
