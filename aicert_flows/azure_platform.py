@@ -67,12 +67,6 @@ class AzurePlatform(PlatformBlock, AzureVmFields):
         "Settings of the AICert Azure platform: a Trusted Launch or Confidential VM with a "
         "vTPM, made per run from a gallery image and deleted afterwards."
     )
-    _code_example = """
-    from aicert.flows.azure_platform import AzurePlatform
-
-    azure_platform = AzurePlatform.load("BLOCK_NAME")
-    provider = azure_platform.provider()
-    """
     credentials: AzureContainerInstanceCredentials | None = Field(
         default=None,
         description="prefect-azure credentials; empty uses DefaultAzureCredential. Save it as "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import httpx
 
 from aicert.guest_runtime.hostutil import StartStop, stop_child
+from aicert.tasks.platforms.processes import free_port
 from aicert.tasks.platforms.settings import aicert_home
 
 STARTUP_TIMEOUT_S = 180.0
@@ -36,12 +36,6 @@ LOG_TAIL_BYTES = 3000
 
 class TemporaryServerError(RuntimeError):
     """The temporary Prefect server did not start."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -137,7 +131,7 @@ class TemporaryPrefectServer(StartStop):
         """Start the server and wait until it answers; returns its API URL."""
         deadline = time.monotonic() + timeout_s
         for _ in range(PORT_ATTEMPTS):
-            self.port = _free_port()
+            self.port = free_port()
             self.process = self._launch(self.port)
             with httpx.Client(timeout=5.0) as client:
                 while time.monotonic() < deadline:

@@ -20,12 +20,17 @@ from typing import Annotated
 
 import typer
 
-from aicert.cli import _fail, error_console
-from aicert.errors import MalformedCertificateError, PlatformError, VerificationError
+from aicert.cli import (
+    AllowDevPlatformOption,
+    ReferenceValuesOption,
+    TrustRootOption,
+    error_console,
+    fail,
+    load_trust_options,
+)
+from aicert.errors import MalformedCertificateError, VerificationError
 from aicert.model import write_atomic
-from aicert.reference_values import load_reference_values
 from aicert.slsa_provenance import provenance_statement, statement_json
-from aicert.verify import load_trust_roots
 
 from .verified import VerifiedCertificate
 
@@ -60,28 +65,12 @@ def export(
         typer.Option("--format", "-f", help="cyclonedx (1.6 ML-BOM) or slsa (provenance v1)."),
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="The file to write.")],
-    trust_root: Annotated[
-        list[Path] | None,
-        typer.Option("--trust-root", help="PEM of a trusted AK root (local/qemu platform CA)."),
-    ] = None,
-    reference_values: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--reference-values",
-            help="A reference-value set (reference-values.json): judges a qemu or Azure boot.",
-        ),
-    ] = None,
-    allow_dev_platform: Annotated[
-        bool,
-        typer.Option(help="Accept a local-platform certificate (no boot chain attested)."),
-    ] = False,
+    trust_root: TrustRootOption = None,
+    reference_values: ReferenceValuesOption = None,
+    allow_dev_platform: AllowDevPlatformOption = False,
 ) -> None:
     """Verify a certificate, then write it as a CycloneDX ML-BOM or a SLSA provenance."""
-    try:
-        roots = load_trust_roots(trust_root or [])
-        references = [load_reference_values(path) for path in reference_values or []]
-    except (ValueError, PlatformError) as exc:
-        _fail(exc, as_json=False, code=2)
+    roots, references = load_trust_options(trust_root, reference_values)
     try:
         verified = VerifiedCertificate.verify_file(
             certificate,
@@ -90,9 +79,9 @@ def export(
             allow_dev_platform=allow_dev_platform,
         )
     except MalformedCertificateError as exc:
-        _fail(exc, as_json=False, code=2)
+        fail(exc, as_json=False, code=2)
     except VerificationError as exc:
-        _fail(exc, as_json=False, code=1)
+        fail(exc, as_json=False, code=1)
     document = export_document(verified, export_format)
     try:
         # A temporary file renamed into place: a reader never sees half an export.

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from cryptography import x509
 from rich.console import Console
 from rich.table import Table
 
 import aicert
 from aicert.errors import MalformedCertificateError, PlatformError, VerificationError
-from aicert.reference_value_sets import load_reference_values
+from aicert.reference_value_sets import PlatformReferenceValues, load_reference_values
 from aicert.reference_values_cli import app as reference_values_app
 from aicert.verify import load_trust_roots
 
@@ -34,6 +35,47 @@ app = typer.Typer(
 console = Console()
 error_console = Console(stderr=True)
 app.add_typer(reference_values_app, name="reference-values")
+
+
+TrustRootOption = Annotated[
+    list[Path] | None,
+    typer.Option("--trust-root", help="PEM of a trusted AK root (local/qemu platform CA)."),
+]
+"""``--trust-root``, shared by every command that verifies a certificate."""
+ReferenceValuesOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--reference-values",
+        help="A reference-value set (reference-values.json): judges a qemu or Azure boot.",
+    ),
+]
+"""``--reference-values``, shared by every command that verifies a certificate."""
+AllowDevPlatformOption = Annotated[
+    bool,
+    typer.Option(help="Accept a local-platform certificate (no boot chain attested)."),
+]
+"""``--allow-dev-platform``, shared by every command that verifies a certificate."""
+
+
+def load_trust_options(
+    trust_root: list[Path] | None, reference_values: list[Path] | None, *, as_json: bool = False
+) -> tuple[list[x509.Certificate], list[PlatformReferenceValues]]:
+    """The trust roots and reference-value sets named on the command line, loaded.
+
+    These are the verifier's own inputs: an unreadable or invalid file is bad input (exit 2,
+    the file named), not a certificate that failed verification.
+
+    Args:
+        trust_root: the ``--trust-root`` PEM files.
+        reference_values: the ``--reference-values`` files.
+        as_json: report a failure as a JSON object (``--json``).
+    """
+    try:
+        roots = load_trust_roots(trust_root or [])
+        references = [load_reference_values(path) for path in reference_values or []]
+    except (ValueError, PlatformError) as exc:
+        fail(exc, as_json, code=2)
+    return roots, references
 
 
 def _short(digest: str) -> str:
@@ -67,10 +109,7 @@ def _io_table(report: aicert.VerificationReport) -> Table:
 @app.command()
 def verify(
     certificate: Annotated[Path, typer.Argument(help="The certificate (proof) JSON file.")],
-    trust_root: Annotated[
-        list[Path] | None,
-        typer.Option("--trust-root", help="PEM of a trusted AK root (local/qemu platform CA)."),
-    ] = None,
+    trust_root: TrustRootOption = None,
     model: Annotated[
         Path | None, typer.Option("--model", help="A model file or folder to re-hash.")
     ] = None,
@@ -78,17 +117,8 @@ def verify(
         list[str] | None,
         typer.Option("--expect", help="NAME=SHA256: an input the certificate must contain."),
     ] = None,
-    allow_dev_platform: Annotated[
-        bool,
-        typer.Option(help="Accept a local-platform certificate (no boot chain attested)."),
-    ] = False,
-    reference_values: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--reference-values",
-            help="A reference-value set (reference-values.json): judges a qemu or Azure boot.",
-        ),
-    ] = None,
+    allow_dev_platform: AllowDevPlatformOption = False,
+    reference_values: ReferenceValuesOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Verify a certificate offline; exit 0 only when every check passed."""
@@ -99,13 +129,7 @@ def verify(
             error_console.print(f"[red]--expect {item!r}: use NAME=SHA256[/red]")
             raise typer.Exit(2)
         expected[name] = digest
-    try:
-        # The verifier's own inputs: an unreadable or invalid file is bad input (exit 2),
-        # not a certificate that failed verification.
-        roots = load_trust_roots(trust_root or [])
-        references = [load_reference_values(path) for path in reference_values or []]
-    except (ValueError, PlatformError) as exc:
-        _fail(exc, as_json, code=2)
+    roots, references = load_trust_options(trust_root, reference_values, as_json=as_json)
     try:
         report = aicert.load(certificate).verify(
             reference_values=references,
@@ -115,9 +139,9 @@ def verify(
             model=model,
         )
     except MalformedCertificateError as exc:
-        _fail(exc, as_json, code=2)
+        fail(exc, as_json, code=2)
     except VerificationError as exc:
-        _fail(exc, as_json, code=1)
+        fail(exc, as_json, code=1)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
         return
@@ -130,7 +154,14 @@ def verify(
     console.print(_io_table(report))
 
 
-def _fail(exc: Exception, as_json: bool, code: int) -> NoReturn:
+def fail(exc: Exception, as_json: bool, code: int) -> NoReturn:
+    """Report ``exc`` as NOT VERIFIED (or as the ``--json`` error object) and exit ``code``.
+
+    Args:
+        exc: the error; its type name and message are shown.
+        as_json: print ``{"verified": false, "error": ..., "message": ...}`` instead.
+        code: the exit code (1 not verified, 2 bad input).
+    """
     if as_json:
         print(json.dumps({"verified": False, "error": type(exc).__name__, "message": str(exc)}))
     else:
@@ -177,10 +208,27 @@ callable that adds its commands to the ``aicert`` Typer app (the builder's ``run
 none of them."""
 
 
-def _register_plugin_commands() -> None:
+def _register_plugin_commands() -> list[str]:
+    """Add every installed plugin's commands; return why the plugins that failed to import
+    did (a verifier-only install lacks the builder's dependencies: ``aicert verify`` must still
+    work there)."""
+    failures = []
     for entry in entry_points(group=CLI_PLUGIN_GROUP):
-        register = entry.load()
+        try:
+            register = entry.load()
+        except ImportError as exc:
+            failures.append(f"the {entry.name!r} commands ({entry.value}) are unavailable: {exc}")
+            continue
         register(app)
+    return failures
+
+
+def _command_names() -> set[str]:
+    names = {
+        command.name or (command.callback.__name__.replace("_", "-") if command.callback else "")
+        for command in app.registered_commands
+    }
+    return names | {group.name for group in app.registered_groups if group.name}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,7 +236,11 @@ def main(argv: list[str] | None = None) -> None:
     # The seed's form `aicert --output-bom proof.json` means `aicert run --output-bom ...`.
     if args and args[0].startswith("--") and args[0] not in ("--help", "--version"):
         args.insert(0, "run")
-    _register_plugin_commands()
+    failures = _register_plugin_commands()
+    if failures and args and not args[0].startswith("-") and args[0] not in _command_names():
+        # An unknown command may be one a plugin would have added: say why it is missing.
+        for failure in failures:
+            error_console.print(f"[yellow]{failure}[/yellow]")
     app(args=args, prog_name="aicert")
 
 

@@ -30,8 +30,9 @@ from aicert.flows.flows import artifact_key
 from .conftest import Promotion, task_run_names
 
 CHROMIUM = "chromium"
-# The flags of DESIGN.md, less --screenshot/--virtual-time-budget (screenshots go over the
-# DevTools protocol, and the page is polled until it shows what is expected).
+# Headless Chromium as root in a container-like machine: no sandbox (root), no GPU, no
+# background traffic (no network here). Screenshots go over the DevTools protocol and the page
+# is polled until it shows what is expected, instead of --screenshot/--virtual-time-budget.
 CHROMIUM_FLAGS = (
     "--headless",
     "--no-sandbox",

@@ -13,8 +13,6 @@ import hashlib
 import logging
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,47 +29,12 @@ from aicert.tasks.platforms.base import (
     Provider,
 )
 from aicert.tasks.platforms.enrollment import enroll_with_platform_ca
+from aicert.tasks.platforms.processes import free_port, log_tail, process_alive, terminate_all
 from aicert.tasks.platforms.settings import aicert_home
 
 if TYPE_CHECKING:
     from aicert.guest_runtime.config import RunConfig
     from aicert.tasks.platforms.swtpm import LocalSwtpm
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _process_alive(pid: int, marker: str) -> bool:
-    """True when ``pid`` is running and its command line contains ``marker`` (no pid reuse)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return False
-    return marker in cmdline
-
-
-def _terminate(processes: list[tuple[int, str]], grace_s: float = 10.0) -> None:
-    """SIGTERM each (pid, marker) process at once, wait for all, SIGKILL what is left."""
-    alive = [(pid, marker) for pid, marker in processes if _process_alive(pid, marker)]
-    for pid, _ in alive:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while alive and time.monotonic() < deadline:
-        for pid, _ in alive:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-        alive = [(pid, marker) for pid, marker in alive if _process_alive(pid, marker)]
-        if alive:
-            time.sleep(0.02)
-    for pid, _ in alive:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
 
 
 log = logging.getLogger(__name__)
@@ -102,14 +65,6 @@ def _agent_idle(machine: Machine) -> bool:
             return client.health(timeout_s=1.0).busy_run_id is None
     except Exception:  # unreachable or confused: treat it as busy, end it gently
         return False
-
-
-def _tail_text(path: Path, max_bytes: int = 2000) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return "(no log)"
-    return data[-max_bytes:].decode(errors="replace").strip()
 
 
 class ProjectTpmMixin:
@@ -269,7 +224,7 @@ class LocalProvider(ProjectTpmMixin, Provider):
             # Left by a failed attempt of this provisioning (the task retries): swtpm_setup
             # refuses an existing state, and a fresh TPM is what a retry should get anyway.
             shutil.rmtree(tpm_dir)
-        port = _free_port()
+        port = free_port()
         scheme = "https" if self.channel_tls else "http"
         machine = Machine(
             provider="local",
@@ -339,11 +294,11 @@ class LocalProvider(ProjectTpmMixin, Provider):
     def machine_problem(self, machine: Machine) -> str | None:
         """Why the run's agent or TPM is gone, or None."""
         agent_pid = machine.details.get("agent_pid")
-        if agent_pid and not _process_alive(int(agent_pid), AGENT_MARKER):
-            log_tail = _tail_text(Path(machine.state_dir) / "agent.log")
-            return f"the guest agent (pid {agent_pid}) exited; agent.log ends with:\n{log_tail}"
+        if agent_pid and not process_alive(int(agent_pid), AGENT_MARKER):
+            agent_log = log_tail(Path(machine.state_dir) / "agent.log", 2000)
+            return f"the guest agent (pid {agent_pid}) exited; agent.log ends with:\n{agent_log}"
         swtpm_pid = machine.details.get("swtpm_pid")
-        if swtpm_pid and not _process_alive(int(swtpm_pid), "swtpm"):
+        if swtpm_pid and not process_alive(int(swtpm_pid), "swtpm"):
             return f"the software TPM (pid {swtpm_pid}) exited"
         return None
 
@@ -363,7 +318,7 @@ class LocalProvider(ProjectTpmMixin, Provider):
         # An agent with no run in flight (the run was quoted) has nothing left to write:
         # kill it at once instead of waiting ~0.4 s for its graceful exit. One in the middle
         # of a run (failure, crash, cancellation) gets SIGTERM and time to close its files.
-        _terminate(processes, grace_s=0.0 if _agent_idle(machine) else 10.0)
+        terminate_all(processes, grace_s=0.0 if _agent_idle(machine) else 10.0)
         if tpm is not None:
             tpm.stop()  # reaps the child and removes its pid file
         _remove_run_containers(machine.run_id)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from aicert.guest_runtime.hostutil import stop_child
+from aicert.tasks.platforms.processes import log_tail
 from aicert.tasks.platforms.qemu.vm import (
     CPU_MODEL,
     OVMF_CODE,
@@ -36,7 +37,6 @@ from aicert.tasks.platforms.qemu.vm import (
     QEMU_BINARY,
     QemuProviderError,
     firmware_vm,
-    log_tail,
 )
 
 log = logging.getLogger(__name__)

@@ -41,6 +41,14 @@ from aicert.reference_values import ReferenceValueSet, VmShape
 from aicert.tasks.platforms.agent_client import AgentUnreachableError
 from aicert.tasks.platforms.base import Machine, Provider
 from aicert.tasks.platforms.local.provider import ProjectTpmMixin
+from aicert.tasks.platforms.processes import (
+    free_port,
+    log_tail,
+    process_alive,
+    read_pid,
+    reap,
+    terminate,
+)
 from aicert.tasks.platforms.qemu.image import GuestImage, load_guest_image
 from aicert.tasks.platforms.qemu.kvm import (
     ACCEL_ENV,
@@ -61,13 +69,7 @@ from aicert.tasks.platforms.qemu.vm import (
     QEMU_BINARY,
     QemuProviderError,
     firmware_vm,
-    free_port,
-    log_tail,
-    process_alive,
     qemu_version,
-    read_pid,
-    reap,
-    terminate,
 )
 from aicert.tasks.platforms.settings import aicert_home
 

@@ -47,6 +47,7 @@ class CertifiedOnQemu:
     model: Path
     platform_ca: Path
     seconds: float
+    source_commit: str  # the checkout's HEAD when the run was staged
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,7 @@ def certified_on_qemu(
     os.environ["AICERT_HOME"] = str(qemu_home)  # the image, its CAs and the runs
     try:
         for attempt in (1, 2):
+            source_commit = _head_commit()
             started = time.monotonic()
             runs_before = set((qemu_home / "runs").iterdir())
             try:
@@ -99,7 +101,14 @@ def certified_on_qemu(
         model=out / "model",
         platform_ca=platform_ca_certificate_path(qemu_home),
         seconds=seconds,
+        source_commit=source_commit,
     )
+
+
+def _head_commit() -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def test_certificate_verifies_with_the_boot_chain(
@@ -139,10 +148,9 @@ def test_run_measured_the_channel_key_first_and_the_staged_inputs(
     assert measured.runtime.platform == "qemu"
     assert measured.channel_key is not None
     assert measured.source is not None
-    head = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    assert measured.source.commit == head  # verified inside the VM against the staged tree
+    # Verified inside the VM against the staged tree; HEAD as it was when the run was staged
+    # (a commit made while the suite runs must not fail this test).
+    assert measured.source.commit == certified_on_qemu.source_commit
     assert measured.source.subdirectory == "examples/training-project"
     assert [image.role for image in measured.images] == ["base"]
     assert measured.result.exit_code == 0
