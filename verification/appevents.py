@@ -35,7 +35,15 @@ from aicert.errors import EventLogError
 
 if TYPE_CHECKING:
     from aicert.tcg_eventlog import TcgEvent, TcgEventLog
-from aicert.model import AppEvent, InputRecord, OutputRecord, PlatformKind, check_time
+from aicert.model import (
+    STATEMENT_KINDS,
+    AppEvent,
+    InputRecord,
+    OutputRecord,
+    PlatformKind,
+    StatementKind,
+    check_time,
+)
 
 INPUTS_PCR = 14
 OUTPUTS_PCR = 15
@@ -180,6 +188,36 @@ class ResultEvent(EventData):
     finished_at: IsoTimestamp
 
 
+class StatementDigest(BaseModel):
+    """One signed statement the agent made: its kind and the SHA-256 of its DSSE envelope
+    (RFC 8785 canonical JSON of the envelope, ``aicert.signed_statements.envelope_sha256``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    kind: StatementKind
+    sha256: Sha256Hex
+
+
+def _one_of_each_kind(statements: list[StatementDigest]) -> list[StatementDigest]:
+    kinds = [statement.kind for statement in statements]
+    if kinds != [kind for kind in STATEMENT_KINDS if kind in kinds]:
+        raise ValueError(f"statement kinds must be distinct, in the order {STATEMENT_KINDS}")
+    return statements
+
+
+class SignedStatementsEvent(EventData):
+    """After the result: the statements the TPM signed inside the machine (model_signing,
+    SLSA provenance), each by the digest of its envelope. The envelopes themselves travel in
+    the certificate's ``signed_statements``; this event binds them to the quote."""
+
+    TYPE = "aicert.output.signed-statements"
+    PCR = OUTPUTS_PCR
+    statements: Annotated[
+        list[StatementDigest],
+        Field(min_length=1, max_length=len(STATEMENT_KINDS)),
+        AfterValidator(_one_of_each_kind),
+    ]
+
+
 EVENT_TYPES: dict[str, type[EventData]] = {
     cls.TYPE: cls
     for cls in (
@@ -192,6 +230,7 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         PackageEvent,
         OutputFileEvent,
         ResultEvent,
+        SignedStatementsEvent,
     )
 }
 
@@ -334,6 +373,7 @@ class MeasuredRun:
     packages: tuple[PackageEvent, ...]
     outputs: tuple[OutputFileEvent, ...]
     result: ResultEvent
+    signed_statements: SignedStatementsEvent | None = None
 
     @property
     def started_at(self) -> datetime:
@@ -431,7 +471,8 @@ def interpret(events: Sequence[AppEvent]) -> MeasuredRun:
 
     PCR 14: [channel-key], runtime, config, image(s), [source], resource*, package*, and
     a training image last when packages were installed. PCR 15: output files sorted by
-    path without repeats, then exactly one result. Anything else is an error.
+    path without repeats, then exactly one result, then at most one signed-statements event.
+    Anything else is an error.
     """
     inputs = [(i, e) for i, e in enumerate(events) if e.pcr == INPUTS_PCR]
     outputs = [(i, e) for i, e in enumerate(events) if e.pcr == OUTPUTS_PCR]
@@ -478,15 +519,7 @@ def interpret(events: Sequence[AppEvent]) -> MeasuredRun:
     if images[-1] is not parsed_inputs[-1] and len(images) == 2:
         raise EventLogError("the training image must be the last PCR 14 event")
 
-    result = parsed_outputs[-1] if parsed_outputs else None
-    if not isinstance(result, ResultEvent):
-        raise EventLogError("the last PCR 15 event must be aicert.output.result")
-    files = _of_kind(parsed_outputs[:-1], OutputFileEvent)
-    if len(files) != len(parsed_outputs) - 1:
-        raise EventLogError("PCR 15 must hold output files followed by one result event")
-    paths = [f.path for f in files]
-    if paths != sorted(paths) or len(set(paths)) != len(paths):
-        raise EventLogError("output file events must be sorted by path, without repeats")
+    files, result, signed = _output_events(parsed_outputs)
     if inputs and outputs and outputs[0][0] < inputs[-1][0]:
         raise EventLogError("an input was measured after the first output")
 
@@ -500,7 +533,34 @@ def interpret(events: Sequence[AppEvent]) -> MeasuredRun:
         packages=tuple(_of_kind(parsed_inputs, PackageEvent)),
         outputs=tuple(files),
         result=result,
+        signed_statements=signed,
     )
+
+
+def _output_events(
+    parsed: Sequence[EventData],
+) -> tuple[list[OutputFileEvent], ResultEvent, SignedStatementsEvent | None]:
+    """PCR 15's grammar: output files sorted by path without repeats, one result, then at
+    most one signed-statements event (measured after the result, so the statements it binds
+    can describe the whole run)."""
+    signed = parsed[-1] if parsed else None
+    if isinstance(signed, SignedStatementsEvent):
+        parsed = parsed[:-1]
+    else:
+        signed = None
+    result = parsed[-1] if parsed else None
+    if not isinstance(result, ResultEvent):
+        raise EventLogError(
+            "the last PCR 15 event must be aicert.output.result (or, after it, "
+            "aicert.output.signed-statements)"
+        )
+    files = _of_kind(parsed[:-1], OutputFileEvent)
+    if len(files) != len(parsed) - 1:
+        raise EventLogError("PCR 15 must hold output files followed by one result event")
+    paths = [f.path for f in files]
+    if paths != sorted(paths) or len(set(paths)) != len(paths):
+        raise EventLogError("output file events must be sorted by path, without repeats")
+    return files, result, signed
 
 
 def _of_kind(events: Sequence[EventData], kind: type[_Event]) -> list[_Event]:

@@ -61,3 +61,16 @@ class ExpectationError(VerificationError):
 
 class ArtifactMismatchError(VerificationError):
     """A model file or folder does not match the certified outputs."""
+
+
+class StatementBindingError(VerificationError):
+    """The signed statements differ from the envelopes whose digests PCR 15 measured
+    (one stripped, added, reordered or changed)."""
+
+
+class StatementContentError(VerificationError):
+    """A signed statement's payload is not the statement the replayed event log gives."""
+
+
+class StatementSignatureError(VerificationError):
+    """A signed statement's DSSE signature does not verify with the certified AK."""

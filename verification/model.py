@@ -247,6 +247,37 @@ class Attestation(_Strict):
     ek: EndorsementKey = EndorsementKey()
 
 
+# A signed statement's payload: the model_signing statement lists every output file (about
+# 150 bytes each, MAX_OUTPUT_FILES of them); the SLSA statement every input and the config.
+MAX_STATEMENT_BYTES = 8 * 1024 * 1024
+StatementKind = Literal["model-signing", "slsa-provenance"]
+"""The statements the agent signs: OpenSSF model signing, and SLSA provenance v1."""
+STATEMENT_KINDS: tuple[StatementKind, ...] = get_args(StatementKind)
+
+
+class DsseSignature(_Strict):
+    """One signature of a DSSE envelope (field names as the DSSE specification spells them)."""
+
+    keyid: ShortText
+    sig: Base64Bytes(1024)  # DER ECDSA or PKCS#1 v1.5 over the envelope's PAE
+
+
+class DsseEnvelope(_Strict):
+    """A DSSE envelope (https://github.com/secure-systems-lab/dsse), as its JSON spells it."""
+
+    payloadType: ShortText
+    payload: Base64Bytes(MAX_STATEMENT_BYTES)
+    # The AK signs once; an envelope with more signatures is not one the agent made.
+    signatures: Annotated[list[DsseSignature], Field(min_length=1, max_length=1)]
+
+
+class SignedStatement(_Strict):
+    """A statement the TPM signed with the AK inside the attested machine, and its kind."""
+
+    kind: StatementKind
+    envelope: DsseEnvelope
+
+
 class Certificate(_Strict):
     format: Literal["aicert/v1"]
     run: RunInfo
@@ -256,11 +287,20 @@ class Certificate(_Strict):
     boot_event_log: Base64Bytes(MAX_BOOT_EVENT_LOG_BYTES) | None = None
     platform: Platform
     attestation: Attestation
+    # Present exactly when the log measured an aicert.output.signed-statements event, in its
+    # order; the AK certificate chain for a Sigstore bundle is attestation.ak's.
+    signed_statements: (
+        Annotated[list[SignedStatement], Field(min_length=1, max_length=len(STATEMENT_KINDS))]
+        | None
+    ) = None
 
     # -- serialization -------------------------------------------------------------------
 
     def to_json_bytes(self) -> bytes:
-        return self.model_dump_json(indent=2).encode("utf-8") + b"\n"
+        """The certificate's JSON (a certificate without signed statements has no key for
+        them, as before the field existed)."""
+        absent = {"signed_statements"} if self.signed_statements is None else None
+        return self.model_dump_json(indent=2, exclude=absent).encode("utf-8") + b"\n"
 
     @classmethod
     def from_json_bytes(cls, data: bytes, *, source: str = "certificate") -> Certificate:

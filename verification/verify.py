@@ -51,6 +51,7 @@ from aicert.hashing import UnsafePathError, hash_tree, sha256_file
 from aicert.model import Certificate, InputRecord, OutputRecord, check_time
 from aicert.quote import verify_quote
 from aicert.reference_value_sets import REFERENCE_VALUE_SET_TYPES, PlatformReferenceValues
+from aicert.signed_statements import verify_signed_statements
 from aicert.tcg_eventlog import TcgEventLog, parse_event_log
 from aicert.tpm_structures import parse_tpmt_public
 
@@ -244,12 +245,14 @@ def verify_certificate(
     # 6. Application event log replay against PCR 14 and 15.
     boot_log = _boot_log(certificate)
     measured = _check_application_event_log(certificate, claimed_pcrs, boot_log, checks)
-    # 7. Platform.
+    # 7. The statements the AK signed inside the machine (model_signing, SLSA provenance).
+    _check_signed_statements(certificate, measured, checks)
+    # 8. Platform.
     boot_attested, platform_note = _verify_platform(
         certificate, claimed_pcrs, allow_dev_platform, boot_log, reference_sets
     )
     checks.append(Check("platform", platform_note))
-    # 8. The caller's expectations.
+    # 9. The caller's expectations.
     _check_expectations(certificate, expected_inputs, model, checks)
     return VerificationReport(
         run_id=certificate.run.id,
@@ -379,13 +382,25 @@ def _check_application_event_log(
     return measured
 
 
+def _check_signed_statements(
+    certificate: Certificate, measured: MeasuredRun, checks: list[Check]
+) -> None:
+    """Step 7: the signed statements are the log's, signed by the certified AK, and exactly
+    those PCR 15 measured (``aicert.signed_statements``)."""
+    # Parsed in step 3 already, where a malformed key was refused.
+    ak_key = parse_tpmt_public(certificate.attestation.ak.public).to_cryptography_key()
+    checks.append(
+        Check("signed-statements", verify_signed_statements(certificate, measured, ak_key))
+    )
+
+
 def _check_expectations(
     certificate: Certificate,
     expected_inputs: Mapping[str, str] | None,
     model: str | os.PathLike[str] | None,
     checks: list[Check],
 ) -> None:
-    """Step 8: the inputs the caller expects are certified, and the model matches outputs."""
+    """Step 9: the inputs the caller expects are certified, and the model matches outputs."""
     if expected_inputs:
         _check_expected_inputs(certificate.inputs, expected_inputs)
         checks.append(Check("expected-inputs", f"{len(expected_inputs)} expected inputs match"))
