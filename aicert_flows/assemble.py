@@ -84,6 +84,9 @@ def assemble_certificate(
             ),
             ek=EndorsementKey(certificate=enrolled.ek_certificate_pem),
         ),
+        # The envelopes as the agent signed them; their Sigstore bundle's verification
+        # material is attestation.ak.certificate_chain, added when one is exported.
+        signed_statements=list(evidence.signed_statements) or None,
     )
 
 

@@ -142,7 +142,11 @@ class CertificationAgent:
             if self._ek is None:
                 self._ek = tpm.create_ek()
             if self._ak is None:
-                self._ak = tpm.create_ak()
+                from aicert.guest_runtime.tpm import AkAlgorithm
+
+                # ECDSA P-256: the AK also signs the run's model_signing bundle, and the
+                # model_signing tool verifies only EC keys.
+                self._ak = tpm.create_ak(AkAlgorithm.ECC_P256_ECDSA_SHA256)
             return {
                 "ek_certificate": tpm.ek_certificate(),
                 "ek_public": self._ek.public_bytes,
@@ -326,13 +330,19 @@ class CertificationAgent:
     # -- step 6: outputs -------------------------------------------------------------------------
 
     def measure_outputs(self, run_id: str) -> list[AppEvent]:
-        """Each output file and the job's result into PCR 15."""
+        """Each output file and the job's result into PCR 15, then the statements the AK
+        signs (``statement_signing``) and the event binding them."""
+        # Imported here: it needs libtss2, which the orchestrator's type checks do without.
+        from aicert.guest_runtime.statement_signing import sign_statements
+
         with self._lock:
             run = self._require(run_id, "trained")
             output_measurement.refuse_failed_training(run)
+            ak = self._machine_ak()
             first = len(run.events)
             with measuring_step(run):
                 output_measurement.measure_outputs(self.measurer, run)
+                run.signed_statements = sign_statements(self.measurer, run, self.tpm, ak)
             run.step = "measured"
             return run.events[first:]
 
@@ -355,4 +365,5 @@ class CertificationAgent:
                 "finished_at": run.finished_at.isoformat(),
                 "exit_code": run.exit_code,
                 "duration_ms": run.duration_ms or 0,
+                "signed_statements": list(run.signed_statements),
             }

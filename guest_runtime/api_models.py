@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from aicert.model import AppEvent, Base64Bytes, PlatformKind
+from aicert.model import AppEvent, Base64Bytes, PlatformKind, SignedStatement
 
 API_PREFIX = "/v1"
 
@@ -78,6 +78,8 @@ class Evidence(_Model):
     finished_at: str
     exit_code: int
     duration_ms: int
+    # The statements the AK signed after the outputs (their digests are the log's last event).
+    signed_statements: list[SignedStatement] = []
 
 
 class PlatformQuoteRequest(_Model):

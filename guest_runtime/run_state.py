@@ -24,7 +24,7 @@ from aicert.guest_runtime.config import RunConfig
 from aicert.guest_runtime.errors import EventLimitError, StepOrderError
 from aicert.guest_runtime.staged_inputs import UnpackedInputs
 from aicert.hashing import FileDigest, hash_tree
-from aicert.model import MAX_EVENTS, AppEvent
+from aicert.model import MAX_EVENTS, AppEvent, SignedStatement
 
 if TYPE_CHECKING:  # the agent's modules import without libtss2 (the orchestrator's checks)
     from aicert.guest_runtime.tpm import Tpm
@@ -123,6 +123,8 @@ class RunState:
     log_condition: threading.Condition = field(default_factory=threading.Condition)
     training_thread: threading.Thread | None = None
     staged: UnpackedInputs | None = None
+    # The statements the AK signed after the outputs were measured (returned with the quote).
+    signed_statements: list[SignedStatement] = field(default_factory=list)
     # Set when a measuring step failed part-way: PCR 14/15 may hold some of its events, so
     # the run can never be certified and no later step may run (a retry would measure twice).
     failure: str | None = None

@@ -15,7 +15,7 @@ import hashlib
 import hmac
 import logging
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 from tpm2_pytss import ESAPI, TSS2_Exception
@@ -151,6 +151,26 @@ class Tpm(StartStop):
                 self._unreachable = str(exc)
                 raise TpmUnreachableError(name, f"TPM unreachable: {exc}", rc) from exc
             raise TpmError(name, str(exc), rc) from exc
+
+    def operation(self, name: str) -> AbstractContextManager[ESAPI]:
+        """The ESAPI for one TPM command of a module that adds commands (``tpm_signing``),
+        TSS2 failures mapped to ``TpmError`` naming ``name`` as for this class's own.
+
+        Args:
+            name: the operation, for error messages.
+        """
+        return self._operation(name)
+
+    def ak_handle(self, ak: AttestationKey) -> ESYS_TR:
+        """The handle of ``ak``, loaded under the EK if it is not already (one AK at a time).
+
+        Args:
+            ak: the attestation key.
+
+        Raises:
+            TpmError: it does not load under this TPM's EK.
+        """
+        return self._ak_handle(ak)
 
     def close(self) -> None:
         """Flush what this object loaded, then close the connection. Idempotent.

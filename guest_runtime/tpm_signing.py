@@ -17,10 +17,8 @@ for ECDSA, the PKCS#1 v1.5 signature bytes for RSASSA.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from tpm2_pytss import ESAPI, TSS2_Exception
+from tpm2_pytss import TSS2_Exception
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
 from tpm2_pytss.types import TPMT_SIG_SCHEME, TPMT_SIGNATURE, TPMT_TK_HASHCHECK
 
@@ -47,8 +45,8 @@ def tpm_sign(tpm: Tpm, ak: AttestationKey, data: bytes) -> bytes:
             TPM_GENERATED_VALUE or is shorter than 4 bytes) or is unreachable.
     """
     digest, ticket = _tpm_digest(tpm, data)
-    handle = _ak_handle(tpm, ak)
-    with _operation(tpm, "sign") as esapi:
+    handle = tpm.ak_handle(ak)
+    with tpm.operation("sign") as esapi:
         signature = esapi.sign(handle, digest, TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL), ticket)
     return standard_signature_encoding(signature)
 
@@ -60,14 +58,14 @@ def _tpm_digest(tpm: Tpm, data: bytes) -> tuple[bytes, TPMT_TK_HASHCHECK]:
     behind by a failed update would hold one of the TPM's few object slots, so it is flushed
     unless SequenceComplete consumed it.
     """
-    with _operation(tpm, "hash sequence start") as esapi:
+    with tpm.operation("hash sequence start") as esapi:
         sequence = esapi.hash_sequence_start(b"", TPM2_ALG.SHA256)
     completed = False
     try:
-        with _operation(tpm, "hash sequence update") as esapi:
+        with tpm.operation("hash sequence update") as esapi:
             for start in range(0, len(data), SEQUENCE_CHUNK_SIZE):
                 esapi.sequence_update(sequence, data[start : start + SEQUENCE_CHUNK_SIZE])
-        with _operation(tpm, "hash sequence complete") as esapi:
+        with tpm.operation("hash sequence complete") as esapi:
             digest, ticket = esapi.sequence_complete(sequence, b"", hierarchy=ESYS_TR.OWNER)
         completed = True
     finally:
@@ -104,20 +102,6 @@ def standard_signature_encoding(signature: TPMT_SIGNATURE) -> bytes:
     if signature.sigAlg == TPM2_ALG.RSASSA:
         return bytes(signature.signature.rsassa.sig)
     raise TpmError("sign", f"unexpected signature scheme 0x{int(signature.sigAlg):04x}")
-
-
-# -- what Tpm does not expose yet --------------------------------------------------------
-# ``Tpm`` keeps the loaded AK's handle and its TSS2-to-TpmError mapping private. These two
-# wrappers are the only places this module reaches into it; once ``Tpm`` offers them
-# publicly (or takes ``tpm_sign`` as a method), they go.
-
-
-def _ak_handle(tpm: Tpm, ak: AttestationKey) -> ESYS_TR:
-    return tpm._ak_handle(ak)
-
-
-def _operation(tpm: Tpm, name: str) -> AbstractContextManager[ESAPI]:
-    return tpm._operation(name)
 
 
 __all__ = ["SEQUENCE_CHUNK_SIZE", "standard_signature_encoding", "tpm_sign"]

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from aicert.appevents import MeasuredRun, SignedStatementsEvent, StatementDigest
 from aicert.canonical import canonical_json
@@ -105,18 +106,31 @@ def statement_payload(kind: StatementKind, measured: MeasuredRun) -> bytes:
     return slsa_payload(measured)
 
 
-def dsse_envelope(payload: bytes, signature: bytes) -> DsseEnvelope:
-    """The DSSE envelope of an in-toto payload signed by the AK (no key id: the verifier
-    knows the key from the certificate).
+def ak_keyid(key: AkPublicKey) -> str:
+    """The key id an envelope names the AK by: SHA-256 (hex) of its DER SubjectPublicKeyInfo.
+
+    DSSE leaves key ids to the application and does not sign them; tools that match
+    signatures to keys by id (securesystemslib) are given this one with the AK's key.
+
+    Args:
+        key: the AK's public key.
+    """
+    spki = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
+
+
+def dsse_envelope(payload: bytes, signature: bytes, keyid: str) -> DsseEnvelope:
+    """The DSSE envelope of an in-toto payload signed by the AK.
 
     Args:
         payload: the statement's bytes.
         signature: the AK's signature over ``dsse_pae(payload)``.
+        keyid: :func:`ak_keyid` of the AK.
     """
     return DsseEnvelope(
         payloadType=DSSE_PAYLOAD_TYPE,
         payload=payload,
-        signatures=[DsseSignature(keyid="", sig=signature)],
+        signatures=[DsseSignature(keyid=keyid, sig=signature)],
     )
 
 
@@ -249,6 +263,8 @@ def signed_statement(certificate: Certificate, kind: StatementKind) -> SignedSta
 
 
 __all__ = [
+    "AkPublicKey",
+    "ak_keyid",
     "dsse_envelope",
     "envelope_sha256",
     "model_name",

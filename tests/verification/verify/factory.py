@@ -52,7 +52,8 @@ from aicert.chain import AkBinding
 from aicert.errors import EventLogError
 from aicert.flows.assemble import PLATFORM_DESCRIPTIONS, assemble_certificate
 from aicert.guest_runtime.api_models import Evidence
-from aicert.guest_runtime.tpm import AK_ATTRIBUTES, Tpm, ak_template, pcr_selection
+from aicert.guest_runtime.statement_signing import signed_statements_of
+from aicert.guest_runtime.tpm import AK_ATTRIBUTES, AkAlgorithm, Tpm, ak_template, pcr_selection
 from aicert.guest_runtime.tpm import AttestationKey as TpmAttestationKey
 from aicert.model import (
     FORMAT,
@@ -65,7 +66,9 @@ from aicert.model import (
     Platform,
     Quote,
     RunInfo,
+    SignedStatement,
 )
+from aicert.signed_statements import signed_statements_event
 from aicert.tasks.platforms.base import EnrolledKey
 from aicert.tasks.platforms.platform_ca import CA_KEY_FILE, PlatformCA
 from aicert.tasks.platforms.swtpm import LocalSwtpm
@@ -263,13 +266,19 @@ def unb64(value: str) -> bytes:
 class TpmRig:
     """One manufactured swtpm with an AK certified by a platform CA (real activation)."""
 
-    def __init__(self, swtpm: LocalSwtpm, ca: PlatformCA, ca_dir: Path) -> None:
+    def __init__(
+        self,
+        swtpm: LocalSwtpm,
+        ca: PlatformCA,
+        ca_dir: Path,
+        ak_algorithm: AkAlgorithm = AkAlgorithm.RSA2048_RSASSA_SHA256,
+    ) -> None:
         self.swtpm = swtpm
         self.ca = ca
         self.ca_dir = ca_dir
         self._tpm: Tpm | None = None
         self.swtpm.start()
-        self.ak: TpmAttestationKey = self.tpm.create_ak()
+        self.ak: TpmAttestationKey = self.tpm.create_ak(ak_algorithm)
         ek_der = self.tpm.ek_certificate()
         if ek_der is None:
             raise RuntimeError("the swtpm has no EK certificate")
@@ -279,9 +288,15 @@ class TpmRig:
         self.chain: list[str] = self.enroll_with(ca)
 
     @classmethod
-    def create(cls, state_dir: Path, ek_ca_dir: Path, ca_dir: Path) -> TpmRig:
+    def create(
+        cls,
+        state_dir: Path,
+        ek_ca_dir: Path,
+        ca_dir: Path,
+        ak_algorithm: AkAlgorithm = AkAlgorithm.RSA2048_RSASSA_SHA256,
+    ) -> TpmRig:
         swtpm = LocalSwtpm.create(state_dir, ek_ca_dir)
-        return cls(swtpm, PlatformCA.load_or_create(ca_dir), ca_dir)
+        return cls(swtpm, PlatformCA.load_or_create(ca_dir), ca_dir, ak_algorithm)
 
     @property
     def tpm(self) -> Tpm:
@@ -368,6 +383,7 @@ class CertificateFactory:
         extend_before: Mapping[int, bytes] | None = None,
         boot_event_log: bytes | None = None,
         reference_values: str | None = None,
+        signed_statements: bool = False,
         **overrides: Any,
     ) -> MadeCertificate:
         """A certificate over ``params`` (or ``RunParams.new(**overrides)``).
@@ -377,6 +393,8 @@ class CertificateFactory:
         PCR -> digest extended before the application events (a dirty platform).
         ``boot_event_log``: a TCG boot log measured first and carried by the certificate (a
         qemu or Azure VM's boot), whose reference-value set is ``reference_values``.
+        ``signed_statements``: the AK signs the run's statements and their event is measured
+        last, as the agent does (``statement_signing.signed_statements_of``).
         """
         if params is None:
             params = RunParams.new(**overrides)
@@ -389,6 +407,12 @@ class CertificateFactory:
         else:
             log = list(events)
         tpm = self.rig.measure(log, extend_before, boot_event_log)
+        statements: list[SignedStatement] = []
+        if signed_statements:
+            statements = signed_statements_of(tpm, self.rig.ak, log)
+            event = signed_statements_event(statements).to_event()
+            tpm.pcr_extend(event.pcr, event_digest(event))
+            log = [*log, event]
         quote = tpm.quote(self.rig.ak, QUOTED_PCRS, params.nonce)
         evidence = Evidence(
             attest=quote.attest,
@@ -402,6 +426,7 @@ class CertificateFactory:
             finished_at=params.finished_at.isoformat(),
             exit_code=params.exit_code,
             duration_ms=params.duration_ms,
+            signed_statements=statements,
         )
         enrolled = EnrolledKey(
             ak_certificate_chain=self.rig.chain,

@@ -45,7 +45,14 @@ from .factory import (
     tampered,
 )
 
-CORE_CHECKS = ["ak-certificate-chain", "ak-public-key", "quote", "event-log", "platform"]
+CORE_CHECKS = [
+    "ak-certificate-chain",
+    "ak-public-key",
+    "quote",
+    "event-log",
+    "signed-statements",
+    "platform",
+]
 
 
 # -- the report ----------------------------------------------------------------------------------
