@@ -2,11 +2,21 @@
 
 Modules: ``settings`` (the settings, each field defined once), ``arm`` (Resource Manager
 sessions, resource names and tags, deletion in dependency order), ``resources`` (the run's
-resources and their request bodies), ``provider`` (``AzureProvider``: provision, enrol,
+resources and their request bodies), ``ak_chain`` (completing the VM's AK certificate
+chain by shipped intermediates and AIA), ``provider`` (``AzureProvider``: provision, enrol,
 teardown), ``errors``. Importing this package needs the ``azure`` extra (azure-mgmt-*,
 azure-identity) only when a provider talks to Azure: the SDKs are imported where used.
 """
 
+from aicert.tasks.platforms.azure.ak_chain import (
+    AiaLimits,
+    AiaLoopError,
+    AiaResponseError,
+    AiaResponseTooLargeError,
+    AiaTimeoutError,
+    AkChainCompleter,
+    AkChainIncompleteError,
+)
 from aicert.tasks.platforms.azure.arm import (
     AICERT_CREATED_TAG,
     AICERT_RUN_TAG,
@@ -36,6 +46,13 @@ from aicert.tasks.platforms.azure.settings import (
 __all__ = [
     "AICERT_CREATED_TAG",
     "AICERT_RUN_TAG",
+    "AiaLimits",
+    "AiaLoopError",
+    "AiaResponseError",
+    "AiaResponseTooLargeError",
+    "AiaTimeoutError",
+    "AkChainCompleter",
+    "AkChainIncompleteError",
     "ArmSession",
     "ArmSessionSettings",
     "AzureEnrollmentError",

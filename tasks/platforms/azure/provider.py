@@ -20,9 +20,10 @@ its ``reference-values.json``); without one no boot chain is checked, and the ve
 the certificate for want of a reference-value set.
 
 The AK is Azure's own (persistent handle 0x81000003, certificate in NV 0x01C101D0, chained to
-Microsoft's vTPM root, read by ``aicert.guest_runtime.azure_ak`` on the VM): enrolment only
-checks that chain early, with the verifier's pinned root, so a wrong VM is torn down before
-any training.
+Microsoft's vTPM root, read by ``aicert.guest_runtime.azure_ak`` on the VM): enrolment
+completes its chain (shipped intermediates, then AIA: ``aicert.tasks.platforms.azure.ak_chain``)
+and checks it early, with the verifier's pinned root, so a wrong VM is torn down before any
+training.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from aicert.tasks.platforms.agent_client import AgentClient, AgentUnreachableError
 from aicert.tasks.platforms.azure import arm as arm_access
+from aicert.tasks.platforms.azure.ak_chain import AkChainCompleter
 from aicert.tasks.platforms.azure.arm import (
     AICERT_RUN_TAG,
     VIRTUAL_MACHINES,
@@ -119,6 +121,7 @@ class AzureProvider(Provider):
         home: Path | None = None,
         progress: ProgressCallback = log_progress,
         extra_trusted_root_pems: Sequence[str] = (),
+        ak_chain_completer: AkChainCompleter | None = None,
     ) -> None:
         """Args:
         settings: the platform's settings.
@@ -128,6 +131,8 @@ class AzureProvider(Provider):
         progress: where progress is reported.
         extra_trusted_root_pems: roots accepted besides Microsoft's pinned one when the
             provider checks an AK chain early (tests; the end verifier decides on its own).
+        ak_chain_completer: completes the VM's AK chain (None: the shipped CAs and AIA
+            with the default bounds, ending at Microsoft's root or an extra trusted root).
         """
         self.settings = settings
         self.home = (home or aicert_home()).resolve()
@@ -136,6 +141,7 @@ class AzureProvider(Provider):
         self.extra_trusted_root_pems = tuple(extra_trusted_root_pems)
         self._credential = credential
         self._boot_reference: AzureReferenceValueSet | None = None
+        self._ak_chain_completer = ak_chain_completer
 
     @classmethod
     def for_machine(
@@ -319,6 +325,8 @@ class AzureProvider(Provider):
         wrong VM is torn down before any training) and hand the chain over.
 
         Raises:
+            AkChainIncompleteError: the chain cannot be completed (names the missing issuer;
+                a subclass says why its AIA download failed).
             AzureEnrollmentError: no chain, or a chain that does not verify or certify the AK.
         """
         from aicert.errors import VerificationError
@@ -331,6 +339,9 @@ class AzureProvider(Provider):
                 "--platform azure on an Azure vTPM (AK at 0x81000003, certificate in NV "
                 "0x01C101D0)"
             )
+        # The VM's chain may lack intermediates of newer hierarchies (reachable only by AIA):
+        # complete it here, where there is network, so the certificate verifies offline.
+        chain = self.ak_chain_completer().complete(chain)
         try:
             verified = check_azure_ak_chain(
                 chain, material.ak_public, extra_trusted_roots=self.extra_trusted_root_pems
@@ -346,6 +357,15 @@ class AzureProvider(Provider):
             ek_certificate_pem=_ek_certificate_pem(material),
             trusted_root_pem=self._trusted_root_pem(verified),
         )
+
+    def ak_chain_completer(self) -> AkChainCompleter:
+        """What completes the VM's AK chain: the shipped CAs, then AIA (``ak_chain``);
+        roots trusted on purpose (tests) may end the chain."""
+        if self._ak_chain_completer is None:
+            self._ak_chain_completer = AkChainCompleter(
+                trusted_root_pems=self.extra_trusted_root_pems
+            )
+        return self._ak_chain_completer
 
     def _trusted_root_pem(self, verified: ChainVerification) -> str | None:
         """The root trusted on purpose (tests) that the chain ended at, or None: a verifier
