@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from prefect_azure.credentials import AzureContainerInstanceCredentials
 from pydantic import Field
 
-from aicert.flows.blocks import DOCUMENTATION_URL, PlatformBlock
+from aicert.flows.blocks import BLOCKS_PAGE_URL, LOGOS_URL, PlatformBlock
 from aicert.tasks.platforms.azure import arm
 from aicert.tasks.platforms.azure.provider import AzureProvider
 from aicert.tasks.platforms.azure.settings import (
@@ -62,13 +62,15 @@ class AzurePlatform(PlatformBlock, AzureVmFields):
 
     _block_type_name = "AICert Azure Platform"
     _block_type_slug = "aicert-azure-platform"
-    _documentation_url = DOCUMENTATION_URL
+    _documentation_url = f"{BLOCKS_PAGE_URL}#aicert-azure-platform"
+    _logo_url = f"{LOGOS_URL}aicert-azure-platform.svg"
     _description = (
         "Settings of the AICert Azure platform: a Trusted Launch or Confidential VM with a "
         "vTPM, made per run from a gallery image and deleted afterwards."
     )
     credentials: AzureContainerInstanceCredentials | None = Field(
         default=None,
+        title="Azure credentials",
         description="prefect-azure credentials; empty uses DefaultAzureCredential. Save it as "
         "its own block so that a crash hook in another process can load it for teardown.",
     )

@@ -14,10 +14,11 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
+from textwrap import dedent
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from prefect.blocks.core import Block
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from aicert.tasks.platforms.qemu.provider import (
     DEFAULT_BOOT_TIMEOUT_S as DEFAULT_QEMU_BOOT_TIMEOUT_S,
@@ -29,14 +30,46 @@ from aicert.tasks.platforms.qemu.provider import (
     DEFAULT_SMP as DEFAULT_QEMU_SMP,
 )
 
+__all__ = [
+    "DOCUMENTATION_URL",
+    "AicertRunConfig",
+    "LocalPlatform",
+    "PlatformBlock",
+    "QemuPlatform",
+    "load_platform_block",
+]
+
 if TYPE_CHECKING:
     from aicert.guest_runtime.config import RunConfig
     from aicert.tasks.platforms.base import Provider
     from aicert.tasks.platforms.local.provider import LocalProvider
     from aicert.tasks.platforms.qemu.provider import QemuProvider
 
-DOCUMENTATION_URL = "https://aicert.mithrilsecurity.io/en/latest"
+# The documentation site's address (mkdocs.yml ``site_url``): the blocks' documentation links
+# and logos are pages and files of that site (docs/blocks.md, docs/assets/logos/). A logo
+# cannot travel with the package: Prefect types ``logo_url`` as an http(s) URL and refuses a
+# ``data:`` URI.
+DOCUMENTATION_URL = "https://aicert.mithrilsecurity.io/en/latest/"
+BLOCKS_PAGE_URL = f"{DOCUMENTATION_URL}blocks/"
+LOGOS_URL = f"{DOCUMENTATION_URL}assets/logos/"
 MAX_CONFIG_YAML_BYTES = 256 * 1024
+
+# Words the UI titles spell their own way (acronyms, product names); others are lower case.
+_TITLE_WORDS = {"vm": "VM", "id": "ID", "os": "OS", "vnet": "VNet", "ssh": "SSH", "tpm": "TPM"}
+
+
+def field_title(name: str, _info: object = None) -> str:
+    """The UI title of a field without one: sentence case, acronyms kept ("VM size",
+    "Subnet ID"), rather than Prefect's title case ("Vm Size", "Subnet Id")."""
+    words = [_TITLE_WORDS.get(word, word) for word in name.split("_")]
+    first = words[0] if words[0] in _TITLE_WORDS.values() else words[0].capitalize()
+    return " ".join([first, *words[1:]])
+
+
+def fenced_python(code: str) -> str:
+    """A code example as the Prefect UI's "paste this snippet" box reads it: it shows only
+    the first fenced ``python`` block (``BLOCK_NAME`` replaced by the block's name)."""
+    return f"```python\n{dedent(code).strip()}\n```"
 
 
 class AicertRunConfig(Block):
@@ -48,23 +81,28 @@ class AicertRunConfig(Block):
 
     _block_type_name = "AICert Run Config"
     _block_type_slug = "aicert-run-config"
-    _documentation_url = DOCUMENTATION_URL
+    _documentation_url = f"{BLOCKS_PAGE_URL}#aicert-run-config"
+    _logo_url = f"{LOGOS_URL}aicert-run-config.svg"
     _description = (
         "The configuration of an AICert certified training run: source repository, "
         "resources, image, limits (the aicert.yaml text)."
     )
-    _code_example = """
-    from aicert.flows.blocks import AicertRunConfig
+    _code_example = fenced_python(
+        """
+        from aicert.flows import AicertRunConfig
 
-    run_config = AicertRunConfig.load("BLOCK_NAME")
-    config = run_config.load_config()
-    """
+        run_config = AicertRunConfig.load("BLOCK_NAME")
+        config = run_config.load_config()  # validated as `aicert run --config` does
+        """
+    )
 
     config_yaml: str = Field(
         ...,
         title="aicert.yaml",
         description="The run configuration as YAML text, in the format of aicert.yaml.",
-        json_schema_extra={"format": "text"},  # a multi-line editor in the UI
+        # No schema hint: Prefect's UI (v2, the default) edits every string in a textarea
+        # that grows with its content, so the YAML keeps its lines in the form. (Its block
+        # page prints values as plain text, lines joined: nothing in the schema changes that.)
     )
     base_dir: str | None = Field(
         default=None,
@@ -122,6 +160,7 @@ class PlatformBlock(Block, ABC):
     Prefect does not register block classes that list ``ABC`` among their bases.)"""
 
     _block_schema_capabilities: ClassVar[list[str]] = ["aicert-platform"]
+    model_config = ConfigDict(field_title_generator=field_title)
 
     @abstractmethod
     def provider(self) -> Provider:
@@ -134,10 +173,10 @@ class PlatformBlock(Block, ABC):
         if cls._code_example is not None:
             return super().get_code_example()
         variable = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()  # local_platform
-        return (
-            f"\nfrom {cls.__module__} import {cls.__name__}\n\n"
+        return fenced_python(
+            f"from aicert.flows import {cls.__name__}\n\n"
             f'{variable} = {cls.__name__}.load("BLOCK_NAME")\n'
-            f"provider = {variable}.provider()\n"
+            f"provider = {variable}.provider()  # what the flow provisions machines with\n"
         )
 
 
@@ -155,7 +194,8 @@ class LocalPlatform(PlatformBlock):
 
     _block_type_name = "AICert Local Platform"
     _block_type_slug = "aicert-local-platform"
-    _documentation_url = DOCUMENTATION_URL
+    _documentation_url = f"{BLOCKS_PAGE_URL}#aicert-local-platform"
+    _logo_url = f"{LOGOS_URL}aicert-local-platform.svg"
     _description = (
         "Settings of the AICert local platform (a software TPM started per run and the "
         "host's Docker engine)."
@@ -202,9 +242,10 @@ class QemuPlatform(PlatformBlock):
     the reproducible guest image, so firmware, kernel, initrd and command line are measured
     and checked against the image's reference values."""
 
-    _block_type_name = "AICert Qemu Platform"
+    _block_type_name = "AICert qemu Platform"
     _block_type_slug = "aicert-qemu-platform"
-    _documentation_url = DOCUMENTATION_URL
+    _documentation_url = f"{BLOCKS_PAGE_URL}#aicert-qemu-platform"
+    _logo_url = f"{LOGOS_URL}aicert-qemu-platform.svg"
     _description = (
         "Settings of the AICert qemu platform (OVMF + swtpm vTPM, the guest image built by "
         "`aicert image build-guest`, measured boot checked against its reference values)."
@@ -274,6 +315,8 @@ def load_platform_block(name: str) -> PlatformBlock:
 
 
 try:  # Prefect finds a block type only once its class is imported.
-    from aicert.flows.azure_platform import AzurePlatform  # noqa: F401
+    from aicert.flows.azure_platform import AzurePlatform
 except ImportError:  # the [azure] extra is not installed
     pass
+else:
+    __all__ += ["AzurePlatform"]

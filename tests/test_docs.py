@@ -147,8 +147,10 @@ def test_the_cli_reference_has_every_command(site: Path) -> None:
 
 def test_the_site_fetches_nothing_from_the_network(site: Path) -> None:
     # Stylesheets, scripts, fonts and images come from the site itself; links to other sites
-    # (<a href>) are fine.
-    external = re.compile(r"""<(?:link|script|img)\b[^>]*\b(?:href|src)=["']?(?:https?:)?//""")
+    # (<a href>) are fine, and so is the canonical address (site_url), which fetches nothing.
+    external = re.compile(
+        r"""<(?:link(?![^>]*rel="canonical")|script|img)\b[^>]*\b(?:href|src)=["']?(?:https?:)?//"""
+    )
     offenders = [
         str(path.relative_to(site))
         for path in site.rglob("*.html")
@@ -156,3 +158,20 @@ def test_the_site_fetches_nothing_from_the_network(site: Path) -> None:
     ]
     assert offenders == []
     assert not any("fonts.googleapis" in path.read_text() for path in site.rglob("*.html"))
+
+
+def test_the_blocks_link_to_pages_and_logos_the_site_has(site: Path) -> None:
+    # The Prefect UI links each block type to its documentation and loads its logo from the
+    # published site: both must be files of this build, at mkdocs.yml's site_url.
+    from aicert.flows import AicertRunConfig, AzurePlatform, LocalPlatform, QemuPlatform
+    from aicert.flows.blocks import DOCUMENTATION_URL
+
+    assert load_config(str(ROOT / "mkdocs.yml"))["site_url"] == DOCUMENTATION_URL
+    for block in (AicertRunConfig, LocalPlatform, QemuPlatform, AzurePlatform):
+        page, _, anchor = (
+            str(block._documentation_url).removeprefix(DOCUMENTATION_URL).partition("#")
+        )
+        html = (site / page / "index.html").read_text()
+        assert f'id="{anchor}"' in html, f"{block.__name__}: no #{anchor} on {page}"
+        logo = site / str(block._logo_url).removeprefix(DOCUMENTATION_URL)
+        assert logo.read_bytes().startswith(b"<svg"), f"{block.__name__}: {logo} not built"

@@ -4,10 +4,12 @@ entirely from saved blocks."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import uuid
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import yaml
@@ -16,7 +18,9 @@ from prefect.client.orchestration import SyncPrefectClient
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
 
 import aicert
+from aicert.flows import AzurePlatform
 from aicert.flows.blocks import (
+    DOCUMENTATION_URL,
     AicertRunConfig,
     LocalPlatform,
     PlatformBlock,
@@ -38,17 +42,62 @@ from .conftest import (
     unique_project,
 )
 
+BLOCKS = [AicertRunConfig, LocalPlatform, QemuPlatform, AzurePlatform]
+SLUGS = sorted(block.get_block_type_slug() for block in BLOCKS)
+DOCS = REPO_ROOT / "docs"
 
-@pytest.mark.parametrize("block", [AicertRunConfig, LocalPlatform, QemuPlatform])
+
+@pytest.mark.parametrize("block", BLOCKS)
 class TestBlockStandards(BlockStandardTestSuite):
+    """Prefect's own block standards (prefect.testing.standard_test_suites), every block."""
+
     @pytest.fixture
     def block(self, block: type[Block]) -> type[Block]:
         return block
 
     def test_has_a_valid_image(self, block: type[Block]) -> None:
-        # The inherited check downloads the logo (no network here, and needs Pillow): AICert
-        # ships no logo, so the UI shows Prefect's default icon. Assert that, not a skip.
-        assert block._logo_url is None
+        # The inherited check downloads the logo and opens it with Pillow (no network here,
+        # and Pillow reads no SVG). The same rules on the file the docs site publishes at
+        # that URL: a square between 45 and 1000 px. tests/test_docs.py checks that the
+        # built site serves it; tests/deployments/test_ui_blocks.py that the UI shows it.
+        logo_url = str(block._logo_url)
+        assert logo_url.startswith(f"{DOCUMENTATION_URL}assets/logos/"), logo_url
+        svg = ElementTree.parse(DOCS / logo_url.removeprefix(DOCUMENTATION_URL)).getroot()
+        assert svg.tag == "{http://www.w3.org/2000/svg}svg"
+        width, height = int(svg.get("width", "0")), int(svg.get("height", "0"))
+        assert width == height and 1000 > width > 45
+        assert svg.get("viewBox") == f"0 0 {width} {height}"
+
+    def test_the_code_example_is_a_fenced_python_block(self, block: type[Block]) -> None:
+        # The UI's "paste this snippet" box shows the first ```python block and nothing else.
+        example = block.get_code_example()
+        assert example is not None
+        fenced = re.search(r"```python([\s\S]*?)```", example)
+        assert fenced is not None, example
+        code = fenced.group(1)
+        assert f"from aicert.flows import {block.__name__}" in code
+        compile(code, f"{block.__name__} example", "exec")  # valid Python as pasted
+
+    def test_the_documentation_url_is_its_section_of_the_blocks_page(
+        self, block: type[Block]
+    ) -> None:
+        url = str(block._documentation_url)
+        assert url == f"{DOCUMENTATION_URL}blocks/#{block.get_block_type_slug()}"
+        page = (DOCS / "blocks.md").read_text()
+        assert f"{{#{block.get_block_type_slug()}}}" in page  # the anchor exists
+
+    def test_field_titles_are_sentence_case(self, block: type[Block]) -> None:
+        # "VM size", "Subnet ID", not the titles pydantic generates ("Vm Size", "Subnet Id").
+        for name, field in block.model_json_schema()["properties"].items():
+            title = field.get("title", "")
+            assert title and not re.search(r"\b(Vm|Id|Os|Vnet|Ssh|Tpm)\b", title), title
+            assert "_" not in name or title != name.replace("_", " ").title(), title
+
+    def test_every_field_is_documented_on_the_blocks_page(self, block: type[Block]) -> None:
+        page = (DOCS / "blocks.md").read_text()
+        section = page.split(f"{{#{block.get_block_type_slug()}}}")[1].split("\n## ")[0]
+        for name, field in block.model_json_schema()["properties"].items():
+            assert f"| `{name}` | {field['title']} |" in section, name
 
 
 def _name() -> str:
@@ -177,14 +226,7 @@ def test_prefect_finds_the_blocks_through_the_collections_entry_point() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
     )
     assert completed.returncode == 0, completed.stderr
-    assert completed.stdout.strip().splitlines()[-1] == str(
-        [
-            "aicert-azure-platform",
-            "aicert-local-platform",
-            "aicert-qemu-platform",
-            "aicert-run-config",
-        ]
-    )
+    assert completed.stdout.strip().splitlines()[-1] == str(SLUGS)
 
 
 def test_block_register_cli(
@@ -200,9 +242,43 @@ def test_block_register_cli(
         check=False,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
-    assert "Successfully registered 3 blocks" in completed.stdout, completed.stdout
-    for slug in ("aicert-run-config", "aicert-local-platform", "aicert-qemu-platform"):
-        assert client.read_block_type_by_slug(slug).slug == slug
+    assert "Successfully registered 4 blocks" in completed.stdout, completed.stdout
+    # What the server holds now, read back: the UI shows exactly this.
+    for block in BLOCKS:
+        stored = client.read_block_type_by_slug(block.get_block_type_slug())
+        assert stored.name == block.get_block_type_name()
+        assert str(stored.logo_url) == block._logo_url
+        assert str(stored.documentation_url) == block._documentation_url
+        assert stored.code_example is not None and "```python" in stored.code_example
+        schema = client.get_most_recent_block_schema_for_block_type(stored.id)
+        assert schema is not None
+        assert schema.fields["properties"] == block.model_json_schema()["properties"]
+
+
+def test_block_register_without_the_azure_extra_registers_the_other_three(
+    prefect_api_url: str, tmp_path: Path
+) -> None:
+    # prefect-azure made unimportable (a None entry in sys.modules): AzurePlatform is then
+    # absent from aicert.flows, not an error that stops the registration of the others.
+    script = (
+        "import sys; sys.modules['prefect_azure'] = None\n"
+        "import aicert.flows\n"
+        "assert 'AzurePlatform' not in dir(aicert.flows)\n"
+        "from prefect.cli import app\n"
+        "sys.argv = ['prefect', 'block', 'register', '-m', 'aicert.flows']\n"
+        "app()\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        env=subprocess_env(prefect_api_url, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert "Successfully registered 3 blocks" in completed.stdout, (
+        completed.stdout + completed.stderr
+    )
 
 
 def test_importing_the_package_for_the_cli_does_not_import_prefect() -> None:
