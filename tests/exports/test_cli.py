@@ -22,7 +22,9 @@ from aicert.exports.cyclonedx import bom_json
 from aicert.exports.verified import VerifiedCertificate
 from tests.verification.verify.seeds import Seed, load_seed
 
-FORMATS = ("cyclonedx", "slsa")
+# The formats every verified certificate has; model-signing and slsa need signed statements
+# (tests/exports/test_signed_exports.py), which the stored seeds do not carry.
+FORMATS = ("cyclonedx", "slsa-statement")
 
 
 def run_export(*args: str | Path) -> Result:
@@ -122,10 +124,23 @@ def test_an_output_path_that_cannot_be_written_is_bad_input(tmp_path: Path) -> N
     folder = tmp_path / "a-folder"
     folder.mkdir()
     proof = seed.folder / "proof.json"
-    result = run_export(proof, "-f", "slsa", "-o", folder, *trust_options(seed))
+    result = run_export(proof, "-f", "slsa-statement", "-o", folder, *trust_options(seed))
     assert result.exit_code == 2, result.output
     assert str(folder) in result.output.replace("\n", "")
     assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("export_format", ["model-signing", "slsa"])
+def test_a_certificate_without_signed_statements_has_no_signed_export(
+    seed: Seed, export_format: str, tmp_path: Path
+) -> None:
+    output = tmp_path / "export"
+    result = run_export(
+        seed.folder / "proof.json", "-f", export_format, "-o", output, *trust_options(seed)
+    )
+    assert result.exit_code == 2, result.output
+    assert "carries no TPM-signed" in result.output.replace("\n", "")
+    assert not output.exists()
 
 
 @pytest.mark.parametrize("bad", ["certificate", "trust-root", "reference-values"])
