@@ -281,14 +281,6 @@ def test_block_register_without_the_azure_extra_registers_the_other_three(
     )
 
 
-def test_importing_the_package_for_the_cli_does_not_import_prefect() -> None:
-    probe = "import sys, aicert.flows.cli; print('prefect' in sys.modules)"
-    completed = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert completed.stdout.strip() == "False"
-
-
 # -- a flow run configured from saved blocks --------------------------------------------------
 
 
