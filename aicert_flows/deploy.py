@@ -7,6 +7,11 @@
 - ``verify-and-promote``: triggered by ``aicert.certificate.created``, its parameters taken
   from the event's payload.
 
+Each deployment has a concurrency limit of its own (``CERTIFY_CONCURRENCY``,
+``PROMOTE_CONCURRENCY``: runs beyond it wait as AwaitingConcurrencySlots); machine capacity
+across deployments is the global limits of ``aicert.flows.capacity`` (``apply --machines N``
+creates them).
+
 ``apply`` registers both on a process work pool (created when missing) for a worker to run;
 ``serve`` runs them in this process instead (no work pool, no worker); ``drain`` cancels the
 pool's flow runs in flight and waits for them to end (``stack.sh down`` runs it first).
@@ -26,13 +31,17 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 from prefect.schedules import Cron
 
-from aicert.flows.flows import CERTIFICATE_CREATED, certify_training
+from aicert.flows.capacity import MACHINES_LIMIT, all_machine_limit_names
+from aicert.flows.events import CERTIFICATE_CREATED, SOURCE_UPDATED
+from aicert.flows.flows import certify_training
 from aicert.flows.promote import verify_and_promote
 
 DEFAULT_WORK_POOL = "aicert"
 CERTIFY_DEPLOYMENT = "certify-training"
 PROMOTE_DEPLOYMENT = "verify-and-promote"
-SOURCE_UPDATED = "aicert.source.updated"
+# At most this many runs of each deployment at once (the worker's --limit is per worker).
+CERTIFY_CONCURRENCY = 4
+PROMOTE_CONCURRENCY = 4
 EXAMPLE_CRON = "0 3 * * *"
 # Relative to the worker's working folder (the repository root, see ``working_dir``).
 EXAMPLE_CONFIG = "examples/aicert.yaml"
@@ -48,8 +57,12 @@ def _from_payload(field: str) -> str:
 def source_updated_trigger() -> DeploymentEventTrigger:
     """Run ``certify-training`` when code or data change (``aicert.source.updated``)."""
     return DeploymentEventTrigger(
-        name="certify-on-source-update",
-        description="Certify again when a training project's source or data changed.",
+        name="certify-training on aicert.source.updated",
+        description=(
+            "Fires on each aicert.source.updated event whose resource is aicert.source.* "
+            "(a push hook, a data pipeline); runs certify-training with the event's "
+            "config_path or config_block, pinned to its commit."
+        ),
         expect={SOURCE_UPDATED},
         match={"prefect.resource.id": "aicert.source.*"},
         parameters={
@@ -68,16 +81,27 @@ PROMOTE_PARAMETERS_FROM_EVENT = (
     "project",
     "outputs_path",
 )
+# Parameter of verify-and-promote <- field of the aicert.certificate.created payload.
+PROMOTE_PARAMETER_SOURCES = {
+    **{name: name for name in PROMOTE_PARAMETERS_FROM_EVENT},
+    "certifying_flow_run_id": "flow_run_id",
+}
 
 
 def certificate_created_trigger() -> DeploymentEventTrigger:
     """Run ``verify-and-promote`` for every new certificate (``aicert.certificate.created``)."""
     return DeploymentEventTrigger(
-        name="promote-on-certificate",
-        description="Verify each new certificate and its model; publish it to the registry.",
+        name="verify-and-promote on aicert.certificate.created",
+        description=(
+            "Fires on each aicert.certificate.created event (resource aicert.run.*, emitted "
+            "by certify-training); runs verify-and-promote on the announced certificate and "
+            "model, linked to the certifying flow run."
+        ),
         expect={CERTIFICATE_CREATED},
         match={"prefect.resource.id": "aicert.run.*"},
-        parameters={name: _from_payload(name) for name in PROMOTE_PARAMETERS_FROM_EVENT},
+        parameters={
+            name: _from_payload(field) for name, field in PROMOTE_PARAMETER_SOURCES.items()
+        },
     )
 
 
@@ -97,6 +121,7 @@ def build_deployments(
         parameters={"config_path": EXAMPLE_CONFIG},
         schedules=[Cron(EXAMPLE_CRON, timezone="UTC", active=False)],
         triggers=[source_updated_trigger()],
+        concurrency_limit=CERTIFY_CONCURRENCY,
         entrypoint_type=EntrypointType.MODULE_PATH,
         work_pool_name=work_pool,
         job_variables=job_variables,
@@ -107,6 +132,7 @@ def build_deployments(
         tags=["aicert"],
         parameters={"allow_dev_platform": allow_dev_platform},
         triggers=[certificate_created_trigger()],
+        concurrency_limit=PROMOTE_CONCURRENCY,
         entrypoint_type=EntrypointType.MODULE_PATH,
         work_pool_name=work_pool,
         job_variables=job_variables,
@@ -127,9 +153,53 @@ def ensure_process_work_pool(name: str) -> None:
             pass
 
 
-def apply(work_pool: str, *, allow_dev_platform: bool = True) -> dict[str, str]:
-    """Register the deployments on ``work_pool``; returns deployment name -> id."""
+def ensure_machine_limits(machines: int) -> list[str]:
+    """Create (or set) the global concurrency limits on machines: ``machines`` slots for
+    all platforms together and for each platform (lower a platform's limit in the UI or
+    with ``prefect gcl update``). Returns the names of the limits.
+
+    Args:
+        machines: How many machines may exist at once.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import (
+        GlobalConcurrencyLimitCreate,
+        GlobalConcurrencyLimitUpdate,
+    )
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    names = all_machine_limit_names()
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                with_limit = GlobalConcurrencyLimitCreate(name=name, limit=machines)
+                try:
+                    client.create_global_concurrency_limit(with_limit)
+                    continue
+                except ObjectAlreadyExists:
+                    pass
+            client.update_global_concurrency_limit(
+                name, GlobalConcurrencyLimitUpdate(limit=machines)
+            )
+    return names
+
+
+def apply(
+    work_pool: str, *, allow_dev_platform: bool = True, machines: int | None = None
+) -> dict[str, str]:
+    """Register the deployments on ``work_pool``; returns deployment name -> id.
+
+    Args:
+        work_pool: The process work pool (created when missing).
+        allow_dev_platform: verify-and-promote accepts local-platform certificates.
+        machines: When given, the global machine limits are set to it (see
+            :func:`ensure_machine_limits`).
+    """
     ensure_process_work_pool(work_pool)
+    if machines is not None:
+        ensure_machine_limits(machines)
     return {
         deployment.full_name: str(deployment.apply())
         for deployment in build_deployments(work_pool, allow_dev_platform=allow_dev_platform)
@@ -203,6 +273,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="verify-and-promote refuses local-platform certificates (no boot chain)",
     )
     parser.add_argument(
+        "--machines",
+        type=int,
+        default=None,
+        help=f"apply: set the global limits {MACHINES_LIMIT}[-<platform>] to this many slots",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=120.0, help="drain: seconds to wait for the runs"
     )
     args = parser.parse_args(argv)
@@ -215,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         serve(allow_dev_platform=allow_dev)
         return 0
-    for name, deployment_id in apply(args.pool, allow_dev_platform=allow_dev).items():
+    applied = apply(args.pool, allow_dev_platform=allow_dev, machines=args.machines)
+    for name, deployment_id in applied.items():
         print(f"applied {name} ({deployment_id}) on work pool {args.pool}")
     return 0
 

@@ -12,33 +12,37 @@ hooks run in the supervising process, not in the process that provisioned the ma
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from prefect import Flow, flow, get_run_logger
-from prefect.artifacts import (
-    create_link_artifact,
-    create_markdown_artifact,
-    create_table_artifact,
-)
 from prefect.client.schemas.objects import FlowRun, State
-from prefect.events import emit_event
+from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run as current_flow_run
+from pydantic import BaseModel
 
-import aicert
+from aicert.flows.artifacts import (
+    artifact_key,
+)
 from aicert.flows.assemble import (
-    assemble_certificate,
-    certificate_digest,
     new_nonce,
     new_run_id,
-    summary_markdown,
-    summary_table,
+)
+from aicert.flows.blocks import (
+    AicertRunConfig,
+    LocalPlatform,
+    PlatformBlock,
+    QemuPlatform,
+    load_platform_block,
+)
+from aicert.flows.capacity import machine_slot
+from aicert.flows.events import (
+    CERTIFICATE_CREATED,
+    CERTIFICATE_FAILED,
+    emit_run_event,
 )
 from aicert.flows.lifecycle import (
     ActiveRun,
@@ -50,11 +54,15 @@ from aicert.flows.lifecycle import (
     save_record,
     teardown_record,
 )
-from aicert.flows.output_target import OutputTargetError, check_output_target
-from aicert.guest_runtime.api_models import Evidence
+from aicert.flows.publish import (
+    PublishedCertificate,
+    assemble_and_write,
+    publish_artifacts,
+    store_certificate,
+)
+from aicert.guest_runtime.api_models import Evidence, TrainingStatus
 from aicert.guest_runtime.config import RunConfig, parse_config
-from aicert.model import PlatformKind, write_atomic
-from aicert.reference_values import PlatformReferenceValues
+from aicert.model import PlatformKind
 from aicert.tasks import (
     MachineFailed,
     TrainingFailed,
@@ -76,12 +84,19 @@ from aicert.tasks import (
     wait_for_agent,
 )
 from aicert.tasks.platforms import get_provider
+from aicert.tasks.platforms.attestation import MachineAttestation
 from aicert.tasks.platforms.base import EnrolledKey, Machine, Provider
-from aicert.tasks.task_factory import aicert_task
-from aicert.verify import VerificationReport
+from aicert.tasks.task_factory import raise_if_cancelled
 
-CERTIFICATE_CREATED = "aicert.certificate.created"
-CERTIFICATE_FAILED = "aicert.certificate.failed"
+__all__ = [
+    "CERTIFICATE_CREATED",
+    "CERTIFICATE_FAILED",
+    "CertificationResult",
+    "PublishedCertificate",
+    "artifact_key",
+    "certify_training",
+]
+
 DEFAULT_CONFIG_PATH = "aicert.yaml"
 
 
@@ -118,8 +133,8 @@ def _cleanup_before_run() -> None:
 def _after_unsuccessful_run(flow_run: FlowRun, state: State) -> None:
     """Shared by the failure, crash and cancellation hooks: teardown, then the event.
 
-    The event's resource is ``aicert.run.<run id>``, or ``aicert.flow-run.<flow run id>``
-    when the run failed before it got a run id (an invalid configuration).
+    The event's resource is ``aicert.run.<run id>``, or ``aicert.run.unassigned-<flow run
+    id>`` when the run failed before it got a run id (an invalid configuration).
     """
     flow_run_id = str(flow_run.id)
     record = load_record(flow_run_id)
@@ -146,28 +161,18 @@ def _after_unsuccessful_run(flow_run: FlowRun, state: State) -> None:
 def _emit_failed(
     flow_run: FlowRun, state: State, record: ActiveRun | None, teardown_error: str | None
 ) -> None:
-    """Emit ``aicert.certificate.failed`` for a run that ended without a certificate."""
-    flow_run_id = str(flow_run.id)
-    resource_id = (
-        f"aicert.run.{record.run_id}" if record is not None else f"aicert.flow-run.{flow_run_id}"
-    )
-    emit_event(
-        event=CERTIFICATE_FAILED,
-        resource={
-            "prefect.resource.id": resource_id,
-            "prefect.resource.name": record.project if record else str(flow_run.name),
-        },
-        related=[
-            {
-                "prefect.resource.id": f"prefect.flow-run.{flow_run_id}",
-                "prefect.resource.role": "flow-run",
-                "prefect.resource.name": str(flow_run.name),
-            }
-        ],
+    """Emit ``aicert.certificate.failed`` for a run that ended without a certificate (on
+    ``aicert.run.unassigned-<flow run id>`` when it failed before it got a run id)."""
+    emit_run_event(
+        CERTIFICATE_FAILED,
+        run_id=record.run_id if record else None,
+        project=record.project if record else None,
+        flow_run_id=str(flow_run.id),
+        flow_run_name=str(flow_run.name),
         payload={
             "run_id": record.run_id if record else None,
             "project": record.project if record else None,
-            "flow_run_id": flow_run_id,
+            "flow_run_id": str(flow_run.id),
             "state": str(state.type.value),
             "message": str(state.message or "")[:2000],
             "teardown_error": teardown_error,
@@ -176,15 +181,15 @@ def _emit_failed(
 
 
 # One hook per state, so that the run's logs name the one that ran.
-def _on_failure(flow: Flow[..., dict[str, Any]], flow_run: FlowRun, state: State) -> None:
+def _on_failure(flow: Flow[..., dict[str, object]], flow_run: FlowRun, state: State) -> None:
     _after_unsuccessful_run(flow_run, state)
 
 
-def _on_crashed(flow: Flow[..., dict[str, Any]], flow_run: FlowRun, state: State) -> None:
+def _on_crashed(flow: Flow[..., dict[str, object]], flow_run: FlowRun, state: State) -> None:
     _after_unsuccessful_run(flow_run, state)
 
 
-def _on_cancellation(flow: Flow[..., dict[str, Any]], flow_run: FlowRun, state: State) -> None:
+def _on_cancellation(flow: Flow[..., dict[str, object]], flow_run: FlowRun, state: State) -> None:
     _after_unsuccessful_run(flow_run, state)
 
 
@@ -205,13 +210,14 @@ def _raise_machine_failure(
         ) from error
 
 
-def resolve_platform(provider: str, platform_block: str | None) -> Provider:
-    """The provider named by ``provider``, or configured by the saved ``platform_block``."""
+def resolve_platform(provider: str, platform_block: PlatformBlock | str | None) -> Provider:
+    """The provider named by ``provider``, or configured by ``platform_block`` (a platform
+    block, or the name of a saved one)."""
     if platform_block is None:
         return get_provider(provider)
-    from aicert.flows.blocks import load_platform_block
-
-    return load_platform_block(platform_block).provider()
+    if isinstance(platform_block, str):
+        platform_block = load_platform_block(platform_block)
+    return platform_block.provider()
 
 
 def pin_source_commit(config: RunConfig, commit: str) -> RunConfig:
@@ -222,149 +228,22 @@ def pin_source_commit(config: RunConfig, commit: str) -> RunConfig:
     return parse_config(data, source="flow parameter source_commit")
 
 
-def artifact_key(project: str, kind: str) -> str:
-    """Stable artifact keys (Prefect requires ``^[a-z0-9-]*$``)."""
-    return f"aicert-{project}-{kind}"[:100]
+class CertificationResult(BaseModel):
+    """What ``certify-training`` returns.
 
-
-@aicert_task("assemble-certificate")
-def assemble_and_write(
-    evidence: Evidence,
-    enrolled: EnrolledKey,
-    project: str,
-    provider_kind: PlatformKind,
-    reference_values: str | None,
-    run_dir: str,
-) -> str:
-    """Build the certificate from the evidence; write it (and the platform CA it needs) to
-    ``run_dir``. Returns the certificate's path."""
-    certificate = assemble_certificate(
-        evidence=evidence,
-        enrolled=enrolled,
-        project=project,
-        provider=provider_kind,
-        reference_values=reference_values,
-    )
-    path = Path(run_dir) / "certificate.json"
-    certificate.write(path)
-    if enrolled.trusted_root_pem:
-        write_atomic(Path(run_dir) / "platform-ca.pem", enrolled.trusted_root_pem.encode())
-    return str(path)
-
-
-ReferenceValues = PlatformReferenceValues | Iterable[PlatformReferenceValues] | None
-
-
-def _verify_before_publishing(
-    certificate_path: str, data: bytes, reference_values: ReferenceValues
-) -> VerificationReport:
-    """Verify the very bytes about to be published (fail closed: nothing is written anywhere
-    unless they verify); the report also feeds the artifacts."""
-    certificate = aicert.Certificate.from_json_bytes(data, source=certificate_path)
-    platform_ca = Path(certificate_path).with_name("platform-ca.pem")
-    return certificate.verify(
-        trusted_roots=[platform_ca] if platform_ca.exists() else [],
-        allow_dev_platform=certificate.platform.kind == "local",
-        reference_values=reference_values,
-    )
-
-
-def _write_output_bom(output_bom: str, data: bytes, certificate_path: str) -> str:
-    """Write the certificate to ``output_bom`` atomically; returns where it was written."""
-    # Checked again: the target may have changed during the run. The run is certified either
-    # way, so the message points at the verified certificate kept with the run.
-    try:
-        return str(write_atomic(check_output_target(Path(output_bom)), data))
-    except (OutputTargetError, OSError) as exc:
-        reason = exc.reason if isinstance(exc, OutputTargetError) else exc.strerror
-        raise OutputTargetError(
-            Path(output_bom),
-            f"cannot write the certificate there ({reason}); the run is certified and "
-            f"its verified certificate is {certificate_path}",
-        ) from None
-
-
-def _write_to_result_storage(run_id: str, data: bytes) -> str:
-    """Store the certificate in the flow's default result storage; returns its URL."""
-    from prefect.results import get_default_result_storage
-
-    stored_at = get_default_result_storage().write_path(f"aicert/{run_id}/certificate.json", data)
-    storage_url = str(stored_at)
-    if "://" not in storage_url:
-        storage_url = Path(storage_url).resolve().as_uri()
-    return storage_url
-
-
-def _create_certificate_artifacts(
-    verification: VerificationReport,
-    run_id: str,
-    project: str,
-    published: str,
-    storage_url: str,
-    digest: str,
-) -> None:
-    """The certificate's summary, its bill of materials and a link to the stored file."""
-    create_markdown_artifact(
-        key=artifact_key(project, "certificate"),
-        markdown=summary_markdown(verification, published),
-        description=f"AICert certificate of run {run_id}",
-    )
-    create_table_artifact(
-        key=artifact_key(project, "bom"),
-        table=summary_table(verification),
-        description="Certified inputs (PCR 14) and outputs (PCR 15)",
-    )
-    create_link_artifact(
-        key=artifact_key(project, "certificate-file"),
-        link=storage_url,
-        link_text=f"certificate.json ({digest[:12]})",
-        description="The certificate in the flow's result storage",
-    )
-
-
-@aicert_task("store-certificate")
-def store_certificate(
-    certificate_path: str,
-    report: dict[str, Any],
-    project: str,
-    output_bom: str | None,
-    outputs_path: str | None = None,
-    reference_values: ReferenceValues = None,
-) -> dict[str, Any]:
-    """Publish: the file at ``output_bom`` (atomically), result storage, artifacts, event.
-
-    ``outputs_path``: the run's outputs folder on this host, when the platform keeps one; the
-    event carries it so that a downstream flow (verify-and-promote) can re-hash the model.
+    Attributes:
+        run_id: The run's id.
+        project: The training project.
+        certificate: Where the certificate was published.
+        workspace: The folder on this host with the run's outputs and logs.
+        report: The verification report (``VerificationReport.to_dict()``).
     """
-    logger = get_run_logger()
-    data = Path(certificate_path).read_bytes()
-    digest = certificate_digest(data)
-    verification = _verify_before_publishing(certificate_path, data, reference_values)
-    published = certificate_path
-    if output_bom:
-        published = _write_output_bom(output_bom, data, certificate_path)
-        logger.info("certificate written to %s", published)
-    storage_url = _write_to_result_storage(report["run_id"], data)
-    _create_certificate_artifacts(
-        verification, report["run_id"], project, published, storage_url, digest
-    )
-    emit_event(
-        event=CERTIFICATE_CREATED,
-        resource={
-            "prefect.resource.id": f"aicert.run.{report['run_id']}",
-            "prefect.resource.name": project,
-        },
-        payload={
-            "run_id": report["run_id"],
-            "project": project,
-            "certificate_sha256": digest,
-            "certificate_path": published,
-            "storage_url": storage_url,
-            "platform": report["platform"],
-            "outputs_path": outputs_path,
-        },
-    )
-    return {"path": published, "sha256": digest, "storage_url": storage_url}
+
+    run_id: str
+    project: str
+    certificate: PublishedCertificate
+    workspace: str
+    report: dict[str, object]
 
 
 def _start_record(platform: Provider, run_id: str, project: str) -> ActiveRun:
@@ -387,20 +266,21 @@ def _start_record(platform: Provider, run_id: str, project: str) -> ActiveRun:
 
 def _bring_up_machine(
     platform: Provider, record: ActiveRun, config: RunConfig
-) -> tuple[Machine, EnrolledKey]:
+) -> tuple[Machine, EnrolledKey, MachineAttestation]:
     """Stage the inputs, provision the machine, wait for its agent, certify its AK and
     attest it. ``record.machine`` is saved as soon as there is one, so that whatever fails
     next (here or in a hook) tears it down."""
-    stage_inputs(platform, record.run_id, config)
-    machine = provision_machine(platform, record.run_id)
+    staged = stage_inputs(platform, record.run_id, config, return_state=True)
+    staged.result()
+    machine = provision_machine(platform, record.run_id, wait_for=[staged])
     record.machine = machine
     save_record(record)
     machine = wait_for_agent(platform, machine, timeout_s=platform.agent_start_timeout_s)
     record.machine = machine
     save_record(record)
     enrolled = establish_attestation_key(platform, machine)
-    attest_machine_before_run(platform, machine, enrolled)
-    return machine, enrolled
+    attestation = attest_machine_before_run(platform, machine, enrolled)
+    return machine, enrolled, attestation
 
 
 def _collect_kept_outputs(machine: Machine, run_id: str) -> Path:
@@ -410,18 +290,25 @@ def _collect_kept_outputs(machine: Machine, run_id: str) -> Path:
 
 
 def _train(
-    platform: Provider, machine: Machine, run_id: str, project: str, local_outputs: Path | None
-) -> None:
+    platform: Provider,
+    machine: Machine,
+    run_id: str,
+    project: str,
+    local_outputs: Path | None,
+    after: object,
+) -> TrainingStatus:
     """Check the TPM still answers, then run the training; a failure says where the run's
     outputs and logs are kept (``local_outputs``, or fetched from a machine that keeps
     them)."""
+    # ``after`` (the image build's result) and the check's state are the graph's edges.
+    tpm_checked = check_tpm(platform, machine, wait_for=[after], return_state=True)
     try:
-        check_tpm(platform, machine)
+        tpm_checked.result()
     except MachineFailed as exc:
         kept = f"nothing was trained; logs kept in {machine.state_dir}"
         raise MachineFailed(f"{exc}; {kept}") from exc
     try:
-        run_training(machine, run_id, project, platform)
+        return run_training(machine, run_id, project, platform, wait_for=[tpm_checked])
     except TrainingFailed:
         if local_outputs is None:
             local_outputs = _collect_kept_outputs(machine, run_id)
@@ -433,14 +320,19 @@ def _train(
 
 
 def _measure_and_quote(
-    platform: Provider, machine: Machine, run_id: str, project: str, local_outputs: Path | None
+    platform: Provider,
+    machine: Machine,
+    run_id: str,
+    project: str,
+    local_outputs: Path | None,
+    after: TrainingStatus,
 ) -> tuple[Evidence, Path]:
     """Measure the outputs into PCR 15 and take the quote; returns the evidence and the
     folder on this host that holds the run's outputs and logs (``local_outputs``, or
     fetched from a machine that keeps them)."""
     try:
-        measure_outputs(machine, run_id, project)
-        evidence = collect_quote(machine, run_id)
+        measured = measure_outputs(machine, run_id, project, wait_for=[after])
+        evidence = collect_quote(machine, run_id, wait_for=[measured])
     except Exception as exc:
         _raise_machine_failure(platform, machine, local_outputs, exc)
         raise
@@ -457,9 +349,9 @@ def _certify(
     project: str,
     local_outputs: Path,
     output_bom: str | None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Assemble the certificate, verify it, publish it. Returns the verification report and
-    where the certificate was published (path, SHA-256, storage URL)."""
+) -> tuple[dict[str, object], PublishedCertificate]:
+    """Assemble the certificate, verify it, publish it, and create the flow-run artifacts.
+    Returns the verification report and where the certificate was published."""
     certificate_path = assemble_and_write(
         evidence,
         enrolled,
@@ -477,7 +369,16 @@ def _certify(
         reference_values=platform.boot_reference(),
     )
     published = store_certificate(
-        certificate_path, report, project, output_bom, model_path, platform.boot_reference()
+        certificate_path,
+        machine.run_id,
+        project,
+        output_bom,
+        model_path,
+        platform.boot_reference(),
+        wait_for=[report],
+    )
+    publish_artifacts(
+        certificate_path, published, output_bom, model_path, platform.boot_reference()
     )
     return report, published
 
@@ -485,15 +386,15 @@ def _certify(
 def _finish(
     platform: Provider,
     record: ActiveRun,
-    early_teardown: PrefectFuture[None] | None,
+    early_teardown: list[PrefectFuture[None]],
     succeeded: bool,
 ) -> None:
     """The machine torn down (waiting for the early teardown, or now), the record updated;
     discarded once the run succeeded. If teardown raises, the record stays and the failure
     hook tears down again."""
     if record.machine is not None:
-        if early_teardown is not None:
-            early_teardown.result()
+        if early_teardown:
+            early_teardown[0].result()
         else:
             teardown_machine(platform, record.machine)
         record.torn_down = True
@@ -503,8 +404,74 @@ def _finish(
         discard_record(record.flow_run_id)
 
 
+def _initial_run_name() -> str:
+    """The flow run's name until it has a run id: what it certifies (the config file's
+    folder or the block's name)."""
+    parameters = current_flow_run.parameters
+    block = parameters.get("config_block")
+    if block:
+        return f"certify {getattr(block, '_block_document_name', None) or block}"
+    config_path = Path(parameters.get("config_path") or DEFAULT_CONFIG_PATH)
+    return f"certify {config_path.resolve().parent.name or config_path}"
+
+
+def run_display_name(project: str, run_id: str) -> str:
+    """The flow run's name once the run has an id: ``<project> · <UTC stamp>`` (the run id
+    less its project prefix and random suffix; the run id itself is in the logs)."""
+    stamp = run_id.removeprefix(f"{project}-").rsplit("-", 1)[0]
+    return f"{project} · {stamp}"
+
+
+def _rename_flow_run(project: str, run_id: str) -> None:
+    """Name the flow run after its project and run id, unless the caller named it (a
+    ``with_options(flow_run_name=...)`` is kept)."""
+    context = FlowRunContext.get()
+    if context is None or context.flow is None or context.flow_run is None:
+        return
+    if context.flow.flow_run_name is not _initial_run_name:
+        return
+    from prefect.client.orchestration import get_client
+
+    name = run_display_name(project, run_id)
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(context.flow_run.id, name=name)
+    context.flow_run.name = name
+
+
+def _run_on_machine(
+    platform: Provider,
+    record: ActiveRun,
+    config: RunConfig,
+    output_bom: str | None,
+    early_teardown: list[PrefectFuture[None]],
+) -> tuple[dict[str, object], PublishedCertificate, Path]:
+    """Everything between provisioning and publishing. Once the machine has done its part
+    its teardown is submitted (into ``early_teardown``, which the caller's ``finally`` waits
+    for). Returns the report, the published certificate and the folder of the run's outputs
+    and logs on this host. Each step waits for the one before it (``wait_for``), so the run
+    graph shows the real order rather than every step hanging off ``wait-for-agent``."""
+    run_id, project = record.run_id, record.project
+    machine, enrolled, attestation = _bring_up_machine(platform, record, config)
+    started = start_run(machine, run_id, new_nonce(), config, wait_for=[attestation])
+    inputs = measure_inputs(machine, run_id, project, wait_for=[started])
+    image = build_image(machine, run_id, project, wait_for=[inputs])
+    # Where this host keeps the run's files (None: the machine keeps them).
+    kept_here = platform.outputs_path(machine)
+    status = _train(platform, machine, run_id, project, kept_here, after=image)
+    evidence, local_outputs = _measure_and_quote(
+        platform, machine, run_id, project, kept_here, after=status
+    )
+    # The machine has done its part: tear it down while the certificate is assembled.
+    early_teardown.append(teardown_machine.submit(platform, machine, wait_for=[evidence]))
+    report, published = _certify(
+        platform, machine, enrolled, evidence, project, local_outputs, output_bom
+    )
+    return report, published, local_outputs
+
+
 @flow(
     name="certify-training",
+    flow_run_name=_initial_run_name,
     on_failure=[_on_failure],
     on_crashed=[_on_crashed],
     on_cancellation=[_on_cancellation],
@@ -512,23 +479,40 @@ def _finish(
 )
 def certify_training(
     config_path: str | None = None,
-    provider: str = "local",
+    provider: PlatformKind = "local",
     output_bom: str | None = None,
     outputs_dir: str | None = None,
-    config_block: str | None = None,
-    platform_block: str | None = None,
+    config_block: AicertRunConfig | str | None = None,
+    platform_block: LocalPlatform | QemuPlatform | str | None = None,
     source_commit: str | None = None,
-) -> dict[str, Any]:
+) -> dict[str, object]:
     """Certify a training run: the flow behind ``aicert run`` and the deployments.
 
-    The configuration comes from ``config_path`` (default ``aicert.yaml``) or from a saved
-    ``AicertRunConfig`` block named ``config_block``; the platform from ``provider`` or, when
-    given, from a saved platform block (``platform_block``: a ``LocalPlatform`` name or
-    ``<block-type-slug>/<name>``), which then takes precedence. ``source_commit`` pins the
-    source to that commit instead of the configured tag/branch/commit (an event trigger passes
-    the pushed commit).
+    The flow run is named ``<project> · <UTC stamp>`` once the run has an id. Each machine
+    takes a slot of the ``aicert-machines`` global concurrency limits while it exists (see
+    ``aicert.flows.capacity``).
 
-    Returns the run id, the certificate's path and SHA-256, and the verification report.
+    Args:
+        config_path: The run configuration file (``aicert.yaml``), relative to the flow's
+            working folder; the default when no ``config_block`` is given.
+        provider: The platform to certify on when no ``platform_block`` is given: ``local``
+            (swtpm on this host, a development platform), ``qemu`` (a measured-boot VM) or
+            ``azure`` (needs a saved AzurePlatform block).
+        output_bom: Where to write the certificate (JSON) besides the result storage.
+        outputs_dir: A folder to copy the certified outputs (the model) into.
+        config_block: An AicertRunConfig block holding the configuration, instead of
+            ``config_path``: picked in the UI, or a saved block's name (what event triggers
+            and automations pass).
+        platform_block: A LocalPlatform or QemuPlatform block, or a saved platform
+            block's name (a LocalPlatform name, or ``<block-type-slug>/<name>``: an
+            AzurePlatform is given by name); takes precedence over ``provider``.
+        source_commit: Certify this commit of the configured source (an event trigger
+            passes the pushed commit) instead of its tag, branch or commit.
+
+    Returns:
+        ``CertificationResult.model_dump()``: the run id, project, where the certificate
+        was published, the workspace and the verification report (a dict, as ``aicert run``
+        and earlier callers index it).
     """
     logger = get_run_logger()
     if config_path is None and config_block is None:
@@ -539,38 +523,39 @@ def certify_training(
     platform = resolve_platform(provider, platform_block)
     project = config.project_name()
     run_id = new_run_id(project)
+    _rename_flow_run(project, run_id)
     logger.info("certifying %s as run %s on the %s platform", project, run_id, platform.kind)
 
     _cleanup_before_run()
     record = _start_record(platform, run_id, project)
-    early_teardown: PrefectFuture[None] | None = None
     succeeded = False
-    try:
-        machine, enrolled = _bring_up_machine(platform, record, config)
-        start_run(machine, run_id, new_nonce(), config)
-        measure_inputs(machine, run_id, project)
-        build_image(machine, run_id, project)
-        # Where this host keeps the run's files (None: the machine keeps them).
-        kept_here = platform.outputs_path(machine)
-        _train(platform, machine, run_id, project, kept_here)
-        evidence, local_outputs = _measure_and_quote(platform, machine, run_id, project, kept_here)
-        # The machine has done its part: tear it down while the certificate is assembled.
-        early_teardown = teardown_machine.submit(platform, machine)
-        report, published = _certify(
-            platform, machine, enrolled, evidence, project, local_outputs, output_bom
-        )
-        if outputs_dir:
-            destination = Path(outputs_dir).resolve()
-            shutil.copytree(local_outputs / "outputs", destination, dirs_exist_ok=True)
-            logger.info("outputs copied to %s", destination)
-        logger.info("certificate %s verified: %s", published["path"], json.dumps(report["checks"]))
-        succeeded = True
-        return {
-            "run_id": run_id,
-            "project": project,
-            "certificate": published,
-            "workspace": str(local_outputs),
-            "report": report,
-        }
-    finally:
-        _finish(platform, record, early_teardown, succeeded)
+    early_teardown: list[PrefectFuture[None]] = []
+    with machine_slot(platform.kind):
+        try:
+            report, published, local_outputs = _run_on_machine(
+                platform, record, config, output_bom, early_teardown
+            )
+            succeeded = True
+        except BaseException as exc:
+            raise_if_cancelled(exc)
+            raise
+        finally:
+            _finish(platform, record, early_teardown, succeeded)
+    if outputs_dir:
+        destination = Path(outputs_dir).resolve()
+        shutil.copytree(local_outputs / "outputs", destination, dirs_exist_ok=True)
+        logger.info("outputs copied to %s", destination)
+    checks = report.get("checks")
+    logger.info(
+        "run %s certified and verified (%d checks passed): %s",
+        run_id,
+        len(checks) if isinstance(checks, list) else 0,
+        published.path,
+    )
+    return CertificationResult(
+        run_id=run_id,
+        project=project,
+        certificate=published,
+        workspace=str(local_outputs),
+        report=report,
+    ).model_dump()

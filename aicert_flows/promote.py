@@ -33,18 +33,18 @@ from typing import IO, Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.events import emit_event
 from prefect.runtime import flow_run as current_flow_run
 
 import aicert
+from aicert.flows.events import MODEL_PROMOTED, MODEL_REJECTED, emit_run_event
 from aicert.model import MAX_CERTIFICATE_BYTES, write_atomic
 from aicert.reference_values import load_reference_values
 from aicert.tasks import verify_certificate
 from aicert.tasks.platforms.settings import aicert_home
 from aicert.tasks.task_factory import aicert_task
 
-MODEL_PROMOTED = "aicert.model.promoted"
-MODEL_REJECTED = "aicert.model.rejected"
+__all__ = ["MODEL_PROMOTED", "MODEL_REJECTED", "verify_and_promote"]
+
 STAGING_FOLDER = ".staging"
 MODEL_FOLDER = "model"
 CERTIFICATE_FILE = "certificate.json"
@@ -206,25 +206,34 @@ def _report_json(report: Mapping[str, Any]) -> bytes:
 
 
 def _emit(event: str, run_id: str | None, project: str | None, payload: dict[str, Any]) -> None:
+    """Emit ``event`` on the run's resource (``aicert.run.<run id>``, see
+    ``aicert.flows.events``), this flow run related."""
     flow_run_id = str(current_flow_run.id) if current_flow_run.id else None
-    related: list[dict[str, str]] = []
-    if flow_run_id:
-        related.append(
-            {
-                "prefect.resource.id": f"prefect.flow-run.{flow_run_id}",
-                "prefect.resource.role": "flow-run",
-                "prefect.resource.name": str(current_flow_run.name),
-            }
-        )
-    emit_event(
-        event=event,
-        resource={
-            "prefect.resource.id": f"aicert.run.{run_id or 'unknown'}",
-            "prefect.resource.name": project or "unknown",
-        },
-        related=related,
+    emit_run_event(
+        event,
+        run_id=run_id,
+        project=project,
+        flow_run_id=flow_run_id,
+        flow_run_name=str(current_flow_run.name) if flow_run_id else None,
         payload={**payload, "flow_run_id": flow_run_id},
     )
+
+
+def flow_run_ui_url(flow_run_id: str) -> str | None:
+    """The Prefect UI's page of a flow run (``None`` when no UI address is configured)."""
+    from prefect.settings import get_current_settings
+
+    ui_url = get_current_settings().ui_url
+    return f"{str(ui_url).rstrip('/')}/runs/flow-run/{flow_run_id}" if ui_url else None
+
+
+def _certifying_run_line(certifying_flow_run_id: str | None) -> str:
+    if not certifying_flow_run_id:
+        return "- certified by: (the event named no flow run)"
+    url = flow_run_ui_url(certifying_flow_run_id)
+    if url is None:
+        return f"- certified by flow run `{certifying_flow_run_id}`"
+    return f"- certified by flow run [{certifying_flow_run_id}]({url})"
 
 
 def _stage_and_verify(
@@ -283,7 +292,9 @@ def _registry_destination(
     )
 
 
-def _announce_promotion(report: Mapping[str, Any], published: str) -> str:
+def _announce_promotion(
+    report: Mapping[str, Any], published: str, certifying_flow_run_id: str | None
+) -> str:
     """Emit ``aicert.model.promoted`` and the promotion artifact; returns the promoted
     certificate's SHA-256."""
     digest = hashlib.sha256((Path(published) / CERTIFICATE_FILE).read_bytes()).hexdigest()
@@ -304,12 +315,14 @@ def _announce_promotion(report: Mapping[str, Any], published: str) -> str:
             "platform": report["platform"],
             "outputs_count": len(report["outputs"]),
             "outputs": outputs_list,
+            "certifying_flow_run_id": certifying_flow_run_id,
         },
     )
     create_markdown_artifact(
         key=promotion_artifact_key(report["project"]),
         markdown=(
             f"# Promoted `{report['run_id']}`\n\n"
+            f"{_certifying_run_line(certifying_flow_run_id)}\n"
             f"- registry folder: `{published}`\n"
             f"- certificate SHA-256: `{digest}`\n"
             f"- platform: {report['platform']} ({report['platform_note']})\n"
@@ -320,7 +333,20 @@ def _announce_promotion(report: Mapping[str, Any], published: str) -> str:
     return digest
 
 
-@flow(name="verify-and-promote", log_prints=True)
+def _promotion_run_name() -> str:
+    """``promote <project> · <run stamp>`` from the event's parameters, else ``promote``."""
+    from prefect.runtime import flow_run
+
+    parameters = flow_run.parameters
+    project, run_id = parameters.get("project"), parameters.get("run_id")
+    if project and run_id:
+        from aicert.flows.flows import run_display_name
+
+        return f"promote {run_display_name(str(project), str(run_id))}"
+    return "promote"
+
+
+@flow(name="verify-and-promote", flow_run_name=_promotion_run_name, log_prints=True)
 def verify_and_promote(
     certificate_path: str | None = None,
     storage_url: str | None = None,
@@ -333,19 +359,36 @@ def verify_and_promote(
     expected_inputs: dict[str, str] | None = None,
     allow_dev_platform: bool = False,
     reference_values: list[str] | None = None,
+    certifying_flow_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Verify a certificate and its model files, then publish them to the registry.
 
-    The first six parameters come from the ``aicert.certificate.created`` event's payload.
-    ``outputs_path``: the run's outputs folder (default: the local platform's workspace of
-    the run under ``$AICERT_HOME``). ``registry``: default ``$AICERT_REGISTRY`` or
-    ``$AICERT_HOME/registry``. ``trusted_roots``: PEM files of trusted platform CAs (default:
-    this host's AICert platform CA; Azure's roots are pinned in the verifier).
-    ``allow_dev_platform`` accepts ``local`` certificates, which attest no boot chain.
-    ``reference_values``: reference-value files a measured boot must match (default: those
-    of the guest images built on this host).
+    The first six parameters and ``certifying_flow_run_id`` come from the
+    ``aicert.certificate.created`` event's payload (see ``aicert.flows.deploy``).
 
-    Returns the promoted run's id, project, registry folder and certificate digest.
+    Args:
+        certificate_path: The certificate file the certifying run published.
+        storage_url: Its copy in the certifying run's result storage (read when the path
+            cannot be).
+        certificate_sha256: The SHA-256 the event announced; the file must have it.
+        run_id: The certified run's id; must be the certificate's.
+        project: The certified run's project; must be the certificate's.
+        outputs_path: The run's outputs folder (default: the local platform's workspace of
+            the run under ``$AICERT_HOME``).
+        registry: The registry folder (default: ``$AICERT_REGISTRY``, else
+            ``$AICERT_HOME/registry``).
+        trusted_roots: PEM files of trusted platform CAs (default: this host's AICert
+            platform CA; Azure's roots are pinned in the verifier).
+        expected_inputs: Input name, URI or path -> the SHA-256 (a source: the git commit)
+            the run must have measured.
+        allow_dev_platform: Accept ``local`` certificates, which attest no boot chain.
+        reference_values: Reference-value files a measured boot must match (default: those
+            of the guest images built on this host).
+        certifying_flow_run_id: The flow run that certified the model; the promotion
+            artifact links to it.
+
+    Returns:
+        The promoted run's id, project, registry folder and certificate digest.
     """
     logger = get_run_logger()
     registry_root = Path(registry).expanduser() if registry else default_registry()
@@ -383,7 +426,7 @@ def verify_and_promote(
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    digest = _announce_promotion(report, published)
+    digest = _announce_promotion(report, published, certifying_flow_run_id)
     logger.info("promoted run %s to %s", report["run_id"], published)
     return {
         "run_id": report["run_id"],

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from prefect import Task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.blocks.core import Block
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.logging import get_run_logger
 
@@ -166,20 +167,44 @@ def _call_with_progress(machine: Machine, artifact_key: str, call: Callable[[], 
     return value
 
 
+def describe_event(event: AppEvent) -> str:
+    """One log line's text for a measured event: ``PCR 14 <- source name=x sha256=ab12...``.
+
+    Values are written as ``key=value`` (a digest shortened to 16 hex digits, nested values
+    counted rather than dumped); the configuration is left out (its digest is measured)."""
+    parts = [f"PCR {event.pcr} <- {event.type}"]
+    for key, value in event.data.items():
+        if key == "config":
+            continue
+        if isinstance(value, dict | list):
+            parts.append(f"{key}=({len(value)} entries)")
+        elif isinstance(value, str) and len(value) == 64 and _is_hex(value):
+            parts.append(f"{key}={value[:16]}...")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def _is_hex(text: str) -> bool:
+    return all(character in "0123456789abcdef" for character in text.lower())
+
+
 def _log_events(events: list[AppEvent]) -> None:
     logger = get_run_logger()
     for event in events:
-        summary = {k: v for k, v in event.data.items() if k != "config"}
-        logger.info("PCR %d <- %s %s", event.pcr, event.type, summary)
+        logger.info("%s", describe_event(event))
 
 
-def _config_from_block(name: str) -> RunConfig:
-    """The run configuration of a saved ``aicert-run-config`` block (``<slug>/<name>`` or the
-    bare name). Prefect finds the block class through the ``prefect.collections`` entry point
-    (``aicert.flows.blocks``), so this layer needs no import of the flows package."""
-    from prefect.blocks.core import Block
-
-    block = Block.load(name if "/" in name else f"aicert-run-config/{name}")
+def _config_from_block(block_or_name: Block | str) -> RunConfig:
+    """The run configuration of an ``aicert-run-config`` block, or of the saved one named
+    ``<slug>/<name>`` or by its bare name. Prefect finds the block class through the
+    ``prefect.collections`` entry point (``aicert.flows.blocks``), so this layer needs no
+    import of the flows package."""
+    if isinstance(block_or_name, Block):
+        block, name = block_or_name, block_or_name._block_document_name or "(unsaved)"
+    else:
+        name = block_or_name
+        block = Block.load(name if "/" in name else f"aicert-run-config/{name}")
     load_config_of_block = getattr(block, "load_config", None)
     if not callable(load_config_of_block):
         raise ConfigError(
@@ -193,7 +218,9 @@ def _config_from_block(name: str) -> RunConfig:
 
 
 @aicert_task("load-config")
-def load_run_config(config_path: str | None = None, config_block: str | None = None) -> RunConfig:
+def load_run_config(
+    config_path: str | None = None, config_block: Block | str | None = None
+) -> RunConfig:
     """Validate the run configuration from a file or a saved ``AicertRunConfig`` block.
 
     A relative local ``gitRepo`` is resolved against the file's folder (or the block's
@@ -209,7 +236,7 @@ def load_run_config(config_path: str | None = None, config_block: str | None = N
     return resolve_local_source(config, path.resolve().parent)
 
 
-@aicert_task("provision", run_name="provision-{provider.kind}-{run_id}", retry=HOST_OPERATION)
+@aicert_task("provision", retry=HOST_OPERATION)
 def provision_machine(provider: Provider, run_id: str) -> Machine:
     """Start the run's machine (its TPM and agent); its agent may not answer yet."""
     machine = provider.provision(run_id)
@@ -217,7 +244,7 @@ def provision_machine(provider: Provider, run_id: str) -> Machine:
     return machine
 
 
-@aicert_task("stage-inputs", run_name="stage-inputs-{run_id}", retry=INPUT_STAGING)
+@aicert_task("stage-inputs", retry=INPUT_STAGING)
 def stage_inputs(provider: Provider, run_id: str, config: RunConfig) -> None:
     """Fetch the inputs on this host when the machine cannot (qemu: no network in the VM).
     Nothing is measured here: the machine measures what it is given."""
@@ -299,7 +326,7 @@ def start_run(machine: Machine, run_id: str, nonce: bytes, config: RunConfig) ->
     return events
 
 
-@aicert_task("measure-inputs", run_name="measure-inputs-{project}", retry=UNTIL_AGENT_REACHED)
+@aicert_task("measure-inputs", retry=UNTIL_AGENT_REACHED)
 def measure_inputs(machine: Machine, run_id: str, project: str) -> list[AppEvent]:
     """Have the agent fetch and hash the inputs into PCR 14, showing its progress."""
     with machine.client() as client:
@@ -310,7 +337,7 @@ def measure_inputs(machine: Machine, run_id: str, project: str) -> list[AppEvent
     return events
 
 
-@aicert_task("build-image", run_name="build-image-{project}", retry=UNTIL_AGENT_REACHED)
+@aicert_task("build-image", retry=UNTIL_AGENT_REACHED)
 def build_image(machine: Machine, run_id: str, project: str) -> list[AppEvent]:
     """Have the agent build the training image offline and measure it into PCR 14."""
     with machine.client() as client:
@@ -324,7 +351,7 @@ def build_image(machine: Machine, run_id: str, project: str) -> list[AppEvent]:
 TPM_CHECK_TIMEOUT_S = 30.0
 
 
-@aicert_task("check-tpm", run_name="check-tpm-{machine.run_id}")
+@aicert_task("check-tpm")
 def check_tpm(provider: Provider, machine: Machine) -> None:
     """Right before the training starts: the machine's TPM must still answer, or the run
     would train for nothing (its outputs could not be measured or quoted).
@@ -371,7 +398,7 @@ def _while_machine_lives(provider: Provider, machine: Machine, call: Callable[[]
     return value
 
 
-@aicert_task("run-training", run_name="run-training-{project}")
+@aicert_task("run-training")
 def run_training(
     machine: Machine, run_id: str, project: str, provider: Provider | None = None
 ) -> TrainingStatus:
@@ -392,7 +419,7 @@ def run_training(
     return status
 
 
-@aicert_task("measure-outputs", run_name="measure-outputs-{project}", retry=UNTIL_AGENT_REACHED)
+@aicert_task("measure-outputs", retry=UNTIL_AGENT_REACHED)
 def measure_outputs(machine: Machine, run_id: str, project: str) -> list[AppEvent]:
     """Have the agent measure the outputs into PCR 15; warn when the run left none (the
     certificate then certifies an empty outputs folder; ``outputs.minFiles`` makes that a
@@ -411,7 +438,7 @@ def measure_outputs(machine: Machine, run_id: str, project: str) -> list[AppEven
     return events
 
 
-@aicert_task("collect-outputs", run_name="collect-outputs-{run_id}", retry=HOST_OPERATION)
+@aicert_task("collect-outputs", retry=HOST_OPERATION)
 def collect_outputs(machine: Machine, run_id: str, destination: str) -> str:
     """Download the run's outputs and logs from a machine that keeps them (qemu, Azure)
     before it is torn down; returns the local folder (``outputs/`` and ``logs/``)."""
@@ -433,7 +460,7 @@ def collect_quote(machine: Machine, run_id: str) -> Evidence:
     return evidence
 
 
-@aicert_task("teardown", run_name="teardown-{machine.run_id}")
+@aicert_task("teardown")
 def teardown_machine(provider: Provider, machine: Machine) -> None:
     """Stop and remove the machine (idempotent: the hooks may tear it down again)."""
     provider.teardown(machine)

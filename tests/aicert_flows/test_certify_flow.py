@@ -4,6 +4,7 @@ streamed logs and teardown. One flow run (module fixture) serves all the checks.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -16,6 +17,7 @@ from urllib.request import url2pathname
 import pytest
 from prefect.artifacts import Artifact
 from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
@@ -24,12 +26,14 @@ from aicert.flows.flows import (
     CERTIFICATE_CREATED,
     artifact_key,
     certify_training,
+    run_display_name,
 )
 from aicert.tasks.platforms.local.provider import LocalProvider, platform_ca_certificate_path
 
 from .conftest import (
     TRAIN_SCRIPT,
     events_named,
+    flow_run_logs,
     flush_prefect_workers,
     git_head,
     make_git_repo,
@@ -59,6 +63,9 @@ EXPECTED_TASKS = (
     "store-certificate",
     "teardown",
 )
+
+# Steps of a local run that the checks above do not single out.
+OTHER_TASKS = {"stage-inputs", "attest-machine", "start-run", "check-tpm"}
 
 
 @dataclass
@@ -111,9 +118,10 @@ def test_flow_and_every_task_completed(certified: CertifiedRun) -> None:
         assert any(name == task_name or name.startswith(f"{task_name}-") for name in names), (
             f"no {task_name} task run in {sorted(names)}"
         )
-    # The steps a user looks for carry the project's name.
-    for step in ("measure-inputs", "build-image", "run-training", "measure-outputs"):
-        _task_run(certified, f"{step}-{certified.project}")
+    # One naming scheme: each task run is named after its step, nothing appended.
+    assert names <= set(EXPECTED_TASKS) | OTHER_TASKS, sorted(names)
+    for step in EXPECTED_TASKS:
+        _task_run(certified, step)
     assert all(t.state is not None and t.state.is_completed() for t in certified.task_runs), [
         (t.name, t.state.type if t.state else None) for t in certified.task_runs
     ]
@@ -153,11 +161,11 @@ def test_artifacts_under_stable_keys(certified: CertifiedRun) -> None:
     table = Artifact.get(artifact_key(certified.project, "bom"))
     assert table is not None and table.type == "table"
     rows = table.data if isinstance(table.data, list) else json.loads(str(table.data))
-    outputs = {row["name"]: row for row in rows if row["direction"] == "output"}
+    outputs = {row["name"]: row for row in rows if row["item"] == "output"}
     model = certified.outputs_dir / "model.json"
     assert set(outputs) == {"model.json", "metrics/loss.txt"}
     assert outputs["model.json"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
-    assert any(row["kind"] == "source" for row in rows)
+    assert any(row["item"] == "input: source" for row in rows)
 
     # Prefect stores a link artifact as markdown: "[text](url)".
     link = Artifact.get(artifact_key(certified.project, "certificate-file"))
@@ -189,7 +197,7 @@ def test_certificate_created_event(certified: CertifiedRun) -> None:
 def test_container_logs_stream_into_the_training_task(
     certified: CertifiedRun, client: SyncPrefectClient
 ) -> None:
-    training = _task_run(certified, f"run-training-{certified.project}")
+    training = _task_run(certified, "run-training")
     messages = wait_for(
         lambda: [
             log.message
@@ -233,3 +241,101 @@ def test_the_next_run_starts_on_the_spare_tpm_made_during_this_one(
     )
     assert report.run_id != certified.result["run_id"]
     assert processes_mentioning(str(certified.home)) == []
+
+
+def _flow_run_id(certified: CertifiedRun) -> Any:
+    return certified.state.state_details.flow_run_id
+
+
+def test_flow_run_is_named_after_the_project_and_the_run(
+    certified: CertifiedRun, client: SyncPrefectClient
+) -> None:
+    run = client.read_flow_run(_flow_run_id(certified))
+    run_id = certified.result["run_id"]
+    assert run.name == run_display_name(certified.project, run_id)
+    stamp = run_id.removeprefix(f"{certified.project}-").rsplit("-", 1)[0]
+    assert run.name == f"{certified.project} · {stamp}"
+    assert re.fullmatch(r"\d{8}T\d{6}Z", stamp), stamp
+
+
+ARTIFACT_KINDS = ("certificate", "bom", "certificate-file", "cyclonedx", "slsa")
+
+
+def test_artifacts_belong_to_the_flow_run(
+    certified: CertifiedRun, client: SyncPrefectClient
+) -> None:
+    flow_run_id = _flow_run_id(certified)
+    artifacts = client.read_artifacts(
+        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+    )
+    by_key = {artifact.key: artifact for artifact in artifacts}
+    for kind in ARTIFACT_KINDS:
+        artifact = by_key.get(artifact_key(certified.project, kind))
+        assert artifact is not None, (kind, sorted(str(k) for k in by_key))
+        # Made by the flow itself: the artifacts page shows the flow run, no task run.
+        assert artifact.task_run_id is None, kind
+    slsa = str(by_key[artifact_key(certified.project, "slsa")].data)
+    envelope = json.loads(slsa.split("```json\n", 1)[1].rsplit("\n```", 1)[0])
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    assert statement["predicateType"] == "https://slsa.dev/provenance/v1"
+    cyclonedx = str(by_key[artifact_key(certified.project, "cyclonedx")].data)
+    assert '"bomFormat": "CycloneDX"' in cyclonedx or '"bomFormat":"CycloneDX"' in cyclonedx
+
+
+def test_certificate_markdown_shows_full_hashes_the_model_check_and_the_dev_warning(
+    certified: CertifiedRun,
+) -> None:
+    markdown = Artifact.get(artifact_key(certified.project, "certificate"))
+    assert markdown is not None
+    text = str(markdown.data)
+    model_sha = hashlib.sha256((certified.outputs_dir / "model.json").read_bytes()).hexdigest()
+    assert f"`{model_sha[:32]}` `{model_sha[32:]}`" in text  # whole, in two wrappable halves
+    verified = text.split("## Verified", 1)[1]
+    assert "- **model**: 2 file(s) at" in verified, verified
+    assert "> [!WARNING]" in text and "Development platform (local)" in text
+    # The platform's note is said once, under Verified.
+    report = certified.result["report"]
+    assert text.count(report["platform_note"]) == 1
+    # The source is named by its repository, not by the folder it was cloned to.
+    assert f"| source | {certified.repo.resolve()} @ main |" in text
+
+
+def test_run_graph_follows_the_steps(certified: CertifiedRun) -> None:
+    by_name = {t.name: t for t in certified.task_runs}
+
+    def upstream(name: str) -> set[str]:
+        inputs = by_name[name].task_inputs
+        ids = {str(i.id) for values in inputs.values() for i in values if hasattr(i, "id")}
+        return {t.name for t in certified.task_runs if str(t.id) in ids}
+
+    assert "attest-machine" in upstream("start-run")
+    assert "start-run" in upstream("measure-inputs")
+    assert "measure-inputs" in upstream("build-image")
+    assert "build-image" in upstream("check-tpm")
+    assert "check-tpm" in upstream("run-training")
+    assert "run-training" in upstream("measure-outputs")
+    assert "measure-outputs" in upstream("quote")
+    assert "verify-certificate" in upstream("store-certificate")
+
+
+def test_log_lines_are_readable(certified: CertifiedRun, client: SyncPrefectClient) -> None:
+    flow_run_id = _flow_run_id(certified)
+    logs = wait_for(
+        lambda: (
+            [
+                log
+                for log in flow_run_logs(client, flow_run_id)
+                if "certified and verified" in log.message
+            ]
+            and flow_run_logs(client, flow_run_id)
+        ),
+        timeout_s=20,
+        what="the flow's last log line",
+    )
+    flow_level = [log.message for log in logs if log.task_run_id is None]
+    # The flow's own last line, before Prefect's "Finished in state Completed()".
+    last = [line for line in flow_level if not line.startswith("Finished in state")][-1]
+    assert "certified and verified" in last and "{" not in last, last
+    pcr_lines = [log.message for log in logs if log.message.startswith("PCR ")]
+    assert any(line.startswith("PCR 14 <- aicert.input.source") for line in pcr_lines), pcr_lines
+    assert all("{" not in line and "': '" not in line for line in pcr_lines), pcr_lines
