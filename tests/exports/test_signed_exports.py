@@ -27,6 +27,7 @@ from securesystemslib.exceptions import VerificationError as SslibVerificationEr
 from securesystemslib.signer import SSlibKey
 
 from aicert.guest_runtime.tpm import AkAlgorithm
+from aicert.model import Certificate
 from aicert.signed_statements import ak_keyid
 from tests.exports.test_cli import run_export
 from tests.guest_runtime.test_tpm_signing import run_model_signing
@@ -100,9 +101,9 @@ def model_copy(files: CertificateFiles, tmp_path: Path) -> Path:
     return Path(shutil.copytree(files.outputs, tmp_path / "model"))
 
 
-def sslib_key(files: CertificateFiles) -> SSlibKey:
+def sslib_key(certificate: Certificate) -> SSlibKey:
     """The AK as securesystemslib sees it: the public key of the AK certificate (leaf)."""
-    leaf = files.made.certificate.attestation.ak.certificate_chain[0]
+    leaf = certificate.attestation.ak.certificate_chain[0]
     public_key = x509.load_pem_x509_certificate(leaf.encode()).public_key()
     assert isinstance(public_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey)
     # The AK's RSA scheme is RSASSA-PKCS1-v1_5 (securesystemslib's default is PSS).
@@ -162,7 +163,7 @@ def test_the_slsa_envelope_verifies_with_securesystemslib(
     output = tmp_path / "provenance.intoto.json"
     export(files, "slsa", output)
     envelope = Envelope.from_dict(json.loads(output.read_bytes()))
-    key = sslib_key(files)
+    key = sslib_key(files.made.certificate)
     assert set(envelope.verify([key], 1)) == {key.keyid}
     statement = json_format.Parse(envelope.payload, statement_pb2.Statement())
     InTotoStatement.copy_from_pb(statement).validate()
@@ -179,7 +180,7 @@ def test_an_edited_slsa_envelope_does_not_verify(
     envelope = Envelope.from_dict(json.loads(output.read_bytes()))
     envelope.payload = envelope.payload.replace(b"tamper-test", b"tamper-tesT")
     with pytest.raises(SslibVerificationError):
-        envelope.verify([sslib_key(ecc_files)], 1)
+        envelope.verify([sslib_key(ecc_files.made.certificate)], 1)
 
 
 def test_the_unsigned_statement_is_the_signed_one_plus_reference_values(

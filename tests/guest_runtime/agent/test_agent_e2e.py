@@ -8,6 +8,7 @@ quote; then the certificate is assembled and verified with the SDK.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from typing import Any
 import docker
 import docker.errors
 import pytest
+from securesystemslib.dsse import Envelope
 
 import aicert
 from aicert.appevents import (
@@ -40,6 +42,8 @@ from aicert.hashing import hash_tree, sha256_file, tree_sha256
 from aicert.model import AppEvent
 from aicert.quote import verify_quote
 from aicert.tasks.platforms.base import EnrolledKey
+from tests.exports.test_cli import run_export
+from tests.exports.test_signed_exports import sslib_key
 from tests.guest_runtime.agent.conftest import (
     AgentUnderTest,
     ConfigFactory,
@@ -48,6 +52,7 @@ from tests.guest_runtime.agent.conftest import (
     TrainingRepo,
     sha256_hex,
 )
+from tests.guest_runtime.test_tpm_signing import run_model_signing
 
 pytestmark = [pytest.mark.docker, pytest.mark.swtpm, pytest.mark.slow]
 
@@ -138,6 +143,48 @@ def test_certificate_verifies_with_the_sdk(certified: CertifiedRun, tmp_path: Pa
     assert "source" in kinds and "config" in kinds
 
 
+def test_the_standard_tools_accept_the_statements_the_agent_signed(
+    certified: CertifiedRun, tmp_path: Path
+) -> None:
+    """The agent's TPM-signed statements, exported from the certificate: the unmodified
+    ``model_signing verify certificate`` accepts the outputs and refuses a changed file; the
+    SLSA envelope verifies with securesystemslib given the AK certificate's key."""
+    certificate = assemble_certificate(
+        evidence=certified.evidence,
+        enrolled=certified.enrolled,
+        project="agent-e2e",
+        provider="local",
+    )
+    assert [s.kind for s in certificate.signed_statements or []] == [
+        "model-signing",
+        "slsa-provenance",
+    ]
+    proof, root = tmp_path / "proof.json", tmp_path / "platform-ca.pem"
+    proof.write_bytes(certificate.to_json_bytes())
+    root.write_text(certified.enrolled.trusted_root_pem)
+    trust = ["--trust-root", root, "--allow-dev-platform"]
+    model = Path(shutil.copytree(certified.agent.workspace / "outputs", tmp_path / "model"))
+    exported = run_export(proof, "-f", "model-signing", "-o", model / "model.sig", *trust)
+    assert exported.exit_code == 0, exported.output
+    accepted = run_model_signing(model, root)
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    (model / "model.bin").write_bytes(b"other weights")
+    refused = run_model_signing(model, root)
+    assert refused.returncode != 0
+    assert "model.bin" in refused.stdout + refused.stderr
+
+    provenance = tmp_path / "provenance.intoto.json"
+    exported = run_export(proof, "-f", "slsa", "-o", provenance, *trust)
+    assert exported.exit_code == 0, exported.output
+    envelope = Envelope.from_dict(json.loads(provenance.read_bytes()))
+    envelope.verify([sslib_key(certificate)], 1)
+    statement = json.loads(envelope.payload)
+    assert {s["name"] for s in statement["subject"]} == {"model.bin", "checkpoints/last.json"}
+    dependencies = statement["predicate"]["buildDefinition"]["resolvedDependencies"]
+    commit = certified.of_type(SourceEvent)[0].commit
+    assert any(d.get("uri", "").endswith(f"@{commit}") for d in dependencies)
+
+
 def test_replayed_event_log_equals_the_quoted_pcrs(certified: CertifiedRun) -> None:
     evidence = certified.evidence
     # The log in the evidence is exactly what the steps returned, in order.
@@ -167,8 +214,9 @@ def test_events_are_measured_in_the_documented_order(certified: CertifiedRun) ->
         "aicert.input.image",  # training, last of the inputs
         *["aicert.output.file"] * outputs,
         "aicert.output.result",
+        "aicert.output.signed-statements",  # after the result, before the quote
     ]
-    assert [e.pcr for e in certified.evidence.event_log] == [14] * 9 + [15] * (outputs + 1)
+    assert [e.pcr for e in certified.evidence.event_log] == [14] * 9 + [15] * (outputs + 2)
     (runtime,) = certified.of_type(RuntimeEvent)
     assert runtime.run_id == certified.agent.run_id
     assert runtime.nonce == certified.agent.nonce.hex()
@@ -285,7 +333,10 @@ def test_outputs_are_measured_sorted_then_the_result(certified: CertifiedRun) ->
     (result,) = certified.of_type(ResultEvent)
     assert result.exit_code == 0
     assert result.duration_ms == certified.status.duration_ms
-    assert certified.outputs[-1].type == "aicert.output.result"
+    assert [e.type for e in certified.outputs[-2:]] == [
+        "aicert.output.result",
+        "aicert.output.signed-statements",
+    ]
 
 
 def test_fifty_quotes_in_a_row_do_not_exhaust_the_tpm(certified: CertifiedRun) -> None:
