@@ -112,6 +112,8 @@ class CertificationAgent:
         self.azure_intermediates = azure_intermediates
         self.staged_inputs = staged_inputs
         self.boot_event_log = boot_event_log
+        # PCR 14 as first read, for a boot whose event log is empty (see _fresh_pcrs).
+        self._logless_pcr14: bytes | None = None
 
     def _require(self, run_id: str, *allowed: Step, observing: bool = False) -> RunState:
         return require(self.run, run_id, *allowed, observing=observing)
@@ -176,6 +178,13 @@ class CertificationAgent:
                 boot_log = self.boot_event_log.read_bytes()
             except OSError:
                 boot_log = None  # no measured boot on this machine (the local platform)
+        if boot_log == b"":
+            # Azure Trusted Launch hands the guest a zero-byte log: nothing says what the boot
+            # left in PCR 14, so its value before the agent's first event is the start; the
+            # verifier requires it to equal the reference boot's value exactly.
+            if self._logless_pcr14 is None:
+                self._logless_pcr14 = self.tpm.pcr_read([INPUTS_PCR])[INPUTS_PCR]
+            return {INPUTS_PCR: self._logless_pcr14, OUTPUTS_PCR: bytes(32)}
         return application_pcr_start(boot_log)
 
     def _refuse_during_run(self, what: str) -> None:

@@ -13,6 +13,9 @@ checked PCRs must be those the set lists, each with an accepted digest, and ever
 one of its accepted values; the PCRs it leaves unchecked are named in the report with the
 reasons.
 
+:func:`check_boot_evidence` judges a machine's boot whether or not it sent a log (an Azure
+Trusted Launch VM sends zero bytes: :mod:`aicert.boot_pcr_check`).
+
 :func:`verify_platform_quote` is the one definition of the platform-quote check (a quote asked
 before the workload, over ``platform_quote_nonce(challenge)``) that the orchestrator and the
 image build call.
@@ -38,6 +41,7 @@ from aicert.boot_events import (
     replay_against_quote,
     sha256_digest,
 )
+from aicert.boot_pcr_check import AzurePcrBootReport, check_azure_boot_pcrs
 from aicert.errors import PlatformError
 from aicert.quote import verify_quote
 from aicert.reference_value_sets import (
@@ -415,7 +419,7 @@ def verify_platform_quote(
     pcrs: Mapping[int, bytes],
     boot_event_log: bytes | None,
     reference: PlatformReferenceValues,
-) -> BootReport:
+) -> BootReport | AzurePcrBootReport:
     """Check a platform quote (asked with ``challenge`` before the workload) and its boot
     event log against ``reference``. The caller has already established that ``ak_public``
     is the machine's certified AK.
@@ -427,7 +431,8 @@ def verify_platform_quote(
         challenge: the orchestrator's challenge; the quote's extraData must be
             :func:`platform_quote_nonce` of it.
         pcrs: the PCR values the quote covers (PCR 0-9 at least).
-        boot_event_log: the machine's TCG boot event log.
+        boot_event_log: the machine's TCG boot event log (None or empty: an Azure boot
+            is then judged by its PCR values, see :func:`check_boot_evidence`).
         reference: the reference-value set of the machine's image.
 
     Returns:
@@ -439,6 +444,25 @@ def verify_platform_quote(
             differs from the reference (``PlatformError`` naming the component).
     """
     verify_quote(attest, signature, ak_public, platform_quote_nonce(challenge), pcrs)
-    if boot_event_log is None:
-        raise PlatformError(f"{reference.platform} platform: the machine sent no boot event log")
-    return check_boot_log(parse_event_log(boot_event_log), pcrs, reference)
+    return check_boot_evidence(boot_event_log, pcrs, reference)
+
+
+def check_boot_evidence(
+    boot_event_log: bytes | None,
+    quoted_pcrs: Mapping[int, bytes],
+    reference: PlatformReferenceValues,
+) -> BootReport | AzurePcrBootReport:
+    """Judge a machine's boot: its event log replayed and checked (:func:`check_boot_log`)
+    when it sent one; an Azure boot without one (None, or the zero bytes Trusted Launch
+    gives) by its quoted PCR values (:func:`aicert.boot_pcr_check.check_azure_boot_pcrs`).
+
+    Raises:
+        PlatformError: a qemu machine sent no log (its boot is always logged), or the boot
+            differs from the reference (a subclass naming the PCRs for a boot without a log).
+        EventLogError: the log does not parse or replay.
+    """
+    if boot_event_log:
+        return check_boot_log(parse_event_log(boot_event_log), quoted_pcrs, reference)
+    if isinstance(reference, AzureReferenceValueSet):
+        return check_azure_boot_pcrs(quoted_pcrs, reference)
+    raise PlatformError(f"{reference.platform} platform: the machine sent no boot event log")

@@ -55,6 +55,36 @@ class PlatformError(VerificationError):
     """The platform (boot chain, reference values, dev platform policy) is not acceptable."""
 
 
+class BootPcrValueError(PlatformError):
+    """Without a boot event log, quoted boot PCRs differ from every reference boot's values.
+
+    Attributes:
+        reference_id: the reference-value set.
+        vm_family: the reference boot compared with (the one with the fewest differences).
+        mismatches: each differing PCR as (index, quoted value, reference value).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reference_id: str,
+        vm_family: str,
+        mismatches: tuple[tuple[int, bytes, bytes], ...],
+    ) -> None:
+        super().__init__(message)
+        self.reference_id = reference_id
+        self.vm_family = vm_family
+        self.mismatches = mismatches
+
+
+class Pcr14StartError(EventLogError):
+    """Without a boot event log, the application log does not replay to the quoted PCR 14
+    from the reference boot's PCR 14 start: the machine's PCR 14 did not start at the
+    reference value (an unexplained start could hide application events), or the
+    application events were edited."""
+
+
 class ExpectationError(VerificationError):
     """An input the caller expected is missing from, or differs in, the certificate."""
 

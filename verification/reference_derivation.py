@@ -1,11 +1,14 @@
 """Producing reference-value sets (the image publisher's side): an Azure set derived from the
 event log and PCR 0-9 of one boot of a gallery image version, sets of several boots merged into
-one, and the PCR values those boots report read from JSON or ``tpm2_pcrread`` output.
+one, the PCR values of a boot without an event log recorded into a set (Azure Trusted Launch
+gives the guest a zero-byte log), and the PCR values those boots report read from JSON or
+``tpm2_pcrread`` output.
 
-``aicert reference-values derive-azure`` and ``merge-azure`` (:mod:`aicert.reference_values_cli`)
-run these on files; ``deployments/azure/README.md`` section 3 is the procedure. A derived set
-is reviewed before it is published: the derivation takes the boot as good (after checking that
-the log replays to the PCRs and Secure Boot is on) and records what it measured.
+``aicert reference-values derive-azure``, ``merge-azure`` and ``record-azure``
+(:mod:`aicert.reference_values_cli`) run these on files; ``deployments/azure/README.md``
+section 3 is the procedure. A derived set is reviewed before it is published: the derivation
+takes the boot as good (after checking that the log replays to the PCRs and Secure Boot is on)
+and records what it measured.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from aicert.reference_value_sets import (
     EVENT_KIND_COMPONENT,
     SECURE_BOOT_COMPONENT,
     AzureImage,
+    AzurePcrBoot,
     AzureReferenceValueSet,
     ExpectedEvent,
     MokListEvent,
@@ -241,8 +245,78 @@ def merge_azure_reference_values(
             for event, *rest in zip(*(reference.mok_events for reference in sets), strict=True)
             for group in [[event, *rest]]
         ],
+        pcr_boots=[boot for reference in sets for boot in reference.pcr_boots],
         provenance={"merged_from": [reference.provenance for reference in sets]},
     )
+
+
+def record_azure_pcr_boot(
+    boot_pcrs: Mapping[int, bytes],
+    *,
+    vm_family: str,
+    reference: AzureReferenceValueSet | None = None,
+    image_version_id: str | None = None,
+    reference_id: str | None = None,
+    security_type: Literal["TrustedLaunch", "ConfidentialVM"] = "TrustedLaunch",
+    pin_firmware_pcrs: Iterable[int] = (),
+    provenance: Mapping[str, Any] | None = None,
+) -> AzureReferenceValueSet:
+    """An Azure set that judges boots without an event log by the PCR values of a reference
+    boot: ``boot_pcrs`` holds PCR 0-9 and PCR 14 of a freshly booted VM of the image on
+    ``vm_family``, read before the agent's first event (the agent extends PCR 14 when it
+    starts serving; read them from the image's first boot, e.g. ``tpm2_pcrread
+    sha256:0-9,14`` with the agent not started, or a quote over them).
+
+    With ``reference`` (an existing set of the image): a new entry of its ``pcr_boots``; the
+    boot's value of each PCR the set checks must be one it accepts (else PlatformError: the
+    boot is not the set's image, derive or merge it first). Without: a new set for
+    ``image_version_id`` checking PCR 4, 7, 8, 9 (and ``pin_firmware_pcrs``) with this boot's
+    values and no component events (there is no log to take them from).
+    """
+    if missing := [index for index in (*BOOT_PCRS, INPUTS_PCR) if index not in boot_pcrs]:
+        raise ValueError(f"PCR values: PCR {missing} missing (need 0-9 and 14)")
+    firmware = sorted(set(pin_firmware_pcrs))
+    if not set(firmware) <= set(DEFAULT_AZURE_UNCHECKED_REASONS):
+        raise ValueError(
+            f"pin_firmware_pcrs: {firmware} are not all firmware PCRs "
+            f"{sorted(DEFAULT_AZURE_UNCHECKED_REASONS)}"
+        )
+    recorded = {
+        "recorded_by": "aicert.reference_values record-azure",
+        "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **dict(provenance or {}),
+    }
+    if reference is None:
+        if image_version_id is None:
+            raise ValueError("give the image version, or an existing set to add the boot to")
+        checked = sorted({*AZURE_IMAGE_PCRS, *firmware})
+        reference = AzureReferenceValueSet(
+            id=reference_id or _default_reference_id(image_version_id),
+            platform="azure",
+            image=AzureImage(
+                gallery_image_version_id=image_version_id, security_type=security_type
+            ),
+            pcrs={str(index): [bytes(boot_pcrs[index]).hex()] for index in checked},
+            unchecked_pcrs={
+                str(index): reason
+                for index, reason in DEFAULT_AZURE_UNCHECKED_REASONS.items()
+                if index not in checked
+            },
+            provenance={"derived_by": "aicert.reference_values record-azure"},
+        )
+    pinned = sorted({*reference.checked_pcrs(), *firmware})
+    boot = AzurePcrBoot(
+        vm_family=vm_family,
+        pcrs={str(index): bytes(boot_pcrs[index]).hex() for index in pinned},
+        pcr14_start=bytes(boot_pcrs[INPUTS_PCR]).hex(),
+        provenance=recorded,
+    )
+    try:
+        return AzureReferenceValueSet.model_validate(
+            {**reference.model_dump(), "pcr_boots": [*reference.model_dump()["pcr_boots"], boot]}
+        )
+    except ValueError as exc:
+        raise PlatformError(f"reference values {reference.id}: this boot: {exc}") from None
 
 
 def parse_pcr_values(text: str) -> dict[int, bytes]:

@@ -12,7 +12,10 @@ observed on a boot of the image on the same virtual machine shape (:class:`VmSha
 ``platform: "azure"`` (:class:`AzureReferenceValueSet`, derived by the image publisher from
 the first boot of a VM made from the gallery image version): for each checked PCR a list of
 accepted values, every other boot PCR listed in ``unchecked_pcrs`` with the reason, and the
-measured components of the checked PCRs (:class:`ExpectedEvent`) with their accepted digests.
+measured components of the checked PCRs (:class:`ExpectedEvent`) with their accepted digests;
+optionally ``pcr_boots`` (:class:`AzurePcrBoot`): the exact PCR values of reference boots per
+VM family, with PCR 14's value before the agent's first event, which judge a boot whose event
+log is empty (Trusted Launch hands the guest a zero-byte log).
 
 Both kinds list ``mok_events`` (:class:`MokListEvent`): the only events a boot log may carry
 outside PCR 0-9.
@@ -239,6 +242,30 @@ class AzureImage(_Model):
     security_type: Literal["TrustedLaunch", "ConfidentialVM"] = "TrustedLaunch"
 
 
+VmFamily = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+class AzurePcrBoot(_Model):
+    """The PCR values of a reference boot of the image on one VM family, for boots whose
+    event log is empty: Trusted Launch hands the guest a zero-byte ``binary_bios_measurements``,
+    so nothing can be replayed and the quoted PCRs are compared with these values directly.
+
+    ``pcrs`` pins every PCR the set checks (each value one the set's ``pcrs`` accepts), and may
+    pin others (firmware PCRs, which vary with the VM family). ``pcr14_start`` is PCR 14 before
+    the agent's first event (shim's MOK-list measurements, or zeros): without a log the
+    application replay starts there, exactly, since an unexplained start could hide
+    application events. Recorded by ``aicert reference-values record-azure``."""
+
+    vm_family: VmFamily  # e.g. the VM size's family (Standard_DSv5), as the recorder names it
+    pcrs: dict[BootPcrIndex, Sha256Hex]
+    pcr14_start: Sha256Hex
+    provenance: dict[str, Any] = Field(default_factory=dict)  # how it was recorded; never checked
+
+    def pcr_values(self) -> dict[int, bytes]:
+        """The pinned PCR values, by index."""
+        return {int(index): bytes.fromhex(value) for index, value in self.pcrs.items()}
+
+
 class AzureReferenceValueSet(_Model):
     """What a good boot of one Azure gallery image version measures into PCR 0-9."""
 
@@ -253,6 +280,8 @@ class AzureReferenceValueSet(_Model):
     events: Annotated[list[ExpectedEvent], Field(max_length=4096)] = Field(default_factory=list)
     # The only events the boot log may carry outside PCR 0-9: shim's MOK lists in PCR 14.
     mok_events: MokEvents = Field(default_factory=list)
+    # Boots without an event log: the quoted PCRs are checked against these values instead.
+    pcr_boots: Annotated[list[AzurePcrBoot], Field(max_length=64)] = Field(default_factory=list)
     provenance: dict[str, Any] = Field(default_factory=dict)  # how it was derived; never checked
 
     @model_validator(mode="after")
@@ -278,7 +307,17 @@ class AzureReferenceValueSet(_Model):
                 raise ValueError(f"unchecked_pcrs[{index}]: the reason is empty")
         for index, values in self.pcrs.items():
             _no_repeats(values, f"pcrs[{index}]")
+        for position, boot in enumerate(self.pcr_boots):
+            self._check_pcr_boot(position, boot)
         return self
+
+    def _check_pcr_boot(self, position: int, boot: AzurePcrBoot) -> None:
+        where = f"pcr_boots[{position}] ({boot.vm_family})"
+        if missing := sorted(set(self.pcrs) - set(boot.pcrs), key=int):
+            raise ValueError(f"{where}: does not pin checked PCR {', '.join(missing)}")
+        for index, value in boot.pcrs.items():
+            if index in self.pcrs and value not in self.pcrs[index]:
+                raise ValueError(f"{where}: PCR {index} {value} is not a value pcrs accept")
 
     def checked_pcrs(self) -> tuple[int, ...]:
         """The PCRs the set checks, in ascending order."""

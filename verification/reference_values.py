@@ -76,6 +76,7 @@ from aicert.reference_derivation import (
     derive_azure_reference_values,
     merge_azure_reference_values,
     parse_pcr_values,
+    record_azure_pcr_boot,
 )
 from aicert.reference_value_sets import (
     AZURE_IMAGE_PCRS,
@@ -86,6 +87,7 @@ from aicert.reference_value_sets import (
     REFERENCE_VALUES_FORMAT,
     REFERENCE_VALUES_SCHEMA_RESOURCE,
     AzureImage,
+    AzurePcrBoot,
     AzureReferenceValueSet,
     ExpectedEvent,
     MokListEvent,
@@ -110,6 +112,7 @@ __all__ = [
     "REFERENCE_VALUE_SET_TYPES",
     "AzureBootChainReport",
     "AzureImage",
+    "AzurePcrBoot",
     "AzureReferenceValueSet",
     "BootChainReport",
     "BootReport",
@@ -132,6 +135,7 @@ __all__ = [
     "parse_pcr_values",
     "parse_reference_values",
     "platform_quote_nonce",
+    "record_azure_pcr_boot",
     "reference_values_json_schema",
     "verify_platform_quote",
 ]

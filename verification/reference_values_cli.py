@@ -4,8 +4,12 @@
 - ``derive-azure``: an Azure set from one boot's event log and PCR 0-9 (JSON on stdout or
   ``--output``); with ``--quote`` etc. the PCR values are first checked against the AK's quote,
   and with ``--ak-certificate`` that AK against Microsoft's pinned vTPM root.
+- ``record-azure``: the PCR 0-9 and 14 values of a reference boot without an event log (Azure
+  Trusted Launch) into an Azure set's ``pcr_boots`` (a new set, or ``--reference-values``);
+  with ``--quote`` etc. the values are first checked against the AK's quote.
 - ``merge-azure``: one Azure set accepting every value of the given sets.
-- ``check``: judge an event log and its PCR 0-9 against a set (prints the report's note).
+- ``check``: judge an event log and its PCR 0-9 against a set (prints the report's note); an
+  empty log (Azure Trusted Launch) is judged by the PCR values against the set's ``pcr_boots``.
 - ``schema``: print the JSON Schema of reference-value sets.
 
 Exit codes: 0 success, 1 the boot or quote does not verify (``VerificationError``), 2 bad input
@@ -28,7 +32,7 @@ import typer
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from aicert.boot_log_check import check_boot_log
+from aicert.boot_log_check import check_boot_evidence
 from aicert.chain import (
     PINNED_ROOT_FINGERPRINTS,
     leaf_public_key_matches,
@@ -41,6 +45,7 @@ from aicert.reference_derivation import (
     derive_azure_reference_values,
     merge_azure_reference_values,
     parse_pcr_values,
+    record_azure_pcr_boot,
 )
 from aicert.reference_value_sets import (
     BOOT_PCRS,
@@ -48,7 +53,6 @@ from aicert.reference_value_sets import (
     load_reference_values,
     reference_values_json_schema,
 )
-from aicert.tcg_eventlog import parse_event_log
 
 PROGRAM = "aicert-reference-values"
 MAX_INPUT_FILE_SIZE = 32 * 1024 * 1024
@@ -291,6 +295,93 @@ def derive_azure(
     _run(derive)
 
 
+@app.command("record-azure")
+def record_azure(
+    pcrs: Annotated[
+        Path,
+        typer.Option(
+            help="PCR 0-9 and 14 of a fresh reference boot, read before the agent's first "
+            'event: JSON {"0": "hex", ...} or `tpm2_pcrread sha256:0-9,14` output'
+        ),
+    ],
+    vm_family: Annotated[
+        str, typer.Option(help="the VM family the boot ran on (e.g. Standard_DSv5)")
+    ],
+    reference_values: Annotated[
+        Path | None,
+        typer.Option(help="an existing Azure set of the image to add the boot to"),
+    ] = None,
+    image_version: Annotated[
+        str | None,
+        typer.Option(help="without --reference-values: the gallery image version's resource id"),
+    ] = None,
+    reference_id: Annotated[
+        str | None, typer.Option("--id", help="a new set's id (default: <image>-<version>)")
+    ] = None,
+    security_type: Annotated[
+        Literal["TrustedLaunch", "ConfidentialVM"], typer.Option()
+    ] = "TrustedLaunch",
+    pin_firmware_pcr: Annotated[
+        list[int] | None,
+        typer.Option(
+            metavar="N",
+            help="also pin firmware PCR N (0-3, 5, 6) to this boot's value; repeatable",
+        ),
+    ] = None,
+    provenance: Annotated[
+        list[str] | None,
+        typer.Option(metavar="KEY=VALUE", help="recorded, never checked; repeatable"),
+    ] = None,
+    quote: Annotated[
+        Path | None, typer.Option(help="tpm2_quote -m output over sha256:0-9,14")
+    ] = None,
+    signature: Annotated[Path | None, typer.Option(help="tpm2_quote -s output")] = None,
+    ak_public: Annotated[
+        Path | None, typer.Option(help="tpm2_readpublic -o output of the AK")
+    ] = None,
+    nonce: Annotated[str | None, typer.Option(help="the quote's qualifying data, hex")] = None,
+    ak_certificate: Annotated[
+        Path | None,
+        typer.Option(help="tpm2_nvread 0x01C101D0 output: must chain to Microsoft's root"),
+    ] = None,
+    intermediates: Annotated[
+        Path | None, typer.Option(help="PEM intermediates of the AK certificate")
+    ] = None,
+    trust_root: Annotated[
+        list[Path] | None,
+        typer.Option(help="PEM root trusted besides Microsoft's pinned one (tests); repeatable"),
+    ] = None,
+    output: OutputOption = None,
+) -> None:
+    """Record the PCR values of a boot without an event log (Azure Trusted Launch gives the
+    guest an empty one) into an Azure set's pcr_boots (prints JSON)."""
+    evidence = _QuoteEvidence(
+        quote, signature, ak_public, nonce, ak_certificate, intermediates, trust_root or []
+    )
+
+    def record() -> None:
+        pcr_values = _read_pcr_values(pcrs)
+        checked = evidence.check(pcr_values)
+        existing = (
+            load_reference_values(reference_values, platform="azure")
+            if reference_values is not None
+            else None
+        )
+        reference = record_azure_pcr_boot(
+            pcr_values,
+            vm_family=vm_family,
+            reference=existing,
+            image_version_id=image_version,
+            reference_id=reference_id,
+            security_type=security_type,
+            pin_firmware_pcrs=pin_firmware_pcr or [],
+            provenance={**checked, **_provenance(provenance or [])},
+        )
+        _write_json(reference, output)
+
+    _run(record)
+
+
 @app.command("merge-azure")
 def merge_azure(
     sets: Annotated[list[Path], typer.Argument(help="the Azure sets to merge")],
@@ -313,13 +404,14 @@ def check(
     pcrs: PcrsOption,
     reference_values: Annotated[Path, typer.Option(help="the reference-value set (JSON)")],
 ) -> None:
-    """Check an event log and its PCR 0-9 against a reference-value set."""
+    """Check an event log and its PCR 0-9 against a reference-value set (an empty log: the
+    PCRs, 14 included, against the set's pcr_boots)."""
 
     def judge() -> None:
         pcr_values = _read_pcr_values(pcrs)
         reference = load_reference_values(reference_values)
-        log = parse_event_log(_read_event_log(event_log))
-        print(check_boot_log(log, pcr_values, reference).note)
+        # An empty log (Azure Trusted Launch) is judged by the PCR values (pcr_boots).
+        print(check_boot_evidence(_read_event_log(event_log), pcr_values, reference).note)
 
     _run(judge)
 

@@ -27,6 +27,7 @@ from aicert.appevents import (
 )
 from aicert.boot_events import replay_against_quote
 from aicert.boot_log_check import check_boot_log
+from aicert.boot_pcr_check import boot_application_start, check_azure_boot_pcrs
 from aicert.chain import (
     PINNED_ROOT_FINGERPRINTS,
     ChainVerification,
@@ -42,6 +43,7 @@ from aicert.errors import (
     EventLogError,
     ExpectationError,
     NonceMismatchError,
+    Pcr14StartError,
     PcrSelectionError,
     PlatformError,
     TpmStructureError,
@@ -244,7 +246,8 @@ def verify_certificate(
     claimed_pcrs = _check_quote(certificate, checks)
     # 6. Application event log replay against PCR 14 and 15.
     boot_log = _boot_log(certificate)
-    measured = _check_application_event_log(certificate, claimed_pcrs, boot_log, checks)
+    start = _logless_start(certificate, claimed_pcrs, boot_log, reference_sets)
+    measured = _check_application_event_log(certificate, claimed_pcrs, boot_log, checks, start)
     # 7. The statements the AK signed inside the machine (model_signing, SLSA provenance).
     _check_signed_statements(certificate, measured, checks)
     # 8. Platform.
@@ -362,10 +365,11 @@ def _check_application_event_log(
     claimed_pcrs: Mapping[int, bytes],
     boot_log: TcgEventLog | None,
     checks: list[Check],
+    start: Mapping[int, bytes] | None = None,
 ) -> MeasuredRun:
     """Step 6: the application event log replays to the quoted PCR 14 and 15 and is what the
-    certificate claims; the run it measured."""
-    measured = _verify_event_log(certificate, claimed_pcrs, boot_log)
+    certificate claims; the run it measured. ``start``: see ``_verify_event_log``."""
+    measured = _verify_event_log(certificate, claimed_pcrs, boot_log, start)
     channel = (
         f"; the first is the agent's TLS key ({measured.channel_key.public_key_sha256[:16]}...)"
         if measured.channel_key is not None
@@ -417,18 +421,41 @@ PLATFORM_CA_PLATFORMS = frozenset({"local", "qemu"})
 def _boot_log(certificate: Certificate) -> TcgEventLog | None:
     """The certificate's boot event log, parsed once for both checks that read it. The local
     platform has no boot: its platform check refuses a boot log if one is attached."""
-    if certificate.platform.kind == "local" or certificate.boot_event_log is None:
+    # Zero bytes (an Azure Trusted Launch VM's log) is no log: there is nothing to replay.
+    if certificate.platform.kind == "local" or not certificate.boot_event_log:
         return None
     return parse_event_log(certificate.boot_event_log)
 
 
+def _logless_start(
+    certificate: Certificate,
+    quoted: Mapping[int, bytes],
+    boot_log: TcgEventLog | None,
+    reference_sets: PlatformReferenceValues | Iterable[PlatformReferenceValues] | None,
+) -> dict[int, bytes] | None:
+    """An Azure certificate without a boot log: PCR 14/15 before the agent's first event,
+    from the reference boot its quoted PCRs match (``aicert.boot_pcr_check``); else None."""
+    if certificate.platform.kind != "azure" or boot_log is not None or not reference_sets:
+        # Without sets, step 8 refuses the certificate for want of one (after step 6 has
+        # judged the claims it can, e.g. the platform kind the log measured).
+        return None
+    reference = _select_reference_values(certificate, reference_sets)
+    return boot_application_start(None, quoted, reference)
+
+
 def _verify_event_log(
-    certificate: Certificate, quoted: Mapping[int, bytes], boot_log: TcgEventLog | None
+    certificate: Certificate,
+    quoted: Mapping[int, bytes],
+    boot_log: TcgEventLog | None,
+    reference_start: Mapping[int, bytes] | None = None,
 ) -> MeasuredRun:
-    # A boot that extended PCR 14 (shim's MOK lists) is the start; without one, zeros.
-    start = application_pcr_start(boot_log)
+    # A boot that extended PCR 14 (shim's MOK lists) is the start; without one, zeros; an
+    # Azure boot without a log starts at its reference boot's values (reference_start).
+    start = dict(reference_start or application_pcr_start(boot_log))
     replayed = replay(certificate.event_log, start)
     for pcr in (INPUTS_PCR, OUTPUTS_PCR):
+        if reference_start is not None and pcr == INPUTS_PCR:
+            _check_pcr14_from_reference(replayed[pcr], quoted[pcr], start[pcr])
         if not hmac.compare_digest(replayed[pcr], quoted[pcr]):
             raise EventLogError(
                 f"the application event log replays PCR {pcr} to {replayed[pcr].hex()}, "
@@ -470,6 +497,16 @@ def _verify_event_log(
     return measured
 
 
+def _check_pcr14_from_reference(replayed: bytes, quoted: bytes, start: bytes) -> None:
+    if not hmac.compare_digest(replayed, quoted):
+        raise Pcr14StartError(
+            f"no boot event log: from the reference boot's PCR 14 start {start.hex()} the "
+            f"application event log replays PCR 14 to {replayed.hex()}, but the quote says "
+            f"{quoted.hex()}: PCR 14 did not start at the reference value (an unexplained "
+            "start could hide application events), or events were edited"
+        )
+
+
 def _verify_platform(
     certificate: Certificate,
     pcrs: Mapping[int, bytes],
@@ -493,6 +530,10 @@ def _verify_platform(
                 "accept it explicitly with allow_dev_platform=True / --allow-dev-platform"
             )
         return False, DEV_PLATFORM_NOTE
+    if log is None and kind == "azure":
+        # Trusted Launch gives the guest an empty log: judged by the quoted PCR values.
+        reference = _select_reference_values(certificate, reference_values)
+        return True, check_azure_boot_pcrs(pcrs, reference).note
     if log is None:
         raise PlatformError(f"{kind} platform: the certificate has no boot event log")
     # Before the reference is chosen: a log that does not replay is refused as such.

@@ -9,7 +9,8 @@ a fresh challenge and checks, before it sends the run:
   platforms: the agent measured its TLS key before serving) or nothing (local), and PCR 15
   nothing: the machine is fresh and the channel ends in the attested machine;
 - with a reference-value set (qemu, Azure), the boot event log replays to the quoted PCR 0-9
-  and matches the reference values (firmware, kernel, initrd, command line).
+  and matches the reference values (firmware, kernel, initrd, command line); an Azure boot
+  whose log is empty is judged by its quoted PCR values instead (``aicert.boot_pcr_check``).
 
 The checks are the verifier's own functions (the quote's through ``platform_quote``, shared
 with the qemu image's observation boot); this module only chooses what to expect.
@@ -26,17 +27,17 @@ from aicert.appevents import (
     INPUTS_PCR,
     OUTPUTS_PCR,
     ChannelKeyEvent,
-    application_pcr_start,
     event_digest,
     extend,
 )
+from aicert.boot_log_check import check_boot_evidence
+from aicert.boot_pcr_check import boot_application_start
 from aicert.chain import leaf_public_key_matches
 from aicert.errors import AkMismatchError
-from aicert.reference_values import PlatformReferenceValues, check_boot_log
+from aicert.reference_values import PlatformReferenceValues
 from aicert.tasks.platforms.agent_client import AgentClient
 from aicert.tasks.platforms.base import EnrolledKey, Machine
 from aicert.tasks.platforms.platform_quote import fresh_challenge, verified_platform_pcrs
-from aicert.tcg_eventlog import parse_event_log
 from aicert.tpm_structures import parse_tpmt_public
 
 ZERO_PCR = bytes(32)
@@ -87,8 +88,9 @@ def attest_machine(
         raise AkMismatchError("the platform quote is not signed by the certified AK")
     pcrs = verified_platform_pcrs(evidence, challenge)
 
-    # Shim may have measured its MOK lists into PCR 14 during the boot: that is the start.
-    start = application_pcr_start(evidence.boot_event_log)
+    # Shim may have measured its MOK lists into PCR 14 during the boot: that is the start
+    # (an Azure boot with an empty log: the reference boot's PCR 14, if its PCRs match one).
+    start = boot_application_start(evidence.boot_event_log, pcrs, reference)
     expected, channel_event = expected_channel_pcr(machine.agent_certificate_pem, start[INPUTS_PCR])
     if not hmac.compare_digest(pcrs.get(INPUTS_PCR, b""), expected):
         if channel_event is None:
@@ -108,11 +110,12 @@ def attest_machine(
 
     boot_chain = None
     if reference is not None:
-        if evidence.boot_event_log is None:
+        if evidence.boot_event_log is None and reference.platform != "azure":
             raise MachineAttestationError(
                 f"{machine.provider} platform: the machine sent no boot event log"
             )
-        boot_chain = check_boot_log(parse_event_log(evidence.boot_event_log), pcrs, reference).note
+        # An Azure boot without a log (Trusted Launch: zero bytes) is judged by its PCRs.
+        boot_chain = check_boot_evidence(evidence.boot_event_log, pcrs, reference).note
     return MachineAttestation(
         channel_key_sha256=channel_event.public_key_sha256 if channel_event else None,
         boot_chain=boot_chain,
