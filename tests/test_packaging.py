@@ -1,10 +1,14 @@
-"""Packaging is checked, not assumed: build the wheel, install it in fresh venvs, import."""
+"""Packaging is checked, not assumed: ``python -m build`` makes the sdist and, from it, the
+wheel (so the sdist holds everything the wheel needs); ``twine check --strict`` accepts both
+(the README renders as the PyPI description); the wheel installs in fresh venvs and imports."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -41,16 +45,65 @@ def _modules_in_wheel(wheel: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder ``python -m build`` wrote: the sdist, and the wheel built from that sdist."""
     out = tmp_path_factory.mktemp("dist")
     subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(ROOT)],
+        [sys.executable, "-m", "build", "--outdir", str(out), str(ROOT)],
         check=True,
         capture_output=True,
         timeout=600,
     )
-    (built,) = out.glob("aicert-*.whl")
+    return out
+
+
+@pytest.fixture(scope="module")
+def wheel(dist: Path) -> Path:
+    (built,) = dist.glob("aicert-*.whl")
     return built
+
+
+@pytest.fixture(scope="module")
+def sdist(dist: Path) -> Path:
+    (built,) = dist.glob("aicert-*.tar.gz")
+    return built
+
+
+def test_twine_accepts_the_sdist_and_the_wheel(sdist: Path, wheel: Path) -> None:
+    # --strict: a warning (a description that would not render on PyPI, missing metadata)
+    # fails as an error would.
+    result = subprocess.run(
+        [sys.executable, "-m", "twine", "check", "--strict", str(sdist), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("PASSED") == 2, result.stdout
+
+
+def test_the_sdist_holds_the_sources_and_package_data(sdist: Path) -> None:
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    for path in (
+        "README.md",
+        "pyproject.toml",
+        "verification/schemas/aicert-v1.schema.json",
+        "aicert_flows/blocks.py",
+        "tasks/platforms/qemu/guest/init.sh",
+    ):
+        assert path in names, f"the sdist lacks {path}"
+
+
+def test_the_readme_links_resolve_off_the_repository() -> None:
+    # PyPI shows the README without the repository around it: a relative link or image
+    # (docs/x.md) would be broken there. Links go to the docs site or elsewhere absolute.
+    readme = (ROOT / "README.md").read_text()
+    targets = re.findall(r"!?\[[^\]]*\]\(([^)\s]+)", readme)
+    assert targets, "no links found: the pattern is wrong"
+    relative = [t for t in targets if not re.match(r"(https?://|#)", t)]
+    assert relative == []
 
 
 def _venv(path: Path, *, system_site: bool = False) -> Path:
