@@ -9,8 +9,9 @@ rather than in memory: under a runner or worker, the ``on_cancellation`` and ``o
 hooks run in the supervising process, not in the process that provisioned the machine.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: a deployment's flow run validates the
+# parameters against the signature's annotations, and string annotations (``PlatformKind``)
+# were not resolved there ("Certify_TrainingModel is not fully defined").
 import contextlib
 import logging
 import shutil

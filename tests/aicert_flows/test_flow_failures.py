@@ -18,10 +18,17 @@ from typing import Any
 
 import pytest
 from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.events.filters import (
+    EventFilter,
+    EventNameFilter,
+    EventRelatedFilter,
+    EventResourceFilter,
+)
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelling, State
 
 import aicert
+from aicert.flows.events import run_resource_id
 from aicert.flows.flows import CERTIFICATE_FAILED, certify_training
 from aicert.tasks.platforms.local.provider import platform_ca_certificate_path
 
@@ -151,8 +158,23 @@ def test_bad_config_fails_at_load_config_before_provisioning(
     assert set(tasks.values()) == {"FAILED"}
     assert not aicert_home.exists(), "something was provisioned for an invalid config"
     flow_run_id = state.state_details.flow_run_id
-    event = _failed_event(client, f"aicert.flow-run.{flow_run_id}")
-    assert event.payload["state"] == "FAILED"
+    # No run id yet, and still on the one scheme: an automation on aicert.run.* sees it.
+    resource_id = f"aicert.run.unassigned-{flow_run_id}"
+    assert run_resource_id(None, str(flow_run_id)) == resource_id
+    event = _failed_event(client, resource_id)
+    assert event.payload["state"] == "FAILED" and event.payload["run_id"] is None
+    on_scheme = client.read_events(
+        EventFilter(
+            event=EventNameFilter(prefix=["aicert."]),
+            resource=EventResourceFilter(id_prefix=["aicert.run."]),
+            related=EventRelatedFilter(
+                resources_in_roles=[(f"prefect.flow-run.{flow_run_id}", "flow-run")]
+            ),
+        ),
+        limit=50,
+    ).events
+    assert [e.id for e in on_scheme] == [event.id]
+    assert event.resource.name == resource_id
 
 
 # -- downloads --------------------------------------------------------------------------------
@@ -197,7 +219,7 @@ def test_download_that_keeps_failing_names_the_url(
 ) -> None:
     scripted_server.script["/gone.bin"] = [500]
     url = f"{scripted_server.base_url}/gone.bin"
-    project, config = _project(
+    _, config = _project(
         tmp_path, "broken", resources=[{"url": url, "destinationPath": "gone.bin"}]
     )
     bom = tmp_path / "proof.json"
@@ -206,7 +228,7 @@ def test_download_that_keeps_failing_names_the_url(
 
     assert state.is_failed()
     assert url in str(state.message) and "500" in str(state.message)
-    assert _task_states(client, state)[f"measure-inputs-{project}"] == "FAILED"
+    assert _task_states(client, state)["measure-inputs"] == "FAILED"
     # The agent retried with growing pauses (backoff), then gave up.
     times = scripted_server.requests["/gone.bin"]
     assert len(times) == 4
@@ -233,9 +255,9 @@ def test_failing_training_gives_no_certificate_but_keeps_outputs_and_logs(
     assert state.is_failed()
     assert "exited with code 1" in str(state.message)
     tasks = _task_states(client, state)
-    assert tasks[f"run-training-{project}"] == "FAILED"
-    assert f"measure-outputs-{project}" not in tasks and "quote" not in str(tasks)
-    assert any(name.startswith("teardown-") and s == "COMPLETED" for name, s in tasks.items())
+    assert tasks["run-training"] == "FAILED"
+    assert "measure-outputs" not in tasks and "quote" not in tasks
+    assert tasks["teardown"] == "COMPLETED"
     assert not bom.exists()
     (run_id,) = run_ids_in(aicert_home)
     workspace = aicert_home / "runs" / run_id / "work" / run_id
@@ -398,6 +420,12 @@ def test_cancellation_through_the_api_tears_down(
     assert "Hook '_on_cancellation' finished running successfully" in served_flow.log_tail()
     event = _failed_event(client, f"aicert.run.{run_id}")
     assert event.payload["state"] in {"CANCELLING", "CANCELLED"}, event.payload
+    # The step the cancellation interrupted is Cancelled (not Crashed), and teardown ran.
+    tasks = {
+        t.name: t.state.type.value if t.state else "NONE" for t in task_runs_of(client, flow_run.id)
+    }
+    assert tasks["run-training"] == "CANCELLED", (tasks, served_flow.log_tail())
+    assert tasks["teardown"] == "COMPLETED", tasks
 
 
 def test_killed_flow_process_is_torn_down_by_the_crash_hook(

@@ -24,44 +24,32 @@ from aicert.tasks.certification import (
 from aicert.tasks.platforms.agent_client import AgentUnreachableError
 from aicert.tasks.task_factory import RetryPolicy, aicert_task
 
-# task object -> (name, task run name, retries, delays, retry condition)
-EXPECTED: dict[str, tuple[str, str | None, int, list[int] | None, str | None]] = {
-    "load_run_config": ("load-config", None, 0, None, None),
-    "provision_machine": ("provision", "provision-{provider.kind}-{run_id}", 2, [2, 10], None),
-    "stage_inputs": ("stage-inputs", "stage-inputs-{run_id}", 1, [5], None),
-    "wait_for_agent": ("wait-for-agent", None, 1, [2], "_unless_machine_failed"),
-    "establish_attestation_key": ("establish-ak", None, 2, [1, 5], None),
-    "attest_machine_before_run": ("attest-machine", None, 2, [1, 5], "_only_if_unreachable"),
-    "start_run": ("start-run", None, 2, [1, 5], "_only_if_unreachable"),
-    "measure_inputs": (
-        "measure-inputs",
-        "measure-inputs-{project}",
-        2,
-        [1, 5],
-        "_only_if_unreachable",
-    ),
-    "build_image": ("build-image", "build-image-{project}", 2, [1, 5], "_only_if_unreachable"),
-    "check_tpm": ("check-tpm", "check-tpm-{machine.run_id}", 0, None, None),
-    "run_training": ("run-training", "run-training-{project}", 0, None, None),
-    "measure_outputs": (
-        "measure-outputs",
-        "measure-outputs-{project}",
-        2,
-        [1, 5],
-        "_only_if_unreachable",
-    ),
-    "collect_outputs": ("collect-outputs", "collect-outputs-{run_id}", 2, [2, 10], None),
-    "collect_quote": ("quote", None, 3, [1, 2, 5], None),
-    "teardown_machine": ("teardown", "teardown-{machine.run_id}", 0, None, None),
+# task object -> (name, retries, delays, retry condition); every task run is named after its
+# step (one scheme, see aicert.tasks.task_factory).
+EXPECTED: dict[str, tuple[str, int, list[int] | None, str | None]] = {
+    "load_run_config": ("load-config", 0, None, None),
+    "provision_machine": ("provision", 2, [2, 10], None),
+    "stage_inputs": ("stage-inputs", 1, [5], None),
+    "wait_for_agent": ("wait-for-agent", 1, [2], "_unless_machine_failed"),
+    "establish_attestation_key": ("establish-ak", 2, [1, 5], None),
+    "attest_machine_before_run": ("attest-machine", 2, [1, 5], "_only_if_unreachable"),
+    "start_run": ("start-run", 2, [1, 5], "_only_if_unreachable"),
+    "measure_inputs": ("measure-inputs", 2, [1, 5], "_only_if_unreachable"),
+    "build_image": ("build-image", 2, [1, 5], "_only_if_unreachable"),
+    "check_tpm": ("check-tpm", 0, None, None),
+    "run_training": ("run-training", 0, None, None),
+    "measure_outputs": ("measure-outputs", 2, [1, 5], "_only_if_unreachable"),
+    "collect_outputs": ("collect-outputs", 2, [2, 10], None),
+    "collect_quote": ("quote", 3, [1, 2, 5], None),
+    "teardown_machine": ("teardown", 0, None, None),
 }
 
 
-def _settings(step: Task[..., Any]) -> tuple[str, str | None, int, list[int] | None, str | None]:
+def _settings(step: Task[..., Any]) -> tuple[str, int, list[int] | None, str | None]:
     condition = step.retry_condition_fn
     delays = step.retry_delay_seconds if step.retries else None
     return (
         step.name,
-        step.task_run_name if isinstance(step.task_run_name, str) else None,
         step.retries,
         list(delays) if isinstance(delays, list) else delays,
         getattr(condition, "__name__", None),
@@ -74,6 +62,7 @@ def test_each_certification_step_keeps_its_name_and_retry_policy(attribute: str)
 
     assert isinstance(step, Task)
     assert _settings(step) == EXPECTED[attribute]
+    assert step.task_run_name == step.name
     assert step.cache_policy is NO_CACHE
 
 
