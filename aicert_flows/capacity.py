@@ -14,10 +14,13 @@ slot after ``LEASE_S``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from prefect.concurrency.sync import concurrency
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
 
 from aicert.model import PLATFORM_KINDS, PlatformKind
 
@@ -42,9 +45,28 @@ def all_machine_limit_names() -> list[str]:
     return [MACHINES_LIMIT, *(f"{MACHINES_LIMIT}-{kind}" for kind in PLATFORM_KINDS)]
 
 
+def existing_limits(names: list[str]) -> list[str]:
+    """Those of ``names`` that exist as global concurrency limits on the server."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    found = []
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                continue
+            found.append(name)
+    return found
+
+
 @contextmanager
 def machine_slot(kind: PlatformKind, timeout_s: float | None = None) -> Iterator[None]:
     """Hold one slot of each machine limit while the block runs (waiting for it first).
+
+    Only the limits that exist are asked for: Prefect would log a warning on every run of
+    a server where nobody configured machine limits (the default: nothing waits).
 
     Args:
         kind: The platform of the machine about to be provisioned.
@@ -53,7 +75,15 @@ def machine_slot(kind: PlatformKind, timeout_s: float | None = None) -> Iterator
     Raises:
         TimeoutError: No slot was free within ``timeout_s``.
     """
-    with concurrency(
-        machine_limit_names(kind), occupy=1, timeout_seconds=timeout_s, lease_duration=LEASE_S
-    ):
+    names = existing_limits(machine_limit_names(kind))
+    if not names:
+        yield
+        return
+    try:
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = get_run_logger()
+    except MissingContextError:  # outside a flow run (a script holding a slot)
+        logger = logging.getLogger(__name__)
+    logger.info("waiting for a machine slot of %s", ", ".join(names))
+    with concurrency(names, occupy=1, timeout_seconds=timeout_s, lease_duration=LEASE_S):
+        logger.info("machine slot taken")
         yield
