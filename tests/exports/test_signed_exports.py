@@ -29,10 +29,11 @@ from securesystemslib.signer import SSlibKey
 from aicert.guest_runtime.tpm import AkAlgorithm
 from aicert.model import Certificate
 from aicert.signed_statements import ak_keyid
-from tests.exports.test_cli import run_export
+from tests.exports.test_cli import run_export, trust_options
 from tests.guest_runtime.test_tpm_signing import run_model_signing
 from tests.verification.test_model_signing_format import write_folder
 from tests.verification.verify.factory import CertificateFactory, MadeCertificate, TpmRig
+from tests.verification.verify.seeds import load_seed
 
 pytestmark = [pytest.mark.swtpm]
 
@@ -192,6 +193,46 @@ def test_the_unsigned_statement_is_the_signed_one_plus_reference_values(
     payload = Envelope.from_dict(json.loads(signed.read_bytes())).payload
     # A local certificate names no reference values: the two statements are the same bytes.
     assert unsigned.read_bytes() == payload
+
+
+@pytest.mark.parametrize("export_format", ["model-signing", "slsa"])
+def test_a_certificate_without_signed_statements_has_no_signed_export(
+    export_format: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    folder = tmp_path_factory.mktemp("unsigned-export")
+    rig = TpmRig.create(folder / "tpm", folder / "ek-ca", folder / "ca")
+    try:
+        files = _files(CertificateFactory(rig).make_certificate(), folder / "run")
+    finally:
+        rig.close()
+    output = tmp_path / "export"
+    result = run_export(
+        files.proof,
+        "-f",
+        export_format,
+        "-o",
+        output,
+        "--trust-root",
+        files.root,
+        "--allow-dev-platform",
+    )
+    assert result.exit_code == 2, result.output
+    assert "carries no TPM-signed" in result.output.replace("\n", "")
+    assert not output.exists()
+
+
+def test_the_local_seed_slsa_envelope_verifies(tmp_path: Path) -> None:
+    # The stored local seed: a certificate of the Prefect flow on the local platform.
+    seed = load_seed("local")
+    output = tmp_path / "provenance.intoto.json"
+    result = run_export(
+        seed.folder / "proof.json", "-f", "slsa", "-o", output, *trust_options(seed)
+    )
+    assert result.exit_code == 0, result.output
+    envelope = Envelope.from_dict(json.loads(output.read_bytes()))
+    envelope.verify([sslib_key(seed.certificate)], 1)
+    subjects = {s["name"]: s["digest"]["sha256"] for s in json.loads(envelope.payload)["subject"]}
+    assert subjects == seed.outputs
 
 
 def test_a_bundle_is_written_only_after_verification(

@@ -81,7 +81,7 @@ def _capture(platform: Platform, funcargs: dict[str, object]) -> Captured:
     # Attribute names of the fixtures' dataclasses (CertifiedRun, CertifiedOnQemu,
     # AzureFlowRun + Published): read loosely, checked by the verification below.
     if platform == "local":
-        from aicert.flows.providers.local import platform_ca_certificate_path
+        from aicert.tasks.platforms.local.provider import platform_ca_certificate_path
 
         run = funcargs["certified"]
         return Captured(
@@ -164,7 +164,7 @@ SEED_BOOT_TIMEOUT_S = 600.0
 
 def capture(staging: Path, wanted: tuple[Platform, ...]) -> int:
     """One pytest session over the source tests of ``wanted``, staging what passed."""
-    from aicert.flows.providers.qemu import QemuProvider
+    from aicert.tasks.platforms.qemu.provider import QemuProvider
 
     keyword_defaults = QemuProvider.__init__.__kwdefaults__ or {}
     if "boot_timeout_s" in keyword_defaults:

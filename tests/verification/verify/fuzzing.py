@@ -901,17 +901,52 @@ def _signature_length(b: Builder) -> Mutant:
     return b.done(f"TPMT_SIGNATURE {how}")
 
 
+def _nudged(data: bytes, rng: random.Random) -> bytes:
+    """The big-endian integer ``data`` plus or minus one, in as many bytes (never negative)."""
+    value = int.from_bytes(data, "big")
+    step = 1 if value == 0 else rng.choice([1, -1])
+    return ((value + step) % (1 << (8 * len(data)))).to_bytes(len(data), "big")
+
+
+def _key_specific_signature(
+    signature: TpmtSignature, choice: int, rng: random.Random
+) -> tuple[TpmtSignature, str]:
+    """The re-encodings that depend on the seed's signature scheme (RSA for the Azure seed,
+    ECDSA for the local and qemu seeds since their AK is ECC P-256)."""
+    if signature.sig_alg == TPM_ALG_ECDSA:
+        if choice == 0:
+            rsa_bytes = signature.ecc_r + signature.ecc_s
+            return TpmtSignature(TPM_ALG_RSASSA, TPM_ALG_SHA256, rsa_signature=rsa_bytes), (
+                "RSASSA signature made of the ECDSA bytes"
+            )
+        if choice == 4:
+            return replace(signature, ecc_r=signature.ecc_s, ecc_s=signature.ecc_r), "r <-> s"
+        if choice == 5:
+            return replace(signature, ecc_r=b"\x00" + signature.ecc_r), "r with a leading zero"
+        return replace(signature, ecc_s=_nudged(signature.ecc_s, rng)), "s integer +-1"
+    if choice == 0:
+        other = TPM_ALG_RSAPSS if signature.sig_alg == TPM_ALG_RSASSA else TPM_ALG_RSASSA
+        return replace(signature, sig_alg=other), "RSASSA <-> RSAPSS, same signature bytes"
+    if choice == 4:
+        half = len(signature.rsa_signature) // 2
+        return TpmtSignature(
+            TPM_ALG_ECDSA,
+            TPM_ALG_SHA256,
+            ecc_r=signature.rsa_signature[:half],
+            ecc_s=signature.rsa_signature[half:],
+        ), "ECDSA signature made of the RSA bytes"
+    if choice == 5:
+        leading = replace(signature, rsa_signature=b"\x00" + signature.rsa_signature)
+        return leading, "signature with a leading zero byte"
+    nudged = replace(signature, rsa_signature=_nudged(signature.rsa_signature, rng))
+    return nudged, "signature integer +-1"
+
+
 def _signature_reencode(b: Builder) -> Mutant:
     signature = parse_signature(b.seed.b64("signature"))
     rng = b.rng
     choice = b.turn % 7
-    if choice == 0:
-        new = replace(
-            signature,
-            sig_alg=TPM_ALG_RSAPSS if signature.sig_alg == TPM_ALG_RSASSA else TPM_ALG_RSASSA,
-        )
-        how = "RSASSA <-> RSAPSS, same signature bytes"
-    elif choice == 1:
+    if choice == 1:
         new = replace(
             signature,
             hash_alg=rng.choice([TPM_ALG_SHA1, TPM_ALG_SHA384, TPM_ALG_SHA512, TPM_ALG_NULL]),
@@ -923,23 +958,8 @@ def _signature_reencode(b: Builder) -> Mutant:
     elif choice == 3:
         new = TpmtSignature(TPM_ALG_HMAC, TPM_ALG_SHA256, hmac_digest=bytes(32))
         how = "HMAC signature"
-    elif choice == 4:
-        half = len(signature.rsa_signature) // 2
-        new = TpmtSignature(
-            TPM_ALG_ECDSA,
-            TPM_ALG_SHA256,
-            ecc_r=signature.rsa_signature[:half],
-            ecc_s=signature.rsa_signature[half:],
-        )
-        how = "ECDSA signature made of the RSA bytes"
-    elif choice == 5:
-        new = replace(signature, rsa_signature=b"\x00" + signature.rsa_signature)
-        how = "signature with a leading zero byte"
     else:
-        value = int.from_bytes(signature.rsa_signature, "big")
-        other = (value + rng.choice([1, -1])).to_bytes(len(signature.rsa_signature), "big")
-        new = replace(signature, rsa_signature=other)
-        how = "signature integer +-1"
+        new, how = _key_specific_signature(signature, choice, rng)
     b.set_b64(B64_PATHS["signature"], marshal_signature(new))
     return b.done(f"TPMT_SIGNATURE re-encoded: {how}")
 
