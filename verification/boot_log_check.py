@@ -41,7 +41,7 @@ from aicert.boot_events import (
     replay_against_quote,
     sha256_digest,
 )
-from aicert.boot_pcr_check import AzurePcrBootReport, check_azure_boot_pcrs
+from aicert.boot_pcr_check import AzurePcrBootReport, check_azure_boot_pcrs, unchecked_note
 from aicert.errors import PlatformError
 from aicert.quote import verify_quote
 from aicert.reference_value_sets import (
@@ -285,11 +285,7 @@ class AzureBootChainReport:
         )
         if self.components:
             text += f" ({', '.join(self.components)})"
-        if self.unchecked_pcrs:
-            text += "; NOT checked: " + "; ".join(
-                f"PCR {index} ({reason})" for index, reason in self.unchecked_pcrs
-            )
-        return text
+        return text + unchecked_note(self.unchecked_pcrs)
 
 
 def _group(events: Iterable[_Grouped]) -> dict[tuple[int, str], list[_Grouped]]:

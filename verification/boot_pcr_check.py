@@ -39,6 +39,7 @@ __all__ = [
     "boot_application_start",
     "check_azure_boot_pcrs",
     "match_azure_pcr_boot",
+    "unchecked_note",
 ]
 
 _RESET = bytes(32)
@@ -66,11 +67,14 @@ class AzurePcrBootReport:
             f"{self.vm_family}); PCR 14 started at the reference value "
             f"{self.pcr14_start[:16]}..."
         )
-        if self.unchecked_pcrs:
-            text += "; NOT checked: " + "; ".join(
-                f"PCR {index} ({reason})" for index, reason in self.unchecked_pcrs
-            )
-        return text
+        return text + unchecked_note(self.unchecked_pcrs)
+
+
+def unchecked_note(unchecked: tuple[tuple[int, str], ...]) -> str:
+    """The end of an Azure report's note: the PCRs left unchecked, with the reasons."""
+    if not unchecked:
+        return ""
+    return "; NOT checked: " + "; ".join(f"PCR {index} ({reason})" for index, reason in unchecked)
 
 
 def _component(index: int) -> str:

@@ -224,6 +224,33 @@ class _QuoteEvidence:
         return checked
 
 
+SecurityTypeOption = Annotated[Literal["TrustedLaunch", "ConfidentialVM"], typer.Option()]
+ProvenanceOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        metavar="KEY=VALUE",
+        help="recorded, never checked (e.g. vm_size=..., region=...); repeatable",
+    ),
+]
+SignatureOption = Annotated[Path | None, typer.Option(help="tpm2_quote -s output")]
+AkPublicOption = Annotated[Path | None, typer.Option(help="tpm2_readpublic -o output of the AK")]
+NonceOption = Annotated[str | None, typer.Option(help="the quote's qualifying data, hex")]
+AkCertificateOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="tpm2_nvread 0x01C101D0 output: must chain to Microsoft's vTPM root and "
+        "certify --ak-public"
+    ),
+]
+IntermediatesOption = Annotated[
+    Path | None, typer.Option(help="PEM intermediates of the AK certificate")
+]
+TrustRootOption = Annotated[
+    list[Path] | None,
+    typer.Option(help="PEM root trusted besides Microsoft's pinned one (tests); repeatable"),
+]
+
+
 @app.command("derive-azure")
 def derive_azure(
     event_log: EventLogOption,
@@ -232,9 +259,7 @@ def derive_azure(
     reference_id: Annotated[
         str | None, typer.Option("--id", help="the set's id (default: <image>-<version>)")
     ] = None,
-    security_type: Annotated[
-        Literal["TrustedLaunch", "ConfidentialVM"], typer.Option()
-    ] = "TrustedLaunch",
+    security_type: SecurityTypeOption = "TrustedLaunch",
     check_firmware_pcr: Annotated[
         list[int] | None,
         typer.Option(
@@ -242,33 +267,14 @@ def derive_azure(
             help="also check firmware PCR N (0-3, 5, 6) with this boot's value; repeatable",
         ),
     ] = None,
-    provenance: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="KEY=VALUE",
-            help="recorded, never checked (e.g. vm_size=..., region=...); repeatable",
-        ),
-    ] = None,
+    provenance: ProvenanceOption = None,
     quote: Annotated[Path | None, typer.Option(help="tpm2_quote -m output over sha256:0-9")] = None,
-    signature: Annotated[Path | None, typer.Option(help="tpm2_quote -s output")] = None,
-    ak_public: Annotated[
-        Path | None, typer.Option(help="tpm2_readpublic -o output of the AK")
-    ] = None,
-    nonce: Annotated[str | None, typer.Option(help="the quote's qualifying data, hex")] = None,
-    ak_certificate: Annotated[
-        Path | None,
-        typer.Option(
-            help="tpm2_nvread 0x01C101D0 output: must chain to Microsoft's vTPM root and "
-            "certify --ak-public"
-        ),
-    ] = None,
-    intermediates: Annotated[
-        Path | None, typer.Option(help="PEM intermediates of the AK certificate")
-    ] = None,
-    trust_root: Annotated[
-        list[Path] | None,
-        typer.Option(help="PEM root trusted besides Microsoft's pinned one (tests); repeatable"),
-    ] = None,
+    signature: SignatureOption = None,
+    ak_public: AkPublicOption = None,
+    nonce: NonceOption = None,
+    ak_certificate: AkCertificateOption = None,
+    intermediates: IntermediatesOption = None,
+    trust_root: TrustRootOption = None,
     output: OutputOption = None,
 ) -> None:
     """Derive an Azure set from one boot's event log and PCR 0-9 (prints JSON)."""
@@ -318,9 +324,7 @@ def record_azure(
     reference_id: Annotated[
         str | None, typer.Option("--id", help="a new set's id (default: <image>-<version>)")
     ] = None,
-    security_type: Annotated[
-        Literal["TrustedLaunch", "ConfidentialVM"], typer.Option()
-    ] = "TrustedLaunch",
+    security_type: SecurityTypeOption = "TrustedLaunch",
     pin_firmware_pcr: Annotated[
         list[int] | None,
         typer.Option(
@@ -328,29 +332,16 @@ def record_azure(
             help="also pin firmware PCR N (0-3, 5, 6) to this boot's value; repeatable",
         ),
     ] = None,
-    provenance: Annotated[
-        list[str] | None,
-        typer.Option(metavar="KEY=VALUE", help="recorded, never checked; repeatable"),
-    ] = None,
+    provenance: ProvenanceOption = None,
     quote: Annotated[
         Path | None, typer.Option(help="tpm2_quote -m output over sha256:0-9,14")
     ] = None,
-    signature: Annotated[Path | None, typer.Option(help="tpm2_quote -s output")] = None,
-    ak_public: Annotated[
-        Path | None, typer.Option(help="tpm2_readpublic -o output of the AK")
-    ] = None,
-    nonce: Annotated[str | None, typer.Option(help="the quote's qualifying data, hex")] = None,
-    ak_certificate: Annotated[
-        Path | None,
-        typer.Option(help="tpm2_nvread 0x01C101D0 output: must chain to Microsoft's root"),
-    ] = None,
-    intermediates: Annotated[
-        Path | None, typer.Option(help="PEM intermediates of the AK certificate")
-    ] = None,
-    trust_root: Annotated[
-        list[Path] | None,
-        typer.Option(help="PEM root trusted besides Microsoft's pinned one (tests); repeatable"),
-    ] = None,
+    signature: SignatureOption = None,
+    ak_public: AkPublicOption = None,
+    nonce: NonceOption = None,
+    ak_certificate: AkCertificateOption = None,
+    intermediates: IntermediatesOption = None,
+    trust_root: TrustRootOption = None,
     output: OutputOption = None,
 ) -> None:
     """Record the PCR values of a boot without an event log (Azure Trusted Launch gives the

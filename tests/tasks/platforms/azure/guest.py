@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -185,6 +185,25 @@ class AzureLikeChain:
         return self.intermediate.pem + self.root.pem
 
 
+class IssuedChain(Protocol):
+    """What a CA issued for one "VM": its AK certificate, and what the image ships."""
+
+    @property
+    def leaf_der(self) -> bytes: ...
+
+    @property
+    def image_pem_bundle(self) -> str: ...
+
+
+class IssuingCa(Protocol):
+    """A hierarchy that issues "VM"s' AK certificates: ``AzureLikeCa`` (CA-03 shape, shipped
+    intermediate) or ``hierarchies.AiaCa`` (CA-11 / CA-25 shape, intermediates by AIA)."""
+
+    root: Issued
+
+    def issue(self, ak_public: PublicKeyTypes, now: datetime | None = None) -> IssuedChain: ...
+
+
 @dataclass(frozen=True)
 class AzureLikeCa:
     """A root shaped like Microsoft's vTPM root and an intermediate shaped like "Global Virtual
@@ -218,7 +237,7 @@ def azure_like_chain(ak_public: PublicKeyTypes, now: datetime | None = None) -> 
     return azure_like_ca(now).issue(ak_public, now)
 
 
-def dress_as_azure_vtpm(tcti: str, workdir: Path, ca: AzureLikeCa) -> AzureLikeChain:
+def dress_as_azure_vtpm(tcti: str, workdir: Path, ca: IssuingCa) -> IssuedChain:
     """What Azure's host does before the VM boots (AK at 0x81000003, its certificate in NV
     0x01C101D0), and the intermediates file the image ships (``azure-intermediates.pem``)."""
     ak_public = install_azure_ak(tcti, workdir / "tools")
@@ -301,7 +320,7 @@ class LocalAgent:
     process: subprocess.Popen[bytes]
     # The TLS channel certificate the agent serves (None: plain http).
     certificate_pem: str | None = None
-    chain: AzureLikeChain | None = None
+    chain: IssuedChain | None = None
     boot_pcrs: dict[int, bytes] = field(default_factory=dict)
 
     @property
@@ -341,16 +360,18 @@ def start_local_azure_vm(
     workdir: Path,
     *,
     prepare_tpm: Callable[[str], None] | None = None,
-    ca: AzureLikeCa | None = None,
+    ca: IssuingCa | None = None,
     boot_event_log: bytes | None = None,
     tls: bool = False,
     port: int | None = None,
+    log_handed_over: bool = True,
 ) -> LocalAgent:
     """A "VM": a swtpm, dressed as an Azure vTPM when ``ca`` is given (AK, its certificate, the
     image's intermediates), its PCR 0-9 extended with ``boot_event_log`` as at boot, then
     ``prepare_tpm(tcti)``, then the guest agent ``--platform azure`` on ``port`` (default: a
-    free one), with ``--tls`` and ``--boot-event-log`` as asked. Stop it with
-    ``stop_local_azure_vm``."""
+    free one), with ``--tls`` and ``--boot-event-log`` as asked. ``log_handed_over=False``:
+    the PCRs are extended as that boot did, but the agent's log file is zero bytes, as Azure
+    Trusted Launch gives the guest. Stop it with ``stop_local_azure_vm``."""
     workdir.mkdir(parents=True, exist_ok=True)
     tpm = LocalSwtpm.create(workdir / "tpm", workdir / "ek-ca")
     tpm.start()
@@ -362,7 +383,9 @@ def start_local_azure_vm(
         if boot_event_log is not None:
             boot_pcrs = replay_boot_log(tpm.tcti, boot_event_log, workdir / "tools")
             # Where the image's unit copies securityfs's log for the agent.
-            (workdir / "binary_bios_measurements").write_bytes(boot_event_log)
+            (workdir / "binary_bios_measurements").write_bytes(
+                boot_event_log if log_handed_over else b""
+            )
             log_arguments = ["--boot-event-log", str(workdir / "binary_bios_measurements")]
         if prepare_tpm is not None:
             prepare_tpm(tpm.tcti)
@@ -439,7 +462,7 @@ def local_azure_agent(
     workdir: Path,
     prepare_tpm: Callable[[str], None] | None = None,
     *,
-    ca: AzureLikeCa | None = None,
+    ca: IssuingCa | None = None,
     boot_event_log: bytes | None = None,
     tls: bool = False,
     port: int | None = None,

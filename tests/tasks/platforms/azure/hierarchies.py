@@ -29,6 +29,7 @@ from urllib.parse import quote
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
@@ -162,6 +163,44 @@ def _aia(url: str) -> x509.AuthorityInformationAccess:
     )
 
 
+def _issue(
+    issuer: Issued,
+    common_name: str,
+    public_key: PublicKeyTypes,
+    *,
+    validity: tuple[datetime, datetime],
+    extensions: list[tuple[x509.ExtensionType, bool]],
+    aia_url: str | None,
+    hash_algorithm: hashes.HashAlgorithm,
+) -> x509.Certificate:
+    """A certificate for ``public_key`` signed by ``issuer``, with SKI, AKI, ``extensions``
+    (value, critical) and a CA-Issuers AIA pointing at ``aia_url`` when given."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(issuer.certificate.subject)
+        .public_key(public_key)  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(validity[0])
+        .not_valid_after(validity[1])
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(public_key),  # type: ignore[arg-type]
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                issuer.private_key.public_key()  # type: ignore[arg-type]
+            ),
+            critical=False,
+        )
+    )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    if aia_url is not None:
+        builder = builder.add_extension(_aia(aia_url), critical=False)
+    return builder.sign(issuer.private_key, hash_algorithm)  # type: ignore[arg-type]
+
+
 def intermediate(
     issuer: Issued,
     common_name: str,
@@ -174,66 +213,41 @@ def intermediate(
     SKI/AKI, signed SHA-384, and a CA-Issuers AIA pointing at its issuer when given
     (``private_key``: the CA's key, to certify one key twice, as cross-signing does)."""
     private_key = private_key or rsa_key(2048)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(issuer.certificate.subject)
-        .public_key(private_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=200))
-        .not_valid_after(now + timedelta(days=500))
-        # CA 2025 issues CA-11 / CA-25: it may not be pathlen 0.
-        .add_extension(
-            x509.BasicConstraints(ca=True, path_length=None if common_name == CA2025 else 0),
-            critical=True,
-        )
-        .add_extension(key_usage("key_cert_sign"), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([TCG_KP_EK_CERTIFICATE, TCG_KP_AIK_CERTIFICATE]), critical=False
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(private_key.public_key()), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                issuer.private_key.public_key()  # type: ignore[arg-type]
-            ),
-            critical=False,
-        )
+    # CA 2025 issues CA-11 / CA-25: it may not be pathlen 0.
+    path_length = None if common_name == CA2025 else 0
+    certificate = _issue(
+        issuer,
+        common_name,
+        private_key.public_key(),
+        validity=(now - timedelta(days=200), now + timedelta(days=500)),
+        extensions=[
+            (x509.BasicConstraints(ca=True, path_length=path_length), True),
+            (key_usage("key_cert_sign"), True),
+            (x509.ExtendedKeyUsage([TCG_KP_EK_CERTIFICATE, TCG_KP_AIK_CERTIFICATE]), False),
+        ],
+        aia_url=aia_url,
+        hash_algorithm=hashes.SHA384(),
     )
-    if aia_url is not None:
-        builder = builder.add_extension(_aia(aia_url), critical=False)
-    return Issued(builder.sign(issuer.private_key, hashes.SHA384()), private_key)
+    return Issued(certificate, private_key)
 
 
 def ak_certificate(
-    issuer: Issued, ak_key: RSAPrivateKey, *, aia_url: str | None, now: datetime
+    issuer: Issued, ak_key: PublicKeyTypes, *, aia_url: str | None, now: datetime
 ) -> x509.Certificate:
     """An AK leaf shaped like Azure's (VM id subject, digitalSignature, tcg-kp-AIKCertificate,
     about 18 months), with a CA-Issuers AIA when given (the CA-11 / CA-25 hierarchies)."""
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [x509.NameAttribute(NameOID.COMMON_NAME, "f1d2c3b4-a5e6-4f70-8192-a3b4c5d6e7f8")]
-            )
-        )
-        .issuer_name(issuer.certificate.subject)
-        .public_key(ak_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=1))
-        .not_valid_after(now - timedelta(days=1) + AK_VALIDITY)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ak_key.public_key()), False)
-        .add_extension(key_usage("digital_signature"), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([TCG_KP_AIK_CERTIFICATE]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                issuer.private_key.public_key()  # type: ignore[arg-type]
-            ),
-            critical=False,
-        )
+    return _issue(
+        issuer,
+        "f1d2c3b4-a5e6-4f70-8192-a3b4c5d6e7f8",
+        ak_key,
+        validity=(now - timedelta(days=1), now - timedelta(days=1) + AK_VALIDITY),
+        extensions=[
+            (key_usage("digital_signature"), True),
+            (x509.ExtendedKeyUsage([TCG_KP_AIK_CERTIFICATE]), False),
+        ],
+        aia_url=aia_url,
+        hash_algorithm=hashes.SHA256(),
     )
-    if aia_url is not None:
-        builder = builder.add_extension(_aia(aia_url), critical=False)
-    return builder.sign(issuer.private_key, hashes.SHA256())
 
 
 def pem(certificate: x509.Certificate) -> str:
@@ -276,13 +290,60 @@ def hierarchy(name: str, server: AiaServer, now: datetime | None = None) -> Hier
     published = {cert_path(ROOT): der(root.certificate)}
     if name == "ca03":
         ca = intermediate(root, CA03, aia_url=server.url(ROOT), now=now)
-        leaf = ak_certificate(ca, ak_key, aia_url=None, now=now)
+        leaf = ak_certificate(ca, ak_key.public_key(), aia_url=None, now=now)
         published[cert_path(CA03)] = der(ca.certificate)
         return Hierarchy(name, root, [ca], leaf, ak_key, published)
     issuing_name = {"ca11": CA11, "ca25": CA25}[name]
     ca2025 = intermediate(root, CA2025, aia_url=server.url(ROOT), now=now)
     issuing = intermediate(ca2025, issuing_name, aia_url=server.url(CA2025), now=now)
-    leaf = ak_certificate(issuing, ak_key, aia_url=server.url(issuing_name), now=now)
+    leaf = ak_certificate(issuing, ak_key.public_key(), aia_url=server.url(issuing_name), now=now)
     published[cert_path(CA2025)] = der(ca2025.certificate)
     published[cert_path(issuing_name)] = der(issuing.certificate)
     return Hierarchy(name, root, [issuing, ca2025], leaf, ak_key, published)
+
+
+@dataclass(frozen=True)
+class AiaChain:
+    """What a VM of an AIA hierarchy holds: its AK certificate, and an image that ships only
+    the root (the intermediates are fetched through AIA by the orchestrator)."""
+
+    root: Issued
+    leaf: x509.Certificate
+
+    @property
+    def leaf_der(self) -> bytes:
+        return der(self.leaf)
+
+    @property
+    def leaf_pem(self) -> str:
+        return pem(self.leaf)
+
+    @property
+    def image_pem_bundle(self) -> str:
+        return self.root.pem
+
+
+@dataclass
+class AiaCa:
+    """The CA-11 (or CA-25) hierarchy issuing every "VM"'s AK certificate, its intermediates
+    published on ``server`` at the AIA URLs (a stand-in for ``guest.AzureLikeCa``)."""
+
+    server: AiaServer
+    name: str = "ca11"
+    root: Issued = field(init=False)
+    issuing: Issued = field(init=False)
+
+    def __post_init__(self) -> None:
+        built = hierarchy(self.name, self.server)
+        built.publish(self.server)
+        self.root, self.issuing = built.root, built.cas[0]
+
+    def issue(self, ak_public: PublicKeyTypes, now: datetime | None = None) -> AiaChain:
+        issuing_name = self.issuing.certificate.subject.rfc4514_string().removeprefix("CN=")
+        leaf = ak_certificate(
+            self.issuing,
+            ak_public,
+            aia_url=self.server.url(issuing_name),
+            now=now or datetime.now(UTC),
+        )
+        return AiaChain(root=self.root, leaf=leaf)

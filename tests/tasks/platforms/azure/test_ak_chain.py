@@ -148,7 +148,7 @@ def test_aia_loop_is_refused(server: AiaServer) -> None:
     x_by_y = intermediate(y_by_x, "X", aia_url=server.url("Y"), now=now, private_key=key_x)
     server.serve(cert_path("X"), der(x_by_y.certificate))
     server.serve(cert_path("Y"), der(y_by_x.certificate))
-    leaf = ak_certificate(x_by_y, rsa_key(2048), aia_url=server.url("X"), now=now)
+    leaf = ak_certificate(x_by_y, rsa_key(2048).public_key(), aia_url=server.url("X"), now=now)
     with pytest.raises(AiaLoopError, match="loop"):
         AkChainCompleter(known_ca_pems=(), limits=FAST).complete([pem(leaf)])
 
@@ -187,7 +187,7 @@ def test_non_certificate_response_is_refused(server: AiaServer) -> None:
 def test_only_http_and_https_are_fetched() -> None:
     now = datetime.now(UTC)
     root = azure_like_root(not_before=now, not_after=now)
-    leaf = ak_certificate(root, rsa_key(2048), aia_url="file:///etc/passwd", now=now)
+    leaf = ak_certificate(root, rsa_key(2048).public_key(), aia_url="file:///etc/passwd", now=now)
     with pytest.raises(AiaResponseError, match="only http and https"):
         AkChainCompleter(known_ca_pems=(), limits=FAST).complete([pem(leaf)])
 

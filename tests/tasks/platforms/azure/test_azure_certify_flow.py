@@ -21,6 +21,10 @@ creations, then the deletions of everything tagged with the run; the outputs and
 log were downloaded; a machine-in-the-middle on the agent's port and a boot of another kernel
 command line both stop the run before ``start-run`` (nothing of the run reaches PCR 14) and the
 VM is still deleted; a failing training still deletes the VM after downloading its outputs.
+Azure as it really behaves (issue 17): a VM whose guest sees a zero-byte boot log (Trusted
+Launch) and whose AK certificate is issued by the "CA - 11" -> "CA 2025" hierarchy, whose
+intermediates only AIA URLs (a local http server) give, is certified: the orchestrator
+completes the chain and the boot is judged by the PCR values ``record-azure`` recorded.
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ import os
 import secrets
 import subprocess
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from prefect.client.orchestration import get_client
 from prefect.states import State
 
@@ -77,11 +83,14 @@ from tests.tasks.platforms.azure.fake_arm import (
 from tests.tasks.platforms.azure.guest import (
     REFERENCE_ID,
     AzureLikeCa,
+    IssuingCa,
     azure_like_ca,
     boot_log,
     dress_as_azure_vtpm,
     replay_boot_log,
+    tpm2,
 )
+from tests.tasks.platforms.azure.hierarchies import CA11, CA2025, AiaCa, aia_server, cert_path
 from tests.tasks.platforms.azure.vm_double import AzureVmHost, BootedVm, VmImage
 
 pytestmark = [pytest.mark.swtpm, pytest.mark.docker, pytest.mark.slow]
@@ -126,6 +135,9 @@ class Published:
     reference_values: Path
     reference: AzureReferenceValueSet
     root_pem: Path
+    # The same set with the reference boot's PCR values recorded (record-azure): what judges
+    # a boot whose event log is empty.
+    logless_reference_values: Path
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +150,10 @@ def published(tmp_path_factory: pytest.TempPathFactory, ca: AzureLikeCa) -> Publ
     try:
         chain = dress_as_azure_vtpm(swtpm.tcti, workdir, ca)
         replay_boot_log(swtpm.tcti, boot_log(), workdir / "tools")
+        # PCR 0-9 and 14 before any agent ran: what record-azure records for log-less boots.
+        (workdir / "pcrs-0-9-14.txt").write_text(
+            tpm2(swtpm.tcti, "tpm2_pcrread", "sha256:0,1,2,3,4,5,6,7,8,9,14", cwd=workdir)
+        )
         (workdir / "binary_bios_measurements").write_bytes(boot_log())
         nonce = secrets.token_hex(32)
         subprocess.run(
@@ -176,10 +192,21 @@ def published(tmp_path_factory: pytest.TempPathFactory, ca: AzureLikeCa) -> Publ
         ]
     )  # fmt: skip
     assert status == 0
-    return Published(output, load_reference_values(output, platform="azure"), root_pem)
+    logless = workdir / "reference-values-logless.json"
+    status = reference_values_main(
+        [
+            "record-azure",
+            "--pcrs", str(workdir / "pcrs-0-9-14.txt"),
+            "--vm-family", "Standard_DSv5",
+            "--reference-values", str(output),
+            "--output", str(logless),
+        ]
+    )  # fmt: skip
+    assert status == 0
+    return Published(output, load_reference_values(output, platform="azure"), root_pem, logless)
 
 
-def trust_the_test_azure(monkeypatch: pytest.MonkeyPatch, ca: AzureLikeCa) -> None:
+def trust_the_test_azure(monkeypatch: pytest.MonkeyPatch, ca: IssuingCa) -> None:
     """The two things a real Azure run gets from outside: a token for ARM (here FakeArm's), and
     Microsoft's vTPM root (here the generated root, trusted on purpose as the provider allows)."""
     monkeypatch.setattr(arm, "default_credential", lambda: StaticTokenCredential())
@@ -231,7 +258,7 @@ class AzureFlowRun:
 
 def certify_on_fake_azure(
     root: Path,
-    ca: AzureLikeCa,
+    ca: IssuingCa,
     published: Published,
     *,
     image: VmImage,
@@ -255,7 +282,15 @@ def certify_on_fake_azure(
             image_id=TEST_IMAGE_ID,
             orchestrator_cidr=TEST_ORCHESTRATOR,
             ssh_public_key=TEST_SSH_KEY,
-            reference_values=(str(published.reference_values) if with_reference_values else None),
+            reference_values=(
+                str(
+                    published.reference_values
+                    if image.log_handed_over
+                    else published.logless_reference_values
+                )
+                if with_reference_values
+                else None
+            ),
             arm_endpoint=fake.url,
             agent_port=host.port,
             agent_start_timeout_seconds=120,
@@ -473,7 +508,7 @@ def test_a_failing_training_still_deletes_the_vm_after_downloading_its_files(
     run = failed_training
     assert run.state.is_failed()
     assert "exited with code 1" in str(run.state.message)
-    assert run.task_states[f"run-training-{run.project}"] == "FAILED"
+    assert run.task_states["run-training"] == "FAILED"
     assert [run.task_states[name] for name in run.task_ran("collect-outputs")] == ["COMPLETED"]
     assert run.task_ran("quote") == []
     workspace = run.home / "runs" / run.run_id / "workspace"
@@ -514,3 +549,64 @@ def test_without_reference_values_the_certificate_is_refused(unreferenced: Azure
     certificate = aicert.load(run.home / "runs" / run.run_id / "certificate.json")
     assert certificate.platform.reference_values is None
     assert_everything_deleted(run)
+
+
+# -- Azure as it really behaves: an empty boot log, an AK chain completed through AIA -----------
+
+
+@pytest.fixture(scope="module")
+def aia_ca() -> Iterator[AiaCa]:
+    """The "Azure Cloud Virtual TPM CA - 11" -> "CA 2025" -> root hierarchy, its
+    intermediates served over http at the AIA URLs of the certificates."""
+    with aia_server() as server:
+        yield AiaCa(server)
+
+
+@pytest.fixture(scope="module")
+def logless(
+    tmp_path_factory: pytest.TempPathFactory,
+    prefect_api_url: str,
+    base_image: str,
+    aia_ca: AiaCa,
+    published: Published,
+) -> AzureFlowRun:
+    return certify_on_fake_azure(
+        tmp_path_factory.mktemp("logless"),
+        aia_ca,
+        published,
+        image=VmImage(boot_log(), log_handed_over=False),
+    )
+
+
+def test_a_trusted_launch_vm_without_a_log_and_with_an_aia_chain_is_certified(
+    logless: AzureFlowRun, aia_ca: AiaCa, published: Published
+) -> None:
+    """The VM hands the guest a zero-byte log and its image ships no intermediate: the
+    orchestrator fetched CA-11 and CA 2025 through AIA, put the whole chain into the
+    certificate, and the boot was judged by the PCR values recorded from the reference boot
+    (PCR 14 starting at shim's MOK measurements, as recorded)."""
+    assert logless.state.is_completed(), logless.state.message
+    assert cert_path(CA11) in aia_ca.server.requests
+    assert cert_path(CA2025) in aia_ca.server.requests
+    certificate = aicert.load(logless.result["certificate"]["path"])
+    assert certificate.boot_event_log == b""
+    subjects = [
+        x509.load_pem_x509_certificate(pem.encode()).subject.rfc4514_string()
+        for pem in certificate.attestation.ak.certificate_chain
+    ]
+    assert subjects[1:] == [
+        f"CN={CA11}",
+        f"CN={CA2025}",
+        aia_ca.root.certificate.subject.rfc4514_string(),
+    ]
+    reference = load_reference_values(published.logless_reference_values, platform="azure")
+    report = certificate.verify(trusted_roots=[aia_ca.root.pem], reference_values=reference)
+    assert report.boot_chain_attested is True
+    assert report.platform_note.startswith(
+        "boot chain checked by PCR values, not by a replayed log"
+    )
+    assert int(certificate.attestation.quote.pcrs["14"], 16) != 0
+    assert_everything_deleted(logless)
+    # Without the recorded boots, the same certificate cannot be judged.
+    with pytest.raises(PlatformError, match="record no PCR values for such boots"):
+        certificate.verify(trusted_roots=[aia_ca.root.pem], reference_values=published.reference)

@@ -2,8 +2,11 @@
 (a swtpm dressed as an Azure vTPM, PCR 0-9 extended with a real boot event log, the real guest
 agent with ``--tls``), and its deletion stops it, as deleting an Azure VM does.
 
-``VmImage`` says what the VMs boot: the boot event log their "firmware" measures, and whether
-a machine-in-the-middle (``TlsInterceptor``) sits between the VM's public port and its agent.
+``VmImage`` says what the VMs boot: the boot event log their "firmware" measures, whether the
+guest is handed that log or zero bytes (Trusted Launch), and whether a machine-in-the-middle
+(``TlsInterceptor``) sits between the VM's public port and its agent. The CA that issues the
+VMs' AK certificates may be the CA-03 shape (``guest.AzureLikeCa``) or an AIA hierarchy
+(``hierarchies.AiaCa``, intermediates served over http).
 Every VM answers on the host's one public port (FakeArm's public IP address is 127.0.0.1).
 """
 
@@ -24,7 +27,7 @@ from aicert.guest_runtime.run_state import training_image_tag
 from aicert.tasks.platforms.azure import AICERT_RUN_TAG
 from aicert.tasks.platforms.local.provider import run_container_filters
 from tests.tasks.platforms.azure.guest import (
-    AzureLikeCa,
+    IssuingCa,
     LocalAgent,
     free_port,
     start_local_azure_vm,
@@ -36,6 +39,9 @@ from tests.tasks.platforms.azure.guest import (
 class VmImage:
     boot_event_log: bytes  # what firmware, boot loader and kernel measured into PCR 0-9
     intercept_channel: bool = False  # a TLS machine-in-the-middle on the public port
+    # False: the PCRs are extended as the log says, but the guest sees a zero-byte log, as
+    # Azure Trusted Launch gives it (the boot is then judged by its PCR values).
+    log_handed_over: bool = True
 
 
 @dataclass
@@ -121,7 +127,7 @@ class AzureVmHost:
     """Pass as ``FakeArm(vm_lifecycle=...)``; ``port`` is the VMs' public agent port (the
     platform's ``agent_port``). ``close`` stops whatever is still running."""
 
-    def __init__(self, workdir: Path, ca: AzureLikeCa, image: VmImage) -> None:
+    def __init__(self, workdir: Path, ca: IssuingCa, image: VmImage) -> None:
         self.workdir = workdir
         self.ca = ca
         self.image = image
@@ -160,6 +166,7 @@ class AzureVmHost:
                 boot_event_log=self.image.boot_event_log,
                 tls=True,
                 port=None if intercept else self.port,
+                log_handed_over=self.image.log_handed_over,
             )
             if intercept:
                 booted.interceptor = TlsInterceptor(self.port, booted.agent.port)
