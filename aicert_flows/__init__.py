@@ -13,8 +13,9 @@ server finds the same blocks through the ``prefect.collections`` entry point, wh
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import TYPE_CHECKING
+
+from aicert.guest_runtime import lazy_exports
 
 if TYPE_CHECKING:
     from aicert.flows.azure_platform import AzurePlatform
@@ -42,8 +43,6 @@ _EXPORTS = {
     "QemuPlatform": "blocks",
     "AzurePlatform": "azure_platform",
 }
-# Names whose module needs an optional extra (prefect-azure): left out of dir() without it.
-_OPTIONAL = {"AzurePlatform"}
 
 __all__ = [
     "CERTIFICATE_CREATED",
@@ -61,29 +60,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    try:
-        return getattr(import_module(f"{__name__}.{module}"), name)
-    except ModuleNotFoundError as missing:
-        if name not in _OPTIONAL:
-            raise
-        # AttributeError, so that inspect.getmembers (prefect block register) skips it.
-        raise AttributeError(
-            f"{__name__}.{name} needs the azure extra (pip install 'aicert[azure]'): {missing}"
-        ) from missing
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *(name for name in _EXPORTS if _available(name))})
-
-
-def _available(name: str) -> bool:
-    """Whether a name's module can be imported (an optional extra may be missing)."""
-    if name not in _OPTIONAL:
-        return True
-    from importlib.util import find_spec
-
-    return find_spec("prefect_azure") is not None
+# AzurePlatform needs the azure extra (prefect-azure): left out of dir() without it.
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, optional={"AzurePlatform": "prefect_azure"})

@@ -16,25 +16,13 @@ docs/exports.md describes both formats field by field.
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import TYPE_CHECKING
+
+from aicert.exports.verified import VerifiedCertificate
 
 if TYPE_CHECKING:
     from aicert.exports.cli import ExportFormat, export_document
     from aicert.exports.cyclonedx import CycloneDxExportError, bom_json, build_bom
-    from aicert.exports.verified import VerifiedCertificate
-
-# Public name -> its module. Imported on first access (PEP 562): every ``aicert`` command
-# loads ``aicert.exports.cli`` through the ``aicert.cli`` entry point, and the CycloneDX
-# library takes a while to import.
-_EXPORTS = {
-    "VerifiedCertificate": "verified",
-    "build_bom": "cyclonedx",
-    "bom_json": "cyclonedx",
-    "CycloneDxExportError": "cyclonedx",
-    "ExportFormat": "cli",
-    "export_document": "cli",
-}
 
 __all__ = [
     "CycloneDxExportError",
@@ -45,13 +33,24 @@ __all__ = [
     "export_document",
 ]
 
+# Imported on first access (PEP 562): the CycloneDX library takes a while to import, and the
+# command module needs Typer. (This part may import only the verifier, so it does not share
+# aicert.guest_runtime.lazy_exports with the others.)
+_CYCLONEDX = {"CycloneDxExportError", "bom_json", "build_bom"}
+_COMMAND = {"ExportFormat", "export_document"}
+
 
 def __getattr__(name: str) -> object:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f"{__name__}.{module}"), name)
+    if name in _CYCLONEDX:
+        from aicert.exports import cyclonedx
+
+        return getattr(cyclonedx, name)
+    if name in _COMMAND:
+        from aicert.exports import cli
+
+        return getattr(cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+    return sorted({*globals(), *__all__})

@@ -6,8 +6,31 @@ The tasks are imported on first access (PEP 562), so that importing the Prefect-
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING
+
+from aicert.guest_runtime import lazy_exports
+
+if TYPE_CHECKING:
+    from aicert.tasks.certification import (
+        MachineFailed,
+        TrainingFailed,
+        attest_machine_before_run,
+        build_image,
+        check_tpm,
+        collect_outputs,
+        collect_quote,
+        establish_attestation_key,
+        load_run_config,
+        measure_inputs,
+        measure_outputs,
+        provision_machine,
+        run_training,
+        stage_inputs,
+        start_run,
+        teardown_machine,
+        wait_for_agent,
+    )
+    from aicert.tasks.verification import verify_certificate
 
 _EXPORTS = {
     "MachineFailed": "certification",
@@ -31,17 +54,25 @@ _EXPORTS = {
 }
 
 
-# Any: the names are tasks of several signatures and exception classes; a type checker
-# resolving ``from aicert.tasks import x`` through this hook should not narrow them.
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f"{__name__}.{module}"), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
-
-
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "MachineFailed",
+    "TrainingFailed",
+    "attest_machine_before_run",
+    "build_image",
+    "check_tpm",
+    "collect_outputs",
+    "collect_quote",
+    "establish_attestation_key",
+    "load_run_config",
+    "measure_inputs",
+    "measure_outputs",
+    "provision_machine",
+    "run_training",
+    "stage_inputs",
+    "start_run",
+    "teardown_machine",
+    "verify_certificate",
+    "wait_for_agent",
+]

@@ -28,7 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,22 +143,35 @@ def user_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UserFolder
         rig.close()
 
 
-def _copy(user: UserFolder, target: Path) -> Path:
-    shutil.copytree(user.folder, target)
-    return target
-
-
-def _run(
-    command: list[str], cwd: Path, prefect_api_url: str, home: Path
+def _run_in_copy(
+    user: UserFolder,
+    target: Path,
+    snippet: Snippet,
+    command: list[str],
+    prefect_api_url: str,
+    change: Callable[[Path], None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` (``{file}`` is the snippet's file) in a copy of the user's folder,
+    changed first by ``change``, with the session's Prefect server and a fresh AICERT_HOME."""
+    folder = shutil.copytree(user.folder, target / "user")
+    file_name = "test_snippet.py" if snippet.kind == "pytest" else "snippet.py"
+    (folder / file_name).write_text(snippet.code)
+    if change is not None:
+        change(folder)
     env = {
         **os.environ,
         "PREFECT_API_URL": prefect_api_url,
-        "AICERT_HOME": str(home),
+        "AICERT_HOME": str(target / "home"),
         "PYTHONPATH": "",  # the snippet sees the installed aicert, as a user does
     }
     return subprocess.run(
-        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False
+        [part.replace("{file}", file_name) for part in command],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
 
 
@@ -166,23 +179,25 @@ def _run(
 def test_script_snippets_run_as_written(
     snippet: Snippet, user_folder: UserFolder, prefect_api_url: str, tmp_path: Path
 ) -> None:
-    folder = _copy(user_folder, tmp_path / "ok")
-    (folder / "snippet.py").write_text(snippet.code)
-    done = _run([sys.executable, "snippet.py"], folder, prefect_api_url, tmp_path / "home")
+    script = [sys.executable, "{file}"]
+    done = _run_in_copy(user_folder, tmp_path / "ok", snippet, script, prefect_api_url)
     assert done.returncode == 0, f"{snippet.name}:\n{snippet.code}\n{done.stdout}{done.stderr}"
+    if '"proof.json"' not in snippet.code:
+        return
 
     # The same snippet where the trust root or the model is not the certified one must fail.
-    if '"proof.json"' in snippet.code:
-        doubtful = _copy(user_folder, tmp_path / "doubtful")
-        (doubtful / "snippet.py").write_text(snippet.code)
+    def doubt(folder: Path) -> None:
         if '"outputs"' in snippet.code:
             first = sorted(user_folder.model_files)[0]
-            (doubtful / "outputs" / first).write_bytes(b"not the certified model")
+            (folder / "outputs" / first).write_bytes(b"not the certified model")
         else:
-            shutil.copy(OTHER_CA, doubtful / "platform-ca.pem")
-        refused = _run([sys.executable, "snippet.py"], doubtful, prefect_api_url, tmp_path / "h2")
-        assert refused.returncode != 0, f"{snippet.name} accepted what it should refuse"
-        assert "Error" in refused.stderr
+            shutil.copy(OTHER_CA, folder / "platform-ca.pem")
+
+    refused = _run_in_copy(
+        user_folder, tmp_path / "doubt", snippet, script, prefect_api_url, change=doubt
+    )
+    assert refused.returncode != 0, f"{snippet.name} accepted what it should refuse"
+    assert "Error" in refused.stderr
 
 
 @pytest.mark.slow
@@ -190,14 +205,8 @@ def test_script_snippets_run_as_written(
 def test_pytest_snippets_pass(
     snippet: Snippet, user_folder: UserFolder, prefect_api_url: str, tmp_path: Path
 ) -> None:
-    folder = _copy(user_folder, tmp_path / "user")
-    (folder / "test_snippet.py").write_text(snippet.code)
-    done = _run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_snippet.py"],
-        folder,
-        prefect_api_url,
-        tmp_path / "home",
-    )
+    pytest_command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "{file}"]
+    done = _run_in_copy(user_folder, tmp_path, snippet, pytest_command, prefect_api_url)
     tests = len(re.findall(r"^def test_", snippet.code, re.M))
     assert done.returncode == 0, f"{snippet.name}:\n{done.stdout}{done.stderr}"
     assert f"{tests} passed" in done.stdout, done.stdout

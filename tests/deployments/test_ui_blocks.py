@@ -20,7 +20,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from websockets.sync.client import ClientConnection
 
@@ -113,14 +112,8 @@ def _block_id(stack: Stack, slug: str, name: str) -> str:
         return str(client.read_block_document_by_name(name, block_type_slug=slug).id)
 
 
-@pytest.fixture
-def output_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "ui"
-    folder.mkdir()
-    return folder
-
-
-def test_a_block_page_shows_the_snippet_and_the_logo(sqlite_stack: Stack, output_dir: Path) -> None:
+def test_a_block_page_shows_the_snippet_and_the_logo(sqlite_stack: Stack, tmp_path: Path) -> None:
+    output_dir = tmp_path  # screenshots (copied to $AICERT_TEST_ARTIFACTS when set)
     config_name, platform_name = _save_blocks(sqlite_stack)
     pages = {
         (AicertRunConfig, config_name): _block_id(sqlite_stack, "aicert-run-config", config_name),
