@@ -175,3 +175,17 @@ def test_the_blocks_link_to_pages_and_logos_the_site_has(site: Path) -> None:
         assert f'id="{anchor}"' in html, f"{block.__name__}: no #{anchor} on {page}"
         logo = site / str(block._logo_url).removeprefix(DOCUMENTATION_URL)
         assert logo.read_bytes().startswith(b"<svg"), f"{block.__name__}: {logo} not built"
+
+
+def test_the_readme_links_into_the_site_reach_built_pages(site: Path) -> None:
+    # The README links to the published site by absolute address (PyPI shows it without the
+    # repository): each address must be a page of this build.
+    from aicert.flows.blocks import DOCUMENTATION_URL
+
+    links = re.findall(
+        rf"\]\(({re.escape(DOCUMENTATION_URL)}[^)#\s]*)", (ROOT / "README.md").read_text()
+    )
+    assert len(links) >= 4, links
+    for link in links:
+        page = link.removeprefix(DOCUMENTATION_URL)
+        assert (site / page / "index.html").is_file(), f"README links to {link}: not built"
