@@ -75,8 +75,9 @@ class CertificateLocation:
         return self.storage_url, f"certificate.json in local result storage ({self.sha256[:12]})"
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+def _inline(text: str) -> str:
+    """``text`` inside a Markdown list item's bold: no line break, no emphasis marker."""
+    return text.replace("*", "\\*").replace("|", "\\|").replace("\n", " ")
 
 
 def input_label(item: InputRecord) -> str:
@@ -93,17 +94,18 @@ def _hash(value: str) -> str:
 
 
 def _size(size: int | None) -> str:
-    return "" if size is None else f"{size:,} B"
+    return "" if size is None else f" ({size:,} B)"
 
 
 def _platform_lines(report: VerificationReport) -> list[str]:
     if report.boot_chain_attested:
         return [f"- **Platform**: {report.platform}, boot chain attested"]
+    # One paragraph: Prefect's Markdown renders each line of a quote on its own line, and
+    # knows no GitHub "[!WARNING]" alerts.
     return [
-        "> [!WARNING]",
-        f"> **Development platform ({report.platform})**: no firmware, boot chain or OS was",
-        "> attested. This certificate verifies only with `allow_dev_platform=True`; do not",
-        "> treat it as evidence of where the model was trained.",
+        f"> ⚠️ **Development platform ({report.platform}): no firmware, boot chain or OS was "
+        "attested.** This certificate verifies only with `allow_dev_platform=True`; do not "
+        "treat it as evidence of where the model was trained."
     ]
 
 
@@ -130,17 +132,16 @@ def certificate_markdown(report: VerificationReport, location: CertificateLocati
         "",
         "## Inputs (PCR 14)",
         "",
-        "| kind | input | size | SHA-256 |",
-        "|---|---|---|---|",
     ]
+    # Lists, not tables: a table as wide as its longest path clips its last column.
     lines += [
-        f"| {item.kind} | {_cell(input_label(item))} | {_size(item.size)} | "
-        f"{_hash(item.digest['sha256'])} |"
+        f"- {item.kind} **{_inline(input_label(item))}**{_size(item.size)}: "
+        f"{_hash(item.digest['sha256'])}"
         for item in report.inputs
     ]
-    lines += ["", "## Outputs (PCR 15)", "", "| file | size | SHA-256 |", "|---|---|---|"]
+    lines += ["", "## Outputs (PCR 15)", ""]
     lines += [
-        f"| {_cell(output.path)} | {_size(output.size)} | {_hash(output.digest['sha256'])} |"
+        f"- **{_inline(output.path)}**{_size(output.size)}: {_hash(output.digest['sha256'])}"
         for output in report.outputs
     ]
     lines += ["", "## Verified", ""]

@@ -88,6 +88,7 @@ from aicert.tasks.platforms import get_provider
 from aicert.tasks.platforms.attestation import MachineAttestation
 from aicert.tasks.platforms.base import EnrolledKey, Machine, Provider
 from aicert.tasks.task_factory import raise_if_cancelled
+from aicert.tasks.verification import CertificateVerification
 
 __all__ = [
     "CERTIFICATE_CREATED",
@@ -237,14 +238,14 @@ class CertificationResult(BaseModel):
         project: The training project.
         certificate: Where the certificate was published.
         workspace: The folder on this host with the run's outputs and logs.
-        report: The verification report (``VerificationReport.to_dict()``).
+        report: The verification report.
     """
 
     run_id: str
     project: str
     certificate: PublishedCertificate
     workspace: str
-    report: dict[str, object]
+    report: CertificateVerification
 
 
 def _start_record(platform: Provider, run_id: str, project: str) -> ActiveRun:
@@ -350,7 +351,7 @@ def _certify(
     project: str,
     local_outputs: Path,
     output_bom: str | None,
-) -> tuple[dict[str, object], PublishedCertificate]:
+) -> tuple[CertificateVerification, PublishedCertificate]:
     """Assemble the certificate, verify it, publish it, and create the flow-run artifacts.
     Returns the verification report and where the certificate was published."""
     certificate_path = assemble_and_write(
@@ -445,7 +446,7 @@ def _run_on_machine(
     config: RunConfig,
     output_bom: str | None,
     early_teardown: list[PrefectFuture[None]],
-) -> tuple[dict[str, object], PublishedCertificate, Path]:
+) -> tuple[CertificateVerification, PublishedCertificate, Path]:
     """Everything between provisioning and publishing. Once the machine has done its part
     its teardown is submitted (into ``early_teardown``, which the caller's ``finally`` waits
     for). Returns the report, the published certificate and the folder of the run's outputs
@@ -546,11 +547,10 @@ def certify_training(
         destination = Path(outputs_dir).resolve()
         shutil.copytree(local_outputs / "outputs", destination, dirs_exist_ok=True)
         logger.info("outputs copied to %s", destination)
-    checks = report.get("checks")
     logger.info(
         "run %s certified and verified (%d checks passed): %s",
         run_id,
-        len(checks) if isinstance(checks, list) else 0,
+        len(report.checks),
         published.path,
     )
     return CertificationResult(

@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,6 +41,7 @@ from aicert.reference_values import load_reference_values
 from aicert.tasks import verify_certificate
 from aicert.tasks.platforms.settings import aicert_home
 from aicert.tasks.task_factory import aicert_task
+from aicert.tasks.verification import CertificateVerification
 
 __all__ = ["MODEL_PROMOTED", "MODEL_REJECTED", "verify_and_promote"]
 
@@ -177,7 +177,7 @@ def stage_model(staging: str, outputs_path: str) -> str:
 
 
 @aicert_task("publish-model")
-def publish_model(staging: str, destination: str, report: dict[str, Any]) -> str:
+def publish_model(staging: str, destination: str, report: CertificateVerification) -> str:
     """Rename the verified staging folder to its registry place, atomically."""
     staged = Path(staging)
     target = Path(destination)
@@ -194,15 +194,15 @@ def publish_model(staging: str, destination: str, report: dict[str, Any]) -> str
         staged_digest = hashlib.sha256((staged / CERTIFICATE_FILE).read_bytes()).hexdigest()
         if existing != staged_digest:
             raise RegistryConflictError(
-                f"{target} already holds run {report['run_id']} with another certificate "
+                f"{target} already holds run {report.run_id} with another certificate "
                 f"(SHA-256 {existing})"
             ) from None
         get_run_logger().info("%s was already promoted with this certificate", target)
     return str(target)
 
 
-def _report_json(report: Mapping[str, Any]) -> bytes:
-    return (json.dumps(report, indent=2, sort_keys=True) + "\n").encode()
+def _report_json(report: CertificateVerification) -> bytes:
+    return (json.dumps(report.model_dump(mode="json"), indent=2, sort_keys=True) + "\n").encode()
 
 
 def _emit(event: str, run_id: str | None, project: str | None, payload: dict[str, Any]) -> None:
@@ -247,7 +247,7 @@ def _stage_and_verify(
     expected_inputs: dict[str, str] | None,
     allow_dev_platform: bool,
     reference_values: list[str] | None,
-) -> dict[str, Any]:
+) -> CertificateVerification:
     """Stage the certificate and the model, then verify the staged copies (the certificate,
     and the model re-hashed against it); returns the verification report."""
     staging.mkdir(parents=True)
@@ -273,62 +273,63 @@ def _stage_and_verify(
 
 
 def _registry_destination(
-    registry_root: Path, report: Mapping[str, Any], run_id: str | None, project: str | None
+    registry_root: Path,
+    report: CertificateVerification,
+    run_id: str | None,
+    project: str | None,
 ) -> Path:
     """``<registry>/<project>/<run id>`` of the verified certificate; the event's run and
     project, when it names them, must be the certificate's."""
-    if run_id and report["run_id"] != run_id:
+    if run_id and report.run_id != run_id:
         raise RunMismatchError(
-            f"the event names run {run_id}, the certificate is of run {report['run_id']}"
+            f"the event names run {run_id}, the certificate is of run {report.run_id}"
         )
-    if project and report["project"] != project:
+    if project and report.project != project:
         raise RunMismatchError(
-            f"the event names project {project}, the certificate's is {report['project']}"
+            f"the event names project {project}, the certificate's is {report.project}"
         )
     return (
-        registry_root
-        / _safe_name(report["project"], "project")
-        / _safe_name(report["run_id"], "run id")
+        registry_root / _safe_name(report.project, "project") / _safe_name(report.run_id, "run id")
     )
 
 
 def _announce_promotion(
-    report: Mapping[str, Any], published: str, certifying_flow_run_id: str | None
+    report: CertificateVerification, published: str, certifying_flow_run_id: str | None
 ) -> str:
     """Emit ``aicert.model.promoted`` and the promotion artifact; returns the promoted
     certificate's SHA-256."""
     digest = hashlib.sha256((Path(published) / CERTIFICATE_FILE).read_bytes()).hexdigest()
     outputs_list = [
         {"path": o["path"], "size": o["size"], "sha256": o["digest"]["sha256"]}
-        for o in report["outputs"][:MAX_EVENT_OUTPUTS]
+        for o in report.outputs[:MAX_EVENT_OUTPUTS]
     ]
     _emit(
         MODEL_PROMOTED,
-        report["run_id"],
-        report["project"],
+        report.run_id,
+        report.project,
         {
-            "run_id": report["run_id"],
-            "project": report["project"],
+            "run_id": report.run_id,
+            "project": report.project,
             "certificate_sha256": digest,
             "registry_path": published,
             "model_path": str(Path(published) / MODEL_FOLDER),
-            "platform": report["platform"],
-            "outputs_count": len(report["outputs"]),
+            "platform": report.platform,
+            "outputs_count": len(report.outputs),
             "outputs": outputs_list,
             "certifying_flow_run_id": certifying_flow_run_id,
         },
     )
     create_markdown_artifact(
-        key=promotion_artifact_key(report["project"]),
+        key=promotion_artifact_key(report.project),
         markdown=(
-            f"# Promoted `{report['run_id']}`\n\n"
+            f"# Promoted `{report.run_id}`\n\n"
             f"{_certifying_run_line(certifying_flow_run_id)}\n"
             f"- registry folder: `{published}`\n"
             f"- certificate SHA-256: `{digest}`\n"
-            f"- platform: {report['platform']} ({report['platform_note']})\n"
-            f"- {len(report['outputs'])} model file(s) re-hashed against the certificate\n"
+            f"- platform: {report.platform} ({report.platform_note})\n"
+            f"- {len(report.outputs)} model file(s) re-hashed against the certificate\n"
         ),
-        description=f"Model of run {report['run_id']}, verified and promoted",
+        description=f"Model of run {report.run_id}, verified and promoted",
     )
     return digest
 
@@ -427,10 +428,10 @@ def verify_and_promote(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     digest = _announce_promotion(report, published, certifying_flow_run_id)
-    logger.info("promoted run %s to %s", report["run_id"], published)
+    logger.info("promoted run %s to %s", report.run_id, published)
     return {
-        "run_id": report["run_id"],
-        "project": report["project"],
+        "run_id": report.run_id,
+        "project": report.project,
         "registry_path": published,
         "certificate_sha256": digest,
     }

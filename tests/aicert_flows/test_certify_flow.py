@@ -292,12 +292,12 @@ def test_certificate_markdown_shows_full_hashes_the_model_check_and_the_dev_warn
     assert f"`{model_sha[:32]}` `{model_sha[32:]}`" in text  # whole, in two wrappable halves
     verified = text.split("## Verified", 1)[1]
     assert "- **model**: 2 file(s) at" in verified, verified
-    assert "> [!WARNING]" in text and "Development platform (local)" in text
+    assert "> ⚠️ **Development platform (local)" in text
     # The platform's note is said once, under Verified.
     report = certified.result["report"]
     assert text.count(report["platform_note"]) == 1
     # The source is named by its repository, not by the folder it was cloned to.
-    assert f"| source | {certified.repo.resolve()} @ main |" in text
+    assert f"- source **{certified.repo.resolve()} @ main**" in text
 
 
 def test_run_graph_follows_the_steps(certified: CertifiedRun) -> None:

@@ -14,6 +14,7 @@ from urllib.request import url2pathname
 
 import pytest
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 
 import aicert
 from aicert.errors import ArtifactMismatchError, PlatformError
@@ -22,8 +23,10 @@ from aicert.flows.flows import artifact_key
 from aicert.flows.promote import (
     CertificateDigestError,
     RunMismatchError,
+    promotion_artifact_key,
     verify_and_promote,
 )
+from aicert.model import PLATFORM_KINDS
 
 from .conftest import (
     Promotion,
@@ -50,7 +53,7 @@ def test_source_event_runs_certify_training_through_the_worker(promotion: Promot
         assert client.read_deployment(run.deployment_id).name == "certify-training"
         names = task_run_names(client, run.id)
     for step in ("measure-inputs", "run-training", "measure-outputs"):
-        assert f"{step}-{promotion.project}" in names, names
+        assert step in names, names
 
 
 def test_certificate_binds_the_pushed_commit(promotion: Promotion) -> None:
@@ -97,10 +100,44 @@ def test_certificate_created_starts_verify_and_promote(promotion: Promotion) -> 
     for name in ("certificate_path", "storage_url", "certificate_sha256", "run_id", "outputs_path"):
         assert run.parameters[name] == payload[name], name
     assert run.parameters["allow_dev_platform"] is True  # the deployment's own parameter
+    assert run.parameters["certifying_flow_run_id"] == str(promotion.certify_run.id)
     with promotion.stack.client() as client:
         names = task_run_names(client, run.id)
     assert [n for n in names if n.startswith("verify-certificate")], names
     check_promoted(promotion)
+
+
+def test_runs_are_named_and_the_promotion_links_its_certifying_run(promotion: Promotion) -> None:
+    stamp = promotion.run_id.removeprefix(f"{promotion.project}-").rsplit("-", 1)[0]
+    assert promotion.certify_run.name == f"{promotion.project} · {stamp}"
+    assert promotion.promote_run.name == f"promote {promotion.project} · {stamp}"
+    with promotion.stack.client() as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[promotion.promote_run.id])
+            )
+        )
+    (promoted,) = [a for a in artifacts if a.key == promotion_artifact_key(promotion.project)]
+    assert promoted.task_run_id is None  # the flow run's, as the artifacts page shows it
+    assert f"/runs/flow-run/{promotion.certify_run.id})" in str(promoted.data), promoted.data
+
+
+def test_every_aicert_event_of_the_scenario_is_on_the_run_resource(promotion: Promotion) -> None:
+    """One resource-id scheme: the run's events (created, promoted) are all about
+    ``aicert.run.<run id>``, the project a related resource."""
+    with promotion.stack.client() as client:
+        events = client.read_events(
+            EventFilter(
+                event=EventNameFilter(prefix=["aicert."]),
+                related=EventRelatedFilter(
+                    resources_in_roles=[(f"aicert.project.{promotion.project}", "project")]
+                ),
+            ),
+            limit=50,
+        ).events
+    names = sorted(e.event for e in events)
+    assert {"aicert.certificate.created", "aicert.model.promoted"} <= set(names), names
+    assert {e.resource.id for e in events} == {f"aicert.run.{promotion.run_id}"}, names
 
 
 def test_tampered_certificate_is_rejected(promotion: Promotion, tmp_path: Path) -> None:
@@ -117,6 +154,8 @@ def test_prefect_yaml_declares_the_python_deployments(sqlite_stack: Stack) -> No
             assert applied.parameters == expected.parameters
             assert applied.work_pool_name == "aicert"
             assert applied.tags == expected.tags
+            assert applied.global_concurrency_limit is not None, expected.full_name
+            assert applied.global_concurrency_limit.limit == expected.concurrency_limit
             assert [
                 (s.schedule.cron, s.schedule.timezone, s.active)  # type: ignore[union-attr]
                 for s in applied.schedules
@@ -129,6 +168,7 @@ def test_prefect_yaml_declares_the_python_deployments(sqlite_stack: Stack) -> No
             )
             got = {
                 a.name: (
+                    a.description,
                     a.trigger.expect,  # type: ignore[union-attr]
                     a.trigger.match.model_dump(),  # type: ignore[union-attr]
                     a.actions[0].parameters,  # type: ignore[union-attr]
@@ -136,10 +176,45 @@ def test_prefect_yaml_declares_the_python_deployments(sqlite_stack: Stack) -> No
                 for a in automations
             }
             want = {
-                t.name: (t.expect, t.match.model_dump(), t.parameters)  # type: ignore[union-attr]
+                t.name: (
+                    t.description,  # type: ignore[union-attr]
+                    t.expect,  # type: ignore[union-attr]
+                    t.match.model_dump(),  # type: ignore[union-attr]
+                    t.parameters,  # type: ignore[union-attr]
+                )
                 for t in expected.triggers
             }
             assert got == want
+            # The automations page says what fires each one.
+            for automation in automations:
+                assert automation.description.startswith("Fires on each aicert."), automation
+
+
+def test_deployment_parameters_are_typed_and_described(sqlite_stack: Stack) -> None:
+    """The UI's run form: every parameter described (from the Google-style docstring Args),
+    ``provider`` a choice of the platform kinds, the blocks pickable or named."""
+    with sqlite_stack.client() as client:
+        for name in ("certify-training/certify-training", "verify-and-promote/verify-and-promote"):
+            schema = client.read_deployment_by_name(name).parameter_openapi_schema
+            properties = schema["properties"]
+            undescribed = [p for p, spec in properties.items() if not spec.get("description")]
+            assert undescribed == [], (name, undescribed)
+        certify = client.read_deployment_by_name("certify-training/certify-training")
+        properties = certify.parameter_openapi_schema["properties"]
+        definitions = certify.parameter_openapi_schema["definitions"]
+    assert tuple(properties["provider"]["enum"]) == PLATFORM_KINDS
+    config_types = properties["config_block"]["anyOf"]
+    assert {"$ref": "#/definitions/AicertRunConfig"} in config_types
+    assert {"type": "string"} in config_types  # a saved block's name, as triggers pass it
+    assert definitions["AicertRunConfig"]["block_type_slug"] == "aicert-run-config"
+    platform_types = properties["platform_block"]["anyOf"]
+    assert {"type": "string"} in platform_types
+    slugs = {
+        definitions[ref["$ref"].rsplit("/", 1)[1]]["block_type_slug"]
+        for ref in platform_types
+        if "$ref" in ref
+    }
+    assert slugs == {"aicert-local-platform", "aicert-qemu-platform"}
 
 
 # -- refusals, in this process against the stack's server -------------------------------------

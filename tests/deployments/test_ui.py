@@ -1,5 +1,7 @@
 """The Prefect UI, rendered by Debian's headless ``chromium``, shows the certification run:
-its name, its task runs and its certificate artifact.
+its name (``<project> · <stamp>``), its step-named task runs, its artifacts on the flow run
+(the certificate's, the BOM, the link, the exports), and an artifact's page naming the flow
+run rather than "None".
 
 Chromium is driven over the DevTools protocol (``--remote-debugging-port``) because the flow
 run page selects its Task Runs and Artifacts tabs on click only (a ``?tab=`` in the URL is
@@ -23,6 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from websockets.sync.client import ClientConnection, connect
 
 from aicert.flows.flows import artifact_key
@@ -147,6 +150,14 @@ def _keep(path: Path) -> None:
         shutil.copy2(path, Path(target) / path.name)
 
 
+# The artifacts the certification's flow run shows on its Artifacts tab.
+FLOW_RUN_ARTIFACTS = ("certificate", "bom", "certificate-file", "cyclonedx", "slsa")
+
+
+def _stamp(promotion: Promotion) -> str:
+    return promotion.run_id.removeprefix(f"{promotion.project}-").rsplit("-", 1)[0]
+
+
 @pytest.fixture
 def output_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "ui"
@@ -160,6 +171,12 @@ def test_ui_shows_the_certification_run(promotion: Promotion, output_dir: Path) 
     url = f"{promotion.stack.ui_url}/runs/flow-run/{run.id}"
     with promotion.stack.client() as client:
         task_names = task_run_names(client, run.id)
+        artifact = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[artifact_key(project, "certificate")])
+            )
+        )[0]
+    assert artifact.flow_run_id == run.id and artifact.task_run_id is None
     with headless_chromium(output_dir / "profile") as page:
         page.call("Page.enable")
         page.call("Page.navigate", url=url)
@@ -167,22 +184,27 @@ def test_ui_shows_the_certification_run(promotion: Promotion, output_dir: Path) 
         assert "Can't connect to Server API" not in overview
 
         page.click("Task Runs")
-        task_runs = page.wait_for_text(
-            f"measure-inputs-{project}", f"run-training-{project}", f"measure-outputs-{project}"
-        )
+        task_runs = page.wait_for_text("measure-inputs", "run-training", "measure-outputs")
         assert f"{len(task_names)} Task runs" in task_runs, task_runs[:2000]
         shot = page.screenshot(output_dir / f"flow-run-{project}-task-runs.png")
 
         page.click("Artifacts")
         artifacts = page.wait_for_text(
-            artifact_key(project, "certificate"), artifact_key(project, "bom")
+            *(artifact_key(project, kind) for kind in FLOW_RUN_ARTIFACTS)
         )
         artifacts_shot = page.screenshot(output_dir / f"flow-run-{project}-artifacts.png")
 
+        # The certificate artifact's own page names the flow run it belongs to.
+        page.call("Page.navigate", url=f"{promotion.stack.ui_url}/artifacts/artifact/{artifact.id}")
+        artifact_page = page.wait_for_text(run.name, "Development platform (local)")
+        artifact_shot = page.screenshot(output_dir / f"artifact-{project}-certificate.png")
+
     (output_dir / "task-runs.txt").write_text(task_runs)
     (output_dir / "artifacts.txt").write_text(artifacts)
-    assert run.name in task_runs and run.name in artifacts
-    for path in (shot, artifacts_shot):
+    (output_dir / "artifact.txt").write_text(artifact_page)
+    assert run.name == f"{project} · {_stamp(promotion)}"
+    assert run.name in overview and run.name in task_runs and run.name in artifacts
+    for path in (shot, artifacts_shot, artifact_shot):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert path.stat().st_size > 20_000  # a rendered page, not a blank one
         _keep(path)

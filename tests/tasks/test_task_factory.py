@@ -7,12 +7,14 @@ agent never got it, waiting for the agent not once the machine is known dead.
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import pytest
 from prefect import Task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
+from prefect.exceptions import CancelledRun, TerminationSignal
 from prefect.states import Failed
 
 from aicert.tasks import certification, verification
@@ -22,7 +24,12 @@ from aicert.tasks.certification import (
     MachineFailed,
 )
 from aicert.tasks.platforms.agent_client import AgentUnreachableError
-from aicert.tasks.task_factory import RetryPolicy, aicert_task
+from aicert.tasks.task_factory import (
+    CANCELLED_MESSAGE,
+    RetryPolicy,
+    aicert_task,
+    raise_if_cancelled,
+)
 
 # task object -> (name, retries, delays, retry condition); every task run is named after its
 # step (one scheme, see aicert.tasks.task_factory).
@@ -112,3 +119,21 @@ def test_a_pcr_extending_call_is_retried_only_when_the_agent_never_got_it() -> N
 def test_waiting_for_the_agent_is_not_retried_once_the_machine_is_dead() -> None:
     assert _decide(AGENT_START, MachineFailed("swtpm exited")) is False
     assert _decide(AGENT_START, TimeoutError("no answer yet")) is True
+
+
+def test_an_interruption_outside_a_cancellation_stays_a_termination() -> None:
+    """Outside a cancelled flow run, SIGTERM's TerminationSignal goes on (a crash)."""
+
+    @aicert_task("interrupted")
+    def interrupted() -> None:
+        raise TerminationSignal(signal.SIGTERM)
+
+    with pytest.raises(TerminationSignal):
+        interrupted.fn()
+
+
+def test_the_flow_turns_a_cancelled_step_back_into_the_termination_signal() -> None:
+    with pytest.raises(TerminationSignal) as raised:
+        raise_if_cancelled(CancelledRun(CANCELLED_MESSAGE))
+    assert raised.value.signal == signal.SIGTERM
+    raise_if_cancelled(RuntimeError("a failed step"))  # anything else: the caller re-raises
