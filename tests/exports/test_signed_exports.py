@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from cryptography import x509
@@ -221,18 +222,30 @@ def test_a_certificate_without_signed_statements_has_no_signed_export(
     assert not output.exists()
 
 
-def test_the_local_seed_slsa_envelope_verifies(tmp_path: Path) -> None:
-    # The stored local seed: a certificate of the Prefect flow on the local platform.
-    seed = load_seed("local")
+@pytest.mark.parametrize("platform", ["local", "azure"])
+def test_a_seed_slsa_envelope_verifies(platform: Literal["local", "azure"], tmp_path: Path) -> None:
+    # The stored seeds, made by the Prefect flow: local (ECC AK, ECDSA) and the Azure double
+    # (Microsoft-style RSA AK, RSASSA PKCS#1 v1.5).
+    seed = load_seed(platform)
     output = tmp_path / "provenance.intoto.json"
-    result = run_export(
-        seed.folder / "proof.json", "-f", "slsa", "-o", output, *trust_options(seed)
-    )
+    proof = seed.folder / "proof.json"
+    result = run_export(proof, "-f", "slsa", "-o", output, *trust_options(seed))
     assert result.exit_code == 0, result.output
     envelope = Envelope.from_dict(json.loads(output.read_bytes()))
     envelope.verify([sslib_key(seed.certificate)], 1)
     subjects = {s["name"]: s["digest"]["sha256"] for s in json.loads(envelope.payload)["subject"]}
     assert subjects == seed.outputs
+
+
+def test_the_azure_seed_has_no_model_signing_bundle(tmp_path: Path) -> None:
+    seed = load_seed("azure")
+    output = tmp_path / "model.sig"
+    result = run_export(
+        seed.folder / "proof.json", "-f", "model-signing", "-o", output, *trust_options(seed)
+    )
+    assert result.exit_code == 2, result.output
+    assert "no TPM-signed model-signing statement" in result.output.replace("\n", "")
+    assert not output.exists()
 
 
 def test_a_bundle_is_written_only_after_verification(
