@@ -18,7 +18,9 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFil
 
 import aicert
 from aicert.errors import ArtifactMismatchError, PlatformError
+from aicert.flows.blocks import AicertRunConfig
 from aicert.flows.deploy import build_deployments
+from aicert.flows.events import CERTIFICATE_CREATED
 from aicert.flows.flows import artifact_key
 from aicert.flows.promote import (
     CertificateDigestError,
@@ -33,8 +35,11 @@ from .conftest import (
     Stack,
     check_promoted,
     check_tampered_certificate_rejected,
+    make_project,
     registry_snapshot,
     task_run_names,
+    wait_for_event,
+    wait_until_final,
 )
 
 
@@ -309,3 +314,31 @@ def test_storage_url_alone_promotes_and_promoting_twice_is_idempotent(
     second = promote(certificate_path="/nonexistent/certificate.json")
     assert second == first
     assert _published(registry) == published
+
+
+def test_config_block_parameter_takes_a_picked_block_or_a_saved_name(
+    sqlite_stack: Stack, tmp_path: Path
+) -> None:
+    """``config_block`` is block-typed: the UI's block picker sends a ``$ref`` to the block
+    document, an automation or a script sends the saved block's name; a deployment run
+    certifies from either."""
+    started = []
+    with sqlite_stack.client() as client:  # blocks are saved on the stack's server too
+        deployment = client.read_deployment_by_name("certify-training/certify-training")
+        for how in ("ref", "name"):
+            project, _, config = make_project(tmp_path, f"block-{how}")
+            name = f"{project}-config"
+            block_id = AicertRunConfig(
+                config_yaml=config.read_text(), base_dir=str(config.parent)
+            ).save(name)
+            value: object = {"$ref": {"block_document_id": str(block_id)}} if how == "ref" else name
+            run = client.create_flow_run_from_deployment(
+                deployment.id, parameters={"config_path": None, "config_block": value}
+            )
+            started.append((project, run.id))
+        for project, run_id in started:
+            final = wait_until_final(client, run_id)
+            assert final.state is not None and final.state.is_completed(), final.state
+            assert final.name.startswith(f"{project} · "), final.name
+            created = wait_for_event(client, CERTIFICATE_CREATED, project=project)
+            assert created.resource.id == f"aicert.run.{created.payload['run_id']}"
