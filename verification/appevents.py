@@ -160,6 +160,22 @@ class ResourceEvent(EventData):
     size: Annotated[int, Field(ge=0)]
 
 
+class CertifiedResourceEvent(ResourceEvent):
+    """A resource that is an output of an earlier certificate (``certifiedBy``): the same
+    facts as ``aicert.input.resource`` plus the link a verifier follows to that parent.
+
+    ``certificate_sha256`` is ``aicert.lineage.certificate_sha256`` of the parent (RFC 8785
+    SHA-256 of its JSON), ``run_id`` its run, ``output`` the output path whose digest is
+    ``sha256``. The orchestrator verified the parent before the run; the agent, which holds
+    no trust policy, binds the link here so that every later verifier can check it again.
+    """
+
+    TYPE = "aicert.input.certified-resource"
+    certificate_sha256: Sha256Hex
+    run_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")]
+    output: RelativePath
+
+
 class PackageEvent(EventData):
     TYPE = "aicert.input.package"
     PCR = INPUTS_PCR
@@ -227,6 +243,7 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         ImageEvent,
         SourceEvent,
         ResourceEvent,
+        CertifiedResourceEvent,
         PackageEvent,
         OutputFileEvent,
         ResultEvent,
@@ -487,6 +504,7 @@ def interpret(events: Sequence[AppEvent]) -> MeasuredRun:
         ImageEvent: 3,
         SourceEvent: 4,
         ResourceEvent: 5,
+        CertifiedResourceEvent: 5,  # one resource list, each certified or not, config order
         PackageEvent: 6,
     }
     leading = 1 if parsed_inputs and isinstance(parsed_inputs[0], ChannelKeyEvent) else 0

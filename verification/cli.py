@@ -21,6 +21,7 @@ from rich.table import Table
 
 import aicert
 from aicert.errors import MalformedCertificateError, PlatformError, VerificationError
+from aicert.lineage import lineage_rows
 from aicert.reference_value_sets import PlatformReferenceValues, load_reference_values
 from aicert.reference_values_cli import app as reference_values_app
 from aicert.verify import load_trust_roots
@@ -106,6 +107,23 @@ def _io_table(report: aicert.VerificationReport) -> Table:
     return table
 
 
+def _lineage_table(report: aicert.VerificationReport) -> Table:
+    """The lineage as a tree: each certified input, then its parent's own certified inputs."""
+    table = Table(title="Lineage (certified inputs and the certificates that produced them)")
+    for column in ("input", "from run", "output", "sha256", "parent"):
+        table.add_column(column, overflow="fold")
+    for depth, link in lineage_rows(report.lineage):
+        status = "[green]verified[/green]" if link.verified else "[yellow]unverified[/yellow]"
+        table.add_row(
+            "  " * depth + ("└ " if depth else "") + link.destination,
+            link.run_id,
+            link.output,
+            _short(link.sha256),
+            status,
+        )
+    return table
+
+
 @app.command()
 def verify(
     certificate: Annotated[Path, typer.Argument(help="The certificate (proof) JSON file.")],
@@ -120,6 +138,16 @@ def verify(
     allow_dev_platform: AllowDevPlatformOption = False,
     reference_values: ReferenceValuesOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    parent: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--parent",
+            help="A parent certificate of a certified input (any depth of the lineage).",
+        ),
+    ] = None,
+    require_lineage: Annotated[
+        bool, typer.Option(help="Fail when a certified input's parent is not supplied.")
+    ] = False,
 ) -> None:
     """Verify a certificate offline; exit 0 only when every check passed."""
     expected: dict[str, str] = {}
@@ -137,6 +165,8 @@ def verify(
             expected_inputs=expected or None,
             allow_dev_platform=allow_dev_platform,
             model=model,
+            parents=parent or [],
+            require_lineage=require_lineage,
         )
     except MalformedCertificateError as exc:
         fail(exc, as_json, code=2)
@@ -152,6 +182,8 @@ def verify(
         else:
             console.print(f"  [green]✓[/green] {check.name}: {check.detail}")
     console.print(_io_table(report))
+    if report.lineage:
+        console.print(_lineage_table(report))
 
 
 def fail(exc: Exception, as_json: bool, code: int) -> NoReturn:

@@ -104,3 +104,40 @@ class StatementContentError(VerificationError):
 
 class StatementSignatureError(VerificationError):
     """A signed statement's DSSE signature does not verify with the certified AK."""
+
+
+class LineageError(VerificationError):
+    """A lineage link (a certified input's ``certifiedBy``) does not hold; each cause below
+    is its own subclass, and every message names the link (the input's destination)."""
+
+
+class LineageMissingParentError(LineageError):
+    """``require_lineage``: a link's parent certificate was not supplied, so the link is
+    unverified."""
+
+
+class LineageCertificateDigestError(LineageError):
+    """A supplied parent has the link's run id but not the certificate SHA-256 the child
+    bound (an edited or different certificate of that run)."""
+
+
+class LineageParentError(LineageError):
+    """A parent certificate does not verify with the child's trust policy (its own
+    ``VerificationError`` is the ``__cause__``)."""
+
+
+class LineageOutputError(LineageError):
+    """The parent does not certify the linked output path, or certifies it with another
+    digest than the file the child measured."""
+
+
+class LineageCycleError(LineageError):
+    """A certificate is its own ancestor."""
+
+
+class LineageDepthError(LineageError):
+    """The lineage is deeper than ``aicert.lineage.MAX_LINEAGE_DEPTH`` links."""
+
+
+class LineageUnusedParentError(LineageError):
+    """A supplied parent is the parent of no link (the wrong parent was given)."""

@@ -338,6 +338,8 @@ class Certificate(_Strict):
         allow_dev_platform: bool = False,
         model: str | os.PathLike[str] | None = None,
         reference_values: PlatformReferenceValues | Iterable[PlatformReferenceValues] | None = None,
+        parents: Iterable[Certificate | str | os.PathLike[str]] = (),
+        require_lineage: bool = False,
     ) -> VerificationReport:
         """Verify this certificate: ``aicert.verify.verify_certificate`` (same arguments)."""
         from aicert.verify import verify_certificate
@@ -350,6 +352,8 @@ class Certificate(_Strict):
             allow_dev_platform=allow_dev_platform,
             model=model,
             reference_values=reference_values,
+            parents=parents,
+            require_lineage=require_lineage,
         )
 
     def verify_artifact(self, path: str | os.PathLike[str]) -> int:

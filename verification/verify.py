@@ -52,6 +52,13 @@ from aicert.errors import (
 from aicert.hashing import UnsafePathError, hash_tree, sha256_file
 from aicert.model import Certificate, InputRecord, OutputRecord, check_time
 from aicert.quote import verify_quote
+from aicert.lineage import (
+    LineageLink,
+    ParentCertificate,
+    follow_lineage,
+    load_parents,
+    measured_links,
+)
 from aicert.reference_value_sets import REFERENCE_VALUE_SET_TYPES, PlatformReferenceValues
 from aicert.signed_statements import verify_signed_statements
 from aicert.tcg_eventlog import TcgEventLog, parse_event_log
@@ -94,6 +101,8 @@ class VerificationReport:
     checks: tuple[Check, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, object]:
+    # The certified inputs' links, each with its verified parent's tree or unverified.
+    lineage: tuple[LineageLink, ...] = ()
         return {
             "verified": True,
             "run_id": self.run_id,
@@ -116,6 +125,7 @@ class VerificationReport:
             "checks": [{"name": c.name, "detail": c.detail} for c in self.checks],
         }
 
+            **({"lineage": [link.to_dict() for link in self.lineage]} if self.lineage else {}),
 
 TrustRoot = x509.Certificate | str | bytes | os.PathLike[str]
 # A trust root file is one PEM certificate or a few; a bigger file is not one.
@@ -221,6 +231,8 @@ def verify_certificate(
     reference_values: PlatformReferenceValues | Iterable[PlatformReferenceValues] | None = None,
 ) -> VerificationReport:
     """Verify everything the certificate claims; raise on the first failed check.
+    parents: Iterable[ParentCertificate] = (),
+    require_lineage: bool = False,
 
     ``trusted_roots``: extra trust anchors (the local/qemu platform CA); Microsoft's Azure
     vTPM root is pinned by fingerprint. ``expected_inputs``: input name, URI or path ->
@@ -229,7 +241,10 @@ def verify_certificate(
     ``local`` certificate, which attests no boot chain. ``model``: a file or folder that must
     match the certified outputs. ``reference_values``: the reference-value sets (one, or
     several to choose from by the id the certificate names) that judge a qemu or azure boot
-    chain.
+    chain. ``parents``: certificates (or their paths) of the certified inputs' lineage, at any
+    depth; each is verified with this same policy and its link checked (``aicert.lineage``).
+    ``require_lineage``: refuse a certified input whose parent was not supplied
+    (``LineageMissingParentError``) instead of reporting it unverified.
     """
     # The caller's arguments first: a mistake there is a TypeError or ValueError naming the
     # argument, not a verification failure of the certificate.
@@ -238,6 +253,7 @@ def verify_certificate(
     reference_sets = _reference_sets(reference_values)
     checks: list[Check] = []
     # 1. (the certificate's schema: aicert.model, before this function)
+    parent_certificates = load_parents(parents)
     # 2. AK certificate chain to a trusted root, at the run's time or the caller's.
     chain = _check_ak_certificate_chain(certificate, roots, judge_time, checks)
     # 3. The quoting key is the certified key, and a restricted signing key.
@@ -259,6 +275,23 @@ def verify_certificate(
     _check_expectations(certificate, expected_inputs, model, checks)
     return VerificationReport(
         run_id=certificate.run.id,
+    # 10. Lineage: each certified input's parent, verified with this same policy.
+    lineage = measured_links(measured.resources)
+    if lineage or parent_certificates:
+        lineage = follow_lineage(
+            certificate,
+            lineage,
+            parent_certificates,
+            lambda parent: verify_certificate(
+                parent,
+                trusted_roots=roots,
+                at_time=at_time,
+                allow_dev_platform=allow_dev_platform,
+                reference_values=reference_sets,
+            ),
+            require_lineage=require_lineage,
+        )
+        checks.append(Check("lineage", _lineage_detail(lineage)))
         project=certificate.run.project,
         platform=certificate.platform.kind,
         boot_chain_attested=boot_attested,
@@ -280,9 +313,15 @@ def verify_certificate(
         checks=tuple(checks),
     )
 
+        lineage=lineage,
 
 def _check_ak_certificate_chain(
     certificate: Certificate,
+def _lineage_detail(links: Sequence[LineageLink]) -> str:
+    verified = sum(link.verified for link in links)
+    return f"{verified} of {len(links)} certified input(s) linked to a verified parent"
+
+
     roots: Sequence[x509.Certificate],
     judge_time: datetime,
     checks: list[Check],
