@@ -50,8 +50,6 @@ from aicert.errors import (
     VerificationError,
 )
 from aicert.hashing import UnsafePathError, hash_tree, sha256_file
-from aicert.model import Certificate, InputRecord, OutputRecord, check_time
-from aicert.quote import verify_quote
 from aicert.lineage import (
     LineageLink,
     ParentCertificate,
@@ -59,6 +57,8 @@ from aicert.lineage import (
     load_parents,
     measured_links,
 )
+from aicert.model import Certificate, InputRecord, OutputRecord, check_time
+from aicert.quote import verify_quote
 from aicert.reference_value_sets import REFERENCE_VALUE_SET_TYPES, PlatformReferenceValues
 from aicert.signed_statements import verify_signed_statements
 from aicert.tcg_eventlog import TcgEventLog, parse_event_log
@@ -99,10 +99,10 @@ class VerificationReport:
     outputs: tuple[OutputRecord, ...]
     pcrs: Mapping[int, str]
     checks: tuple[Check, ...] = field(default_factory=tuple)
-
-    def to_dict(self) -> dict[str, object]:
     # The certified inputs' links, each with its verified parent's tree or unverified.
     lineage: tuple[LineageLink, ...] = ()
+
+    def to_dict(self) -> dict[str, object]:
         return {
             "verified": True,
             "run_id": self.run_id,
@@ -123,9 +123,9 @@ class VerificationReport:
             "outputs": [o.model_dump(mode="json") for o in self.outputs],
             "pcrs": {str(k): v for k, v in sorted(self.pcrs.items())},
             "checks": [{"name": c.name, "detail": c.detail} for c in self.checks],
+            **({"lineage": [link.to_dict() for link in self.lineage]} if self.lineage else {}),
         }
 
-            **({"lineage": [link.to_dict() for link in self.lineage]} if self.lineage else {}),
 
 TrustRoot = x509.Certificate | str | bytes | os.PathLike[str]
 # A trust root file is one PEM certificate or a few; a bigger file is not one.
@@ -229,10 +229,10 @@ def verify_certificate(
     allow_dev_platform: bool = False,
     model: str | os.PathLike[str] | None = None,
     reference_values: PlatformReferenceValues | Iterable[PlatformReferenceValues] | None = None,
-) -> VerificationReport:
-    """Verify everything the certificate claims; raise on the first failed check.
     parents: Iterable[ParentCertificate] = (),
     require_lineage: bool = False,
+) -> VerificationReport:
+    """Verify everything the certificate claims; raise on the first failed check.
 
     ``trusted_roots``: extra trust anchors (the local/qemu platform CA); Microsoft's Azure
     vTPM root is pinned by fingerprint. ``expected_inputs``: input name, URI or path ->
@@ -251,9 +251,9 @@ def verify_certificate(
     judge_time = _judge_time(at_time, certificate.run.finished_at)
     roots = load_trust_roots(trusted_roots)
     reference_sets = _reference_sets(reference_values)
+    parent_certificates = load_parents(parents)
     checks: list[Check] = []
     # 1. (the certificate's schema: aicert.model, before this function)
-    parent_certificates = load_parents(parents)
     # 2. AK certificate chain to a trusted root, at the run's time or the caller's.
     chain = _check_ak_certificate_chain(certificate, roots, judge_time, checks)
     # 3. The quoting key is the certified key, and a restricted signing key.
@@ -273,8 +273,6 @@ def verify_certificate(
     checks.append(Check("platform", platform_note))
     # 9. The caller's expectations.
     _check_expectations(certificate, expected_inputs, model, checks)
-    return VerificationReport(
-        run_id=certificate.run.id,
     # 10. Lineage: each certified input's parent, verified with this same policy.
     lineage = measured_links(measured.resources)
     if lineage or parent_certificates:
@@ -292,6 +290,8 @@ def verify_certificate(
             require_lineage=require_lineage,
         )
         checks.append(Check("lineage", _lineage_detail(lineage)))
+    return VerificationReport(
+        run_id=certificate.run.id,
         project=certificate.run.project,
         platform=certificate.platform.kind,
         boot_chain_attested=boot_attested,
@@ -311,17 +311,17 @@ def verify_certificate(
         outputs=tuple(certificate.outputs),
         pcrs={index: value.hex() for index, value in sorted(claimed_pcrs.items())},
         checks=tuple(checks),
+        lineage=lineage,
     )
 
-        lineage=lineage,
 
-def _check_ak_certificate_chain(
-    certificate: Certificate,
 def _lineage_detail(links: Sequence[LineageLink]) -> str:
     verified = sum(link.verified for link in links)
     return f"{verified} of {len(links)} certified input(s) linked to a verified parent"
 
 
+def _check_ak_certificate_chain(
+    certificate: Certificate,
     roots: Sequence[x509.Certificate],
     judge_time: datetime,
     checks: list[Check],
