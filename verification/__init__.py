@@ -27,6 +27,7 @@ from aicert.errors import (
     VerificationError,
 )
 from aicert.model import Certificate, load
+from aicert.platform_attestation import PlatformAttestation, verify_platform_attestation
 from aicert.quote import verify_quote
 from aicert.tcg_eventlog import TcgEventLog, parse_event_log
 from aicert.verify import Check, VerificationReport
@@ -44,6 +45,7 @@ __all__ = [
     "NonceMismatchError",
     "PcrDigestError",
     "PcrSelectionError",
+    "PlatformAttestation",
     "PlatformError",
     "QuoteSignatureError",
     "StatementBindingError",
@@ -55,5 +57,6 @@ __all__ = [
     "VerificationReport",
     "load",
     "parse_event_log",
+    "verify_platform_attestation",
     "verify_quote",
 ]

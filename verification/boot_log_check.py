@@ -274,13 +274,14 @@ class AzureBootChainReport:
     unchecked_pcrs: tuple[tuple[int, str], ...]
     components: tuple[str, ...]
     events: int
+    platform_name: str = "Azure"  # the set's cloud, as a person names it (a gcp set: Google Cloud)
 
     @property
     def note(self) -> str:
         """One line for a person: what matched, and (Azure) what was not checked."""
         checked = ", ".join(str(index) for index in self.checked_pcrs)
         text = (
-            f"boot chain matches Azure reference values {self.reference_id} (image "
+            f"boot chain matches {self.platform_name} reference values {self.reference_id} (image "
             f"{self.image_version_id}): PCR {checked} checked"
         )
         if self.components:
@@ -363,7 +364,8 @@ def check_azure_boot_log(
             )
     return AzureBootChainReport(
         reference_id=reference.id,
-        image_version_id=reference.image.gallery_image_version_id,
+        image_version_id=reference.image_name(),
+        platform_name="Google Cloud" if reference.platform == "gcp" else "Azure",
         checked_pcrs=checked,
         unchecked_pcrs=tuple(
             (int(index), reason) for index, reason in sorted(reference.unchecked_pcrs.items())
@@ -459,6 +461,7 @@ def check_boot_evidence(
     """
     if boot_event_log:
         return check_boot_log(parse_event_log(boot_event_log), quoted_pcrs, reference)
-    if isinstance(reference, AzureReferenceValueSet):
+    # Only Azure boots may come without a log: a gcp set (an Azure subclass) has no pcr_boots.
+    if isinstance(reference, AzureReferenceValueSet) and reference.platform == "azure":
         return check_azure_boot_pcrs(quoted_pcrs, reference)
     raise PlatformError(f"{reference.platform} platform: the machine sent no boot event log")

@@ -20,8 +20,12 @@ certificate the CA verified. ``AkBinding`` encodes and decodes it; ``check_ak_bi
 compares it with the certificate's ``attestation.ak.public`` and ``attestation.ek.certificate``.
 
 Trust anchors are explicit: the certificates the caller passes, plus self-signed certificates
-that travel in the evidence and whose SHA-256 fingerprint is pinned (how Microsoft's Azure
-vTPM root is trusted without shipping it). Any failure is a ``CertificateChainError``.
+that travel in the evidence and whose SHA-256 fingerprint is pinned for the certificate's
+platform (``pinned_roots``: how Microsoft's Azure vTPM root and Google's two vTPM roots are
+trusted without shipping them). Google Compute Engine does not put intermediates into the AK
+certificate's NV index, so the verifier ships Google's public intermediates
+(``shipped_intermediates``) and adds them to a ``gcp`` chain: they are only candidates for
+path building, never anchors. Any failure is a ``CertificateChainError``.
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ import hashlib
 import hmac
 import re
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
+from importlib.resources import files
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -55,7 +61,11 @@ __all__ = [
     "AK_BINDING_OID",
     "AK_BINDING_UUID",
     "AZURE_VTPM_ROOT_2023_SHA256",
+    "GCP_EK_AK_CA_ROOT_SHA256",
+    "GCP_ISSUER_KEY_PURPOSES",
+    "GCP_TPM_EK_ROOT_1_SHA256",
     "PINNED_ROOT_FINGERPRINTS",
+    "PLATFORM_PINNED_ROOTS",
     "TCG_KP_AIK_CERTIFICATE",
     "AkBinding",
     "ChainVerification",
@@ -63,8 +73,11 @@ __all__ = [
     "ak_leaf_extension_policy",
     "check_ak_binding",
     "fingerprint_sha256",
+    "issuer_key_purposes",
     "leaf_public_key_matches",
     "load_pem_certificates",
+    "pinned_roots",
+    "shipped_intermediates",
     "verify_ak_chain",
 ]
 
@@ -73,6 +86,28 @@ __all__ = [
 AZURE_VTPM_ROOT_2023_SHA256 = "e6c596b17f8ffefba5c300f714cfb1260c6028704ecf7becc4ab5018efb00e95"
 
 PINNED_ROOT_FINGERPRINTS: dict[str, str] = {"azure": AZURE_VTPM_ROOT_2023_SHA256}
+
+# Google's two vTPM CA roots (from google/go-tpm-tools server/ca-certs; valid to 2118 and
+# 2122): "tpm_ek_v1_cloud_host_root-signer-0-2018-04-06" issued the older GCE AK
+# certificates (through intermediates 2 and 3), "EK/AK CA Root" the current ones (through
+# "EK/AK CA Intermediate"). Both are live at once, so both are pinned.
+GCP_TPM_EK_ROOT_1_SHA256 = "9bd5285f8fb18502a7947e621ffd470266f49fcd3b73e19a190f690ad32a7caf"
+GCP_EK_AK_CA_ROOT_SHA256 = "594759594b9b61524f6c8ef668f7177f7b9066bc0674f2f49fe9e052be78beb2"
+
+# The roots pinned per platform: a certificate of one platform never chains to another
+# cloud's root (an Azure certificate signed under Google's CA would name the wrong platform).
+PLATFORM_PINNED_ROOTS: dict[str, tuple[str, ...]] = {
+    "azure": (AZURE_VTPM_ROOT_2023_SHA256,),
+    "gcp": (GCP_TPM_EK_ROOT_1_SHA256, GCP_EK_AK_CA_ROOT_SHA256),
+}
+# Public intermediates shipped as package data (aicert/trust_roots/), per platform.
+_SHIPPED_INTERMEDIATES: dict[str, tuple[str, ...]] = {
+    "gcp": (
+        "gcp-tpm-ek-intermediate-2.pem",
+        "gcp-tpm-ek-intermediate-3.pem",
+        "gcp-ek-ak-ca-intermediate-v3.pem",
+    ),
+}
 
 # TCG key purpose "tcg-kp-AIKCertificate": the certified key is a TPM attestation key.
 TCG_KP_AIK_CERTIFICATE = x509.ObjectIdentifier("2.23.133.8.3")
@@ -87,6 +122,11 @@ _NAME_DIGEST_SIZES = {0x000B: 32, 0x000C: 48, 0x000D: 64}
 _DER_SEQUENCE, _DER_OCTET_STRING = 0x30, 0x04
 
 _AK_KEY_PURPOSES = frozenset({TCG_KP_AIK_CERTIFICATE, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE})
+# tcg-kp-EKCertificate: the only purpose Google's vTPM CAs list, though they issue AKs too.
+TCG_KP_EK_CERTIFICATE = x509.ObjectIdentifier("2.23.133.8.1")
+GCP_ISSUER_KEY_PURPOSES = _AK_KEY_PURPOSES | {TCG_KP_EK_CERTIFICATE}
+# The purposes a platform's CAs may list instead of the AK purpose (default: none other).
+_PLATFORM_ISSUER_KEY_PURPOSES = {"gcp": GCP_ISSUER_KEY_PURPOSES}
 _SHA256_HEX = re.compile("[0-9a-f]{64}")
 
 
@@ -227,28 +267,51 @@ def _ak_leaf_extended_key_usage(
 
 
 def _ak_issuer_extended_key_usage(
-    policy: Policy, certificate: x509.Certificate, usage: x509.ExtendedKeyUsage | None
-) -> None:
+    accepted: frozenset[x509.ObjectIdentifier],
+) -> Callable[[Policy, x509.Certificate, x509.ExtendedKeyUsage | None], None]:
     # Hand-written for the same reason: EKU chaining as the Web PKI does it, but for the AK
     # purpose. A CA whose EKU excludes AK certificates (e.g. a TLS-only CA) may not issue one.
-    # Azure's intermediates list 2.23.133.8.1 (EK) and 2.23.133.8.3 (AK).
-    _require_ak_purpose(usage, "issuing CA extendedKeyUsage ({}) does not allow AK certificates")
+    # Azure's intermediates list 2.23.133.8.1 (EK) and 2.23.133.8.3 (AK); Google's whole
+    # "EK/AK CA" hierarchy lists only 2.23.133.8.1 and issues AK certificates all the same,
+    # so a gcp chain accepts the EK purpose on its CAs (GCP_ISSUER_KEY_PURPOSES).
+    def check(
+        policy: Policy, certificate: x509.Certificate, usage: x509.ExtendedKeyUsage | None
+    ) -> None:
+        _require_ak_purpose(
+            usage, "issuing CA extendedKeyUsage ({}) does not allow AK certificates", accepted
+        )
+
+    return check
 
 
-def _require_ak_purpose(usage: x509.ExtendedKeyUsage | None, refusal: str) -> None:
-    """An extendedKeyUsage, when present, includes the TCG AK purpose (or anyExtendedKeyUsage);
-    else ValueError: ``refusal`` with the listed purposes, then the AK purpose's OID."""
+def _require_ak_purpose(
+    usage: x509.ExtendedKeyUsage | None,
+    refusal: str,
+    accepted: frozenset[x509.ObjectIdentifier] = _AK_KEY_PURPOSES,
+) -> None:
+    """An extendedKeyUsage, when present, includes one of ``accepted`` (the TCG AK purpose or
+    anyExtendedKeyUsage by default); else ValueError: ``refusal`` with the listed purposes,
+    then the AK purpose's OID."""
     if usage is None:
         return
-    if _AK_KEY_PURPOSES.isdisjoint(usage):
+    if accepted.isdisjoint(usage):
         purposes = ", ".join(oid.dotted_string for oid in usage)
         raise ValueError(f"{refusal.format(purposes)} ({TCG_KP_AIK_CERTIFICATE.dotted_string})")
 
 
-def ak_ca_extension_policy() -> ExtensionPolicy:
-    """Web PKI CA policy (basicConstraints CA, keyCertSign, ...) with the TCG AK purpose."""
+def ak_ca_extension_policy(
+    issuer_key_purposes: frozenset[x509.ObjectIdentifier] = _AK_KEY_PURPOSES,
+) -> ExtensionPolicy:
+    """Web PKI CA policy (basicConstraints CA, keyCertSign, ...) with the TCG AK purpose.
+
+    Args:
+        issuer_key_purposes: the extendedKeyUsage purposes of which a CA must list one, when
+            it lists any (default: the AK purpose or anyExtendedKeyUsage).
+    """
     return ExtensionPolicy.webpki_defaults_ca().may_be_present(
-        x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _ak_issuer_extended_key_usage
+        x509.ExtendedKeyUsage,
+        Criticality.AGNOSTIC,
+        _ak_issuer_extended_key_usage(issuer_key_purposes),
     )
 
 
@@ -297,12 +360,59 @@ def _describe(certificate: x509.Certificate) -> str:
     return certificate.subject.rfc4514_string() or "(empty subject)"
 
 
+def pinned_roots(platform: str) -> tuple[str, ...]:
+    """The SHA-256 fingerprints of the roots pinned for ``platform`` (none for local/qemu,
+    whose platform CA the caller passes as a trusted root).
+
+    Args:
+        platform: a platform kind (``aicert.model.PLATFORM_KINDS``).
+
+    Returns:
+        Lowercase hex fingerprints; empty for a platform without pinned roots.
+    """
+    return PLATFORM_PINNED_ROOTS.get(platform, ())
+
+
+def issuer_key_purposes(platform: str) -> frozenset[x509.ObjectIdentifier]:
+    """The extendedKeyUsage purposes a CA in ``platform``'s AK chains may list (one of).
+
+    Args:
+        platform: a platform kind.
+
+    Returns:
+        The AK purpose and anyExtendedKeyUsage; for ``gcp`` also the EK purpose, the only one
+        Google's vTPM CAs list.
+    """
+    return _PLATFORM_ISSUER_KEY_PURPOSES.get(platform, _AK_KEY_PURPOSES)
+
+
+@cache
+def shipped_intermediates(platform: str) -> tuple[str, ...]:
+    """The public intermediate CA certificates (PEM) the verifier ships for ``platform``.
+
+    GCE's vTPM holds only the AK certificate, not its issuers; these are added to a ``gcp``
+    chain as path-building candidates (never trust anchors).
+
+    Args:
+        platform: a platform kind.
+
+    Returns:
+        One PEM text per certificate; empty for a platform that needs none.
+    """
+    folder = files("aicert").joinpath("trust_roots")
+    return tuple(
+        folder.joinpath(name).read_text(encoding="ascii")
+        for name in _SHIPPED_INTERMEDIATES.get(platform, ())
+    )
+
+
 def verify_ak_chain(
     chain_pem: Sequence[str | bytes],
     *,
     trusted_roots: Sequence[x509.Certificate] = (),
     pinned_root_fingerprints: Collection[str] = (),
     at_time: datetime,
+    issuer_purposes: frozenset[x509.ObjectIdentifier] = _AK_KEY_PURPOSES,
 ) -> ChainVerification:
     """Verify that the AK certificate ``chain_pem[0]`` chains to a trust anchor at ``at_time``.
 
@@ -310,6 +420,8 @@ def verify_ak_chain(
     are ``trusted_roots`` plus the self-signed certificates of ``chain_pem`` whose SHA-256
     fingerprint is in ``pinned_root_fingerprints``; any other self-signed certificate in the
     evidence is not trusted. ``at_time`` must be timezone-aware (ValueError otherwise).
+    ``issuer_purposes``: the extendedKeyUsage purposes a CA of the chain may list (one of;
+    :func:`issuer_key_purposes` gives a platform's).
     Raises ``CertificateChainError`` naming the leaf and the reason on any failure.
     """
     if at_time.tzinfo is None or at_time.utcoffset() is None:
@@ -343,7 +455,8 @@ def verify_ak_chain(
         .store(Store(list(anchors.values())))
         .time(at_time.astimezone(UTC))
         .extension_policies(
-            ca_policy=ak_ca_extension_policy(), ee_policy=ak_leaf_extension_policy()
+            ca_policy=ak_ca_extension_policy(issuer_purposes),
+            ee_policy=ak_leaf_extension_policy(),
         )
         # The client verifier is the one that does not match a DNS/IP subject: an AK
         # certificate names a VM or a TPM, not a host.

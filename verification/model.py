@@ -160,7 +160,7 @@ Pem = Annotated[
     StringConstraints(max_length=MAX_PEM_CHARS, pattern=r"^-----BEGIN CERTIFICATE-----"),
 ]
 DigestAlgorithm = Literal["sha256", "sha1", "sha384", "sha512"]
-PlatformKind = Literal["local", "qemu", "azure"]
+PlatformKind = Literal["local", "qemu", "azure", "gcp"]
 """The platforms a certificate can come from; every part names them through this type."""
 PLATFORM_KINDS: tuple[PlatformKind, ...] = get_args(PlatformKind)
 

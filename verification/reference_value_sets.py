@@ -17,7 +17,13 @@ optionally ``pcr_boots`` (:class:`AzurePcrBoot`): the exact PCR values of refere
 VM family, with PCR 14's value before the agent's first event, which judge a boot whose event
 log is empty (Trusted Launch hands the guest a zero-byte log).
 
-Both kinds list ``mok_events`` (:class:`MokListEvent`): the only events a boot log may carry
+``platform: "gcp"`` (:class:`GcpReferenceValueSet`, derived from the boot event log of a
+Shielded VM made from the Compute Engine image by ``aicert.gcp_reference``): the Azure kind's
+model (checked PCRs with accepted values, unchecked PCRs with reasons, expected component
+events) for another image name; GCE always hands the guest its boot event log, so a gcp set
+has no ``pcr_boots``.
+
+All kinds list ``mok_events`` (:class:`MokListEvent`): the only events a boot log may carry
 outside PCR 0-9.
 
 The check of a boot log against a set is :mod:`aicert.boot_log_check`; the derivation of Azure
@@ -330,10 +336,51 @@ class AzureReferenceValueSet(_Model):
             for index, values in self.pcrs.items()
         }
 
+    def image_name(self) -> str:
+        """The image the set belongs to, as reports name it."""
+        return self.image.gallery_image_version_id
+
+
+# projects/<project>/global/images/<image>, as the Compute Engine API names an image (a full
+# https://compute.googleapis.com/compute/v1/ self link is accepted too).
+GCE_IMAGE_PATTERN = (
+    r"^(https://(www|compute)\.googleapis\.com/compute/v1/)?"
+    r"projects/[a-z][a-z0-9-]{4,61}[a-z0-9]/global/images/[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
+)
+
+
+class GcpImage(_Model):
+    """The Compute Engine image the reference values belong to."""
+
+    image: Annotated[str, StringConstraints(pattern=GCE_IMAGE_PATTERN, max_length=1024)]
+    confidential_compute: bool = False  # a Confidential VM (AMD SEV) rather than a Shielded VM
+
+
+class GcpReferenceValueSet(AzureReferenceValueSet):
+    """What a good boot of one Compute Engine image measures into PCR 0-9 (a Shielded VM:
+    vTPM, Secure Boot, integrity monitoring). The Azure set's model and checks; GCE always
+    hands the guest its boot event log, so ``pcr_boots`` must stay empty."""
+
+    platform: Literal["gcp"]  # type: ignore[assignment]  # the subclass's own kind
+    image: GcpImage  # type: ignore[assignment]
+
+    @model_validator(mode="after")
+    def _logged_boots_only(self) -> GcpReferenceValueSet:
+        if self.pcr_boots:
+            raise ValueError(
+                "pcr_boots: a GCE VM always hands the guest its boot event log, so a gcp set "
+                "judges boots by their log only"
+            )
+        return self
+
+    def image_name(self) -> str:
+        """The Compute Engine image the set belongs to."""
+        return self.image.image
+
 
 QemuReferenceValueSet = ReferenceValueSet
-PlatformReferenceValues = ReferenceValueSet | AzureReferenceValueSet
-REFERENCE_VALUE_SET_TYPES = (ReferenceValueSet, AzureReferenceValueSet)
+PlatformReferenceValues = ReferenceValueSet | AzureReferenceValueSet | GcpReferenceValueSet
+REFERENCE_VALUE_SET_TYPES = (ReferenceValueSet, AzureReferenceValueSet, GcpReferenceValueSet)
 _REFERENCE_VALUES: TypeAdapter[PlatformReferenceValues] = TypeAdapter(
     Annotated[PlatformReferenceValues, Field(discriminator="platform")]
 )
@@ -371,9 +418,11 @@ def load_reference_values(
     path: str | Path, platform: Literal["azure"]
 ) -> AzureReferenceValueSet: ...
 @overload
+def load_reference_values(path: str | Path, platform: Literal["gcp"]) -> GcpReferenceValueSet: ...
+@overload
 def load_reference_values(path: str | Path, platform: None = None) -> PlatformReferenceValues: ...
 def load_reference_values(
-    path: str | Path, platform: Literal["qemu", "azure"] | None = None
+    path: str | Path, platform: Literal["qemu", "azure", "gcp"] | None = None
 ) -> PlatformReferenceValues:
     """A reference-value set from its JSON file, of the kind its ``platform`` field names;
     malformed content is a PlatformError. With ``platform``, a set for another platform is

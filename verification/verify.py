@@ -29,11 +29,13 @@ from aicert.boot_events import replay_against_quote
 from aicert.boot_log_check import check_boot_log
 from aicert.boot_pcr_check import boot_application_start, check_azure_boot_pcrs
 from aicert.chain import (
-    PINNED_ROOT_FINGERPRINTS,
     ChainVerification,
     check_ak_binding,
+    issuer_key_purposes,
     leaf_public_key_matches,
     load_pem_certificates,
+    pinned_roots,
+    shipped_intermediates,
     verify_ak_chain,
 )
 from aicert.errors import (
@@ -326,12 +328,15 @@ def _check_ak_certificate_chain(
     judge_time: datetime,
     checks: list[Check],
 ) -> ChainVerification:
-    """Step 2: the AK certificate chains to a trusted or pinned root, valid at ``judge_time``."""
+    """Step 2: the AK certificate chains to a trusted root or one pinned for the certificate's
+    platform, valid at ``judge_time`` (a gcp chain may use Google's shipped intermediates)."""
+    kind = certificate.platform.kind
     chain = verify_ak_chain(
-        certificate.attestation.ak.certificate_chain,
+        [*certificate.attestation.ak.certificate_chain, *shipped_intermediates(kind)],
         trusted_roots=roots,
-        pinned_root_fingerprints=list(PINNED_ROOT_FINGERPRINTS.values()),
+        pinned_root_fingerprints=pinned_roots(kind),
         at_time=judge_time,
+        issuer_purposes=issuer_key_purposes(kind),
     )
     checks.append(
         Check(

@@ -411,7 +411,7 @@ def _document(reference: AzureReferenceValueSet) -> dict[str, Any]:
         (lambda d: d["events"][0].update({"pcr": 4}), r"not measured in PCR 4"),
         (lambda d: d.update({"allow_any_kernel": True}), r"allow_any_kernel"),
         (lambda d: d["image"].update({"gallery_image_version_id": "ubuntu"}), r"pattern"),
-        (lambda d: d.update({"platform": "gcp"}), r"does not match any of the expected tags"),
+        (lambda d: d.update({"platform": "aws"}), r"does not match any of the expected tags"),
     ],
 )
 def test_malformed_sets_are_refused(
