@@ -84,6 +84,7 @@ from aicert.tasks import (
     verify_certificate,
     wait_for_agent,
 )
+from aicert.tasks.certified_inputs import verify_certified_inputs
 from aicert.tasks.platforms import get_provider
 from aicert.tasks.platforms.attestation import MachineAttestation
 from aicert.tasks.platforms.base import EnrolledKey, Machine, Provider
@@ -454,6 +455,15 @@ def _run_on_machine(
     graph shows the real order rather than every step hanging off ``wait-for-agent``."""
     run_id, project = record.run_id, record.project
     machine, enrolled, attestation = _bring_up_machine(platform, record, config)
+    if any(resource.certified_by is not None for resource in config.resources):
+        # The parents verified with this run's trust policy, before anything is measured.
+        config = verify_certified_inputs(
+            config,
+            [enrolled.trusted_root_pem] if enrolled.trusted_root_pem else [],
+            platform.kind == "local",
+            platform.boot_reference(),
+            wait_for=[attestation],
+        )
     started = start_run(machine, run_id, new_nonce(), config, wait_for=[attestation])
     inputs = measure_inputs(machine, run_id, project, wait_for=[started])
     image = build_image(machine, run_id, project, wait_for=[inputs])

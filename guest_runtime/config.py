@@ -177,6 +177,55 @@ class GitSource(_ConfigModel):
         return self.commit or self.tag or self.branch
 
 
+class CertifiedBy(_ConfigModel):
+    """``certifiedBy`` of a resource: the certificate whose output the file is.
+
+    The builder writes ``certificate`` (a path relative to the config file, or an http(s)
+    URL) and ``output`` (one of that certificate's output paths). Before the run the
+    orchestrator verifies that certificate with the run's trust policy and fills in
+    ``certificateSha256`` and ``runId``; the agent measures both (an
+    ``aicert.input.certified-resource`` event) and refuses a link that was not resolved.
+    """
+
+    certificate: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+    output: Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+    certificate_sha256: Annotated[str | None, Field(alias="certificateSha256")] = None
+    run_id: Annotated[str | None, Field(alias="runId", max_length=128)] = None
+
+    @field_validator("certificate")
+    @classmethod
+    def _certificate(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("certificate must be a path or an http(s) URL")
+        if re.match(r"^[a-z][a-z0-9+.-]*://", value) and not re.match(r"^https?://", value):
+            raise ValueError("certificate must be a path or an http:// or https:// URL")
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, value: str) -> str:
+        return _relative_posix_path(value, "output")
+
+    @field_validator("certificate_sha256")
+    @classmethod
+    def _digest(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError("certificateSha256 must be 64 lowercase hexadecimal characters")
+        return value
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,127}", value):
+            raise ValueError(f"runId {value!r} is not a run id")
+        return value
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the orchestrator verified the certificate and filled in its digest."""
+        return self.certificate_sha256 is not None and self.run_id is not None
+
+
 class Resource(_ConfigModel):
     """A file downloaded by the agent, measured, and mounted read-only for the job."""
 
@@ -184,6 +233,7 @@ class Resource(_ConfigModel):
     url: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
     destination_path: Annotated[str, Field(alias="destinationPath", max_length=MAX_TEXT_CHARS)]
     sha256: str | None = None
+    certified_by: Annotated[CertifiedBy | None, Field(alias="certifiedBy")] = None
 
     @field_validator("url")
     @classmethod
@@ -391,8 +441,16 @@ class RunConfig(_ConfigModel):
         return slug[:63] or "project"
 
     def measured_form(self) -> dict[str, Any]:
-        """What PCR 14 records: the validated config, defaults filled in, in YAML's names."""
-        return self.model_dump(mode="json", by_alias=True)
+        """What PCR 14 records: the validated config, defaults filled in, in YAML's names.
+
+        A resource without ``certifiedBy`` is recorded without the key, as before the field
+        existed (so such a config measures as it always did).
+        """
+        form = self.model_dump(mode="json", by_alias=True)
+        for resource in form["resources"]:
+            if resource.get("certifiedBy") is None:
+                resource.pop("certifiedBy", None)
+        return form
 
 
 def _field_path(location: Location) -> str:
@@ -518,6 +576,24 @@ def load_config(path: str | Path) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(["the top level must be a mapping of fields"], str(config_path))
     return _validate(data, root, str(config_path))
+
+
+def resolve_certificate_paths(config: RunConfig, config_dir: Path) -> RunConfig:
+    """Make each relative ``certifiedBy.certificate`` path absolute, relative to the config
+    file's folder (URLs are kept)."""
+    resources = []
+    for resource in config.resources:
+        link = resource.certified_by
+        if link is None or re.match(r"^https?://", link.certificate):
+            resources.append(resource)
+            continue
+        absolute = str((config_dir / link.certificate).resolve())
+        resources.append(
+            resource.model_copy(
+                update={"certified_by": link.model_copy(update={"certificate": absolute})}
+            )
+        )
+    return config.model_copy(update={"resources": resources})
 
 
 def resolve_local_source(config: RunConfig, config_dir: Path) -> RunConfig:

@@ -13,7 +13,13 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from aicert.appevents import ImageEvent, PackageEvent, ResourceEvent, SourceEvent
+from aicert.appevents import (
+    CertifiedResourceEvent,
+    ImageEvent,
+    PackageEvent,
+    ResourceEvent,
+    SourceEvent,
+)
 from aicert.guest_runtime import gitsource
 from aicert.guest_runtime.config import Resource
 from aicert.guest_runtime.download import download
@@ -201,11 +207,39 @@ def _fetch_resource(measurer: Measurer, run: RunState, resource: Resource) -> No
     else:
         digest, size = _download_resource(measurer, url, destination, target)
     if pinned is not None and digest != pinned:
+        pinned_by = "the config pins"
+        if resource.certified_by is not None:
+            link = resource.certified_by
+            pinned_by = f"certificate {link.run_id} certifies {link.output} as"
         raise InputMismatchError(
             f"resources[{destination}]: sha256 of {url} is {digest}, "
-            f"but the config pins {pinned}; training will not start"
+            f"but {pinned_by} {pinned}; training will not start"
         )
-    measurer.measure(run, ResourceEvent(url=url, destination=destination, sha256=digest, size=size))
+    measurer.measure(run, _resource_event(resource, digest, size))
+
+
+def _resource_event(resource: Resource, digest: str, size: int) -> ResourceEvent:
+    """The resource's event: a certified resource also binds its parent certificate."""
+    url, destination, link = resource.url, resource.destination_path, resource.certified_by
+    if link is None:
+        return ResourceEvent(url=url, destination=destination, sha256=digest, size=size)
+    # The orchestrator verified the parent and pinned the file to its certified output; a
+    # link it did not resolve would bind nothing a verifier could follow.
+    if not link.resolved or resource.sha256 is None:
+        raise InputMismatchError(
+            f"resources[{destination}]: certifiedBy {link.certificate} was not verified "
+            "by the orchestrator (no certificateSha256, runId or sha256); training will not start"
+        )
+    assert link.certificate_sha256 is not None and link.run_id is not None
+    return CertifiedResourceEvent(
+        url=url,
+        destination=destination,
+        sha256=digest,
+        size=size,
+        certificate_sha256=link.certificate_sha256,
+        run_id=link.run_id,
+        output=link.output,
+    )
 
 
 def build_training_image(measurer: Measurer, run: RunState) -> None:

@@ -29,6 +29,7 @@ from aicert.guest_runtime.config import (
     ConfigError,
     RunConfig,
     load_config,
+    resolve_certificate_paths,
     resolve_local_source,
 )
 from aicert.model import AppEvent
@@ -224,7 +225,8 @@ def load_run_config(
     """Validate the run configuration from a file or a saved ``AicertRunConfig`` block.
 
     A relative local ``gitRepo`` is resolved against the file's folder (or the block's
-    ``base_dir``). Raises ``ConfigError`` naming the field; nothing is retried.
+    ``base_dir``), and so is a relative ``certifiedBy.certificate`` (file configs only).
+    Raises ``ConfigError`` naming the field; nothing is retried.
     """
     if (config_path is None) == (config_block is None):
         raise ConfigError(["give exactly one of config_path and config_block"], "flow parameters")
@@ -233,6 +235,7 @@ def load_run_config(
     assert config_path is not None
     path = Path(config_path)
     config = load_config(path)
+    config = resolve_certificate_paths(config, path.resolve().parent)
     return resolve_local_source(config, path.resolve().parent)
 
 
