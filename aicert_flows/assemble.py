@@ -40,6 +40,7 @@ PLATFORM_DESCRIPTIONS: dict[str, str] = {
     "local": "software TPM (swtpm) on the build host; no boot chain attested",
     "qemu": "qemu VM with OVMF firmware and a swtpm vTPM; boot chain measured",
     "azure": "Azure Trusted Launch / Confidential VM with vTPM",
+    "gcp": "Google Compute Engine Shielded VM with vTPM, Secure Boot and integrity monitoring",
 }
 
 

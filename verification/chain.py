@@ -500,10 +500,9 @@ def check_ak_binding(
     ``aicert.verify.PLATFORM_CA_PLATFORMS``) and checked wherever present. Every failure is an
     ``AkMismatchError`` naming the extension: a missing or malformed extension, another name
     (an edited attribute), an EK certificate that is not the one the CA verified, or none
-    attached. Azure's AK
-    certificates (Microsoft's) carry no such extension: there the attributes are Microsoft's
-    provisioning, and the EK certificate is bound by nothing, so it is neither checked nor
-    shown.
+    attached. Azure's and Google's AK
+    certificates carry no such extension: there the attributes are the cloud's provisioning,
+    and the EK certificate is bound by nothing, so it is neither checked nor shown.
     """
     oid = AK_BINDING_OID.dotted_string
     try:
@@ -517,8 +516,9 @@ def check_ak_binding(
                 "that the platform CA adds at activation: nothing binds the attributes of "
                 "attestation.ak.public to the activated AK"
             )
+        provider = "Google's" if platform == "gcp" else "Microsoft's"
         return (
-            "the AK's attributes (restricted, fixedTPM, ...) are Microsoft's provisioning of "
+            f"the AK's attributes (restricted, fixedTPM, ...) are {provider} provisioning of "
             "the vTPM, not bound by the AK certificate (no AK binding extension); "
             "attestation.ek.certificate is bound by nothing and not checked"
         )

@@ -75,7 +75,7 @@ from aicert.tasks.platforms.swtpm import LocalSwtpm
 from aicert.tcg_eventlog import EV_NO_ACTION, parse_event_log
 from aicert.tpm_structures import TPM_ALG_RSASSA, TPM_ALG_SHA256, parse_tpmt_public
 
-PlatformKind = Literal["local", "qemu", "azure"]
+PlatformKind = Literal["local", "qemu", "azure", "gcp"]
 
 QUOTED_PCRS = tuple(range(16))
 PROJECT = "tamper-test"
