@@ -110,6 +110,15 @@ def _is_undefined_nv(rc: int) -> bool:
     return (rc & 0xFFFF) & ~0xF00 == _TPM_RC_HANDLE and bool(rc & _RC_FMT1)
 
 
+def _require_restricted_signing(public: TPM2B_PUBLIC, operation: str) -> None:
+    """TpmError unless ``public`` is a restricted signing key (an AK that signs only quotes)."""
+    attributes = int(public.publicArea.objectAttributes)
+    if attributes & int(AK_REQUIRED_ATTRIBUTES) != int(AK_REQUIRED_ATTRIBUTES) or (
+        attributes & int(TPMA_OBJECT.DECRYPT)
+    ):
+        raise TpmError(operation, f"not a restricted signing key (0x{attributes:08x})")
+
+
 class Tpm(StartStop):
     """An open connection to one TPM. Use as a context manager."""
 
@@ -419,14 +428,49 @@ class Tpm(StartStop):
                 public, _, _ = esapi.read_public(tr)
             finally:
                 esapi.tr_close(tr)
-        attributes = int(public.publicArea.objectAttributes)
-        if attributes & int(AK_REQUIRED_ATTRIBUTES) != int(AK_REQUIRED_ATTRIBUTES) or (
-            attributes & int(TPMA_OBJECT.DECRYPT)
-        ):
-            raise TpmError(operation, f"not a restricted signing key (0x{attributes:08x})")
+        _require_restricted_signing(public, operation)
         return AttestationKey(
             public_bytes=bytes(public.publicArea.marshal()), persistent_handle=handle
         )
+
+    def endorsement_primary_ak(self, template: bytes) -> AttestationKey:
+        """The restricted signing primary of the endorsement hierarchy made from ``template``,
+        loaded: GCE's AK (template in NV 0x01c10001 RSA / 0x01c10003 ECC).
+
+        Args:
+            template: the TPMT_PUBLIC template, as the NV index holds it.
+
+        Raises:
+            TpmError: the template is malformed, not a restricted signing key, or the TPM
+                refuses it.
+        """
+        try:
+            TPMT_PUBLIC.unmarshal(template)
+        except Exception as exc:  # tpm2-pytss raises several types on malformed input
+            raise TpmError("create endorsement AK", f"malformed template: {exc}") from exc
+        ak = AttestationKey(public_bytes=b"", endorsement_template=bytes(template))
+        handle, public_bytes = self._create_endorsement_primary(ak)
+        self._flush(handle)
+        ak = AttestationKey(public_bytes=public_bytes, endorsement_template=bytes(template))
+        self._ak_handle(ak)  # loads it as the one AK, proving the template gives it again
+        return ak
+
+    def _create_endorsement_primary(self, ak: AttestationKey) -> tuple[ESYS_TR, bytes]:
+        """CreatePrimary(endorsement, template); the handle and the public area it got."""
+        area, _ = TPMT_PUBLIC.unmarshal(ak.endorsement_template)
+        with self._operation("create endorsement AK") as esapi:
+            handle, public, _, _, _ = esapi.create_primary(
+                TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=area), ESYS_TR.ENDORSEMENT
+            )
+        public_bytes = bytes(public.publicArea.marshal())
+        try:
+            _require_restricted_signing(public, "create endorsement AK")
+            if ak.public_bytes and public_bytes != ak.public_bytes:
+                raise TpmError("create endorsement AK", "the template gave another key")
+        except TpmError:
+            self._flush(handle)
+            raise
+        return handle, public_bytes
 
     def _ak_handle(self, ak: AttestationKey) -> ESYS_TR:
         """The AK's handle, loading it under the EK if needed. Only one AK stays loaded:
@@ -440,6 +484,10 @@ class Tpm(StartStop):
         if ak.persistent_handle is not None:
             handle = self._persistent_handle(ak)
             self._loaded_ak = _LoadedKey(name, handle, persistent=True)
+            return handle
+        if ak.endorsement_template:
+            handle, _ = self._create_endorsement_primary(ak)
+            self._loaded_ak = _LoadedKey(name, handle, persistent=False)
             return handle
         ek = self.create_ek()
         with self._endorsement_policy_session() as session, self._operation("load AK") as esapi:

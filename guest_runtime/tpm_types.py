@@ -102,12 +102,17 @@ class TpmObject:
 
 @dataclass(frozen=True)
 class AttestationKey:
-    """An AK as plain data: either created under the EK (reload it with ``Tpm.load_ak``)
-    or persistent in the TPM (``Tpm.persistent_ak``, e.g. Azure's at 0x81000003)."""
+    """An AK as plain data: either created under the EK (reload it with ``Tpm.load_ak``),
+    persistent in the TPM (``Tpm.persistent_ak``, e.g. Azure's at 0x81000003), or a primary
+    key of the endorsement hierarchy recreated from a template (``Tpm.endorsement_primary_ak``,
+    GCE's from NV 0x01c10001 / 0x01c10003)."""
 
     public_bytes: bytes  # TPMT_PUBLIC, marshalled
     private_bytes: bytes = b""  # TPM2B_PRIVATE, marshalled (wrapped by the EK); none if persistent
     persistent_handle: int | None = None
+    # TPMT_PUBLIC template of an endorsement-hierarchy primary: the same seed and template
+    # always give the same key, so the template is all it takes to load it again.
+    endorsement_template: bytes = b""
 
     @property
     def public(self) -> TPM2B_PUBLIC:
@@ -116,8 +121,8 @@ class AttestationKey:
 
     @property
     def private(self) -> TPM2B_PRIVATE:
-        if self.persistent_handle is not None:
-            raise TpmError("load AK", "a persistent AK has no private blob")
+        if self.persistent_handle is not None or self.endorsement_template:
+            raise TpmError("load AK", "a persistent or primary AK has no private blob")
         private, _ = TPM2B_PRIVATE.unmarshal(self.private_bytes)
         return private
 
