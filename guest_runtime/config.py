@@ -342,6 +342,9 @@ class RunConfig(_ConfigModel):
     limits: Limits = Limits()
     gpus: Annotated[int, Field(strict=True, ge=0, le=MAX_GPUS)] = 0
     env: Annotated[dict[str, Text], Field(max_length=MAX_ENV_VARIABLES)] = {}
+    # An output file (relative to the outputs folder) of metric name -> number: its parsed
+    # metrics are measured with it (aicert.metrics), and the verified report shows them.
+    results: Text | None = None
 
     @field_validator("name")
     @classmethod
@@ -393,6 +396,11 @@ class RunConfig(_ConfigModel):
     def _outputs(cls, value: str | Outputs) -> str | Outputs:
         return value if isinstance(value, Outputs) else _outputs_path(value)
 
+    @field_validator("results")
+    @classmethod
+    def _results(cls, value: str | None) -> str | None:
+        return None if value is None else _relative_posix_path(value, "results")
+
     @field_validator("env")
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
@@ -443,10 +451,12 @@ class RunConfig(_ConfigModel):
     def measured_form(self) -> dict[str, Any]:
         """What PCR 14 records: the validated config, defaults filled in, in YAML's names.
 
-        A resource without ``certifiedBy`` is recorded without the key, as before the field
-        existed (so such a config measures as it always did).
+        A config without ``results``, a resource without ``certifiedBy``, is recorded without
+        the key, as before the field existed (so such a config measures as it always did).
         """
         form = self.model_dump(mode="json", by_alias=True)
+        if form.get("results") is None:
+            form.pop("results", None)
         for resource in form["resources"]:
             if resource.get("certifiedBy") is None:
                 resource.pop("certifiedBy", None)

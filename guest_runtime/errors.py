@@ -52,3 +52,8 @@ class TooManyOutputsError(AgentError):
 
 class EventLimitError(AgentError):
     """The run would measure more events than a certificate may hold (``MAX_EVENTS``)."""
+
+
+class ResultsFileError(AgentError):
+    """The config's ``results`` file is missing from the outputs, or is not a JSON object of
+    metric name -> number (``aicert.metrics.parse_metrics``); no certificate is produced."""

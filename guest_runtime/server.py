@@ -30,6 +30,7 @@ from aicert.guest_runtime.errors import (
     EventLimitError,
     InputMismatchError,
     MissingOutputsError,
+    ResultsFileError,
     StepOrderError,
     TooManyOutputsError,
     TrainingFailedError,
@@ -48,6 +49,7 @@ _STATUS = {
     UnsafeOutputError: 422,
     MissingOutputsError: 422,
     TooManyOutputsError: 422,
+    ResultsFileError: 422,
     EventLimitError: 422,
 }
 # Matched by name: the TPM module needs libtss2, which this module must import without.

@@ -194,6 +194,14 @@ class OutputFileEvent(EventData):
     sha256: Sha256Hex
 
 
+class ResultsFileEvent(OutputFileEvent):
+    """The output file the config names as ``results``, with its parsed metrics (name ->
+    number, ``aicert.metrics.parse_metrics``): bound facts in the report, not a file to trust."""
+
+    TYPE = "aicert.output.results-file"
+    metrics: dict[Annotated[str, StringConstraints(min_length=1, max_length=128)], float]
+
+
 class ResultEvent(EventData):
     """Last event: how the training ended. Measured after every output file."""
 
@@ -246,6 +254,7 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         CertifiedResourceEvent,
         PackageEvent,
         OutputFileEvent,
+        ResultsFileEvent,
         ResultEvent,
         SignedStatementsEvent,
     )

@@ -22,6 +22,7 @@ from rich.table import Table
 import aicert
 from aicert.errors import MalformedCertificateError, PlatformError, VerificationError
 from aicert.lineage import lineage_rows
+from aicert.metrics import thresholds_of
 from aicert.reference_value_sets import PlatformReferenceValues, load_reference_values
 from aicert.reference_values_cli import app as reference_values_app
 from aicert.verify import load_trust_roots
@@ -124,6 +125,16 @@ def _lineage_table(report: aicert.VerificationReport) -> Table:
     return table
 
 
+def _metrics_table(report: aicert.VerificationReport) -> Table:
+    """The results file's metrics: bound by the quote, not read from a file."""
+    table = Table(title="Certified metrics (from the measured results file)")
+    table.add_column("metric", overflow="fold")
+    table.add_column("value", justify="right")
+    for name, value in sorted(report.metrics.items()):
+        table.add_row(name, f"{value:g}")
+    return table
+
+
 @app.command()
 def verify(
     certificate: Annotated[Path, typer.Argument(help="The certificate (proof) JSON file.")],
@@ -148,6 +159,12 @@ def verify(
     require_lineage: Annotated[
         bool, typer.Option(help="Fail when a certified input's parent is not supplied.")
     ] = False,
+    expect_metric: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--expect-metric", help="NAME>=NUMBER (>=, <=, >, <, ==): a certified metric's bound."
+        ),
+    ] = None,
 ) -> None:
     """Verify a certificate offline; exit 0 only when every check passed."""
     expected: dict[str, str] = {}
@@ -159,6 +176,10 @@ def verify(
         expected[name] = digest
     roots, references = load_trust_options(trust_root, reference_values, as_json=as_json)
     try:
+        thresholds = thresholds_of(expect_metric or [])
+    except ValueError as exc:
+        fail(exc, as_json, code=2)
+    try:
         report = aicert.load(certificate).verify(
             reference_values=references,
             trusted_roots=roots,
@@ -167,6 +188,7 @@ def verify(
             model=model,
             parents=parent or [],
             require_lineage=require_lineage,
+            expected_metrics=thresholds,
         )
     except MalformedCertificateError as exc:
         fail(exc, as_json, code=2)
@@ -182,6 +204,8 @@ def verify(
         else:
             console.print(f"  [green]✓[/green] {check.name}: {check.detail}")
     console.print(_io_table(report))
+    if report.metrics:
+        console.print(_metrics_table(report))
     if report.lineage:
         console.print(_lineage_table(report))
 

@@ -141,3 +141,11 @@ class LineageDepthError(LineageError):
 
 class LineageUnusedParentError(LineageError):
     """A supplied parent is the parent of no link (the wrong parent was given)."""
+
+
+class MetricMissingError(VerificationError):
+    """A metric threshold names a metric the certificate's results file does not carry."""
+
+
+class MetricThresholdError(VerificationError):
+    """A certified metric fails the caller's threshold (the metric and both values named)."""

@@ -340,6 +340,7 @@ class Certificate(_Strict):
         reference_values: PlatformReferenceValues | Iterable[PlatformReferenceValues] | None = None,
         parents: Iterable[Certificate | str | os.PathLike[str]] = (),
         require_lineage: bool = False,
+        expected_metrics: Iterable[str] = (),
     ) -> VerificationReport:
         """Verify this certificate: ``aicert.verify.verify_certificate`` (same arguments)."""
         from aicert.verify import verify_certificate
@@ -354,6 +355,7 @@ class Certificate(_Strict):
             reference_values=reference_values,
             parents=parents,
             require_lineage=require_lineage,
+            expected_metrics=expected_metrics,
         )
 
     def verify_artifact(self, path: str | os.PathLike[str]) -> int:

@@ -59,6 +59,7 @@ from aicert.lineage import (
     load_parents,
     measured_links,
 )
+from aicert.metrics import MetricThreshold, check_thresholds, measured_metrics, thresholds_of
 from aicert.model import Certificate, InputRecord, OutputRecord, check_time
 from aicert.quote import verify_quote
 from aicert.reference_value_sets import REFERENCE_VALUE_SET_TYPES, PlatformReferenceValues
@@ -103,6 +104,8 @@ class VerificationReport:
     checks: tuple[Check, ...] = field(default_factory=tuple)
     # The certified inputs' links, each with its verified parent's tree or unverified.
     lineage: tuple[LineageLink, ...] = ()
+    # The results file's metrics (name -> value), bound by the replayed log.
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -126,6 +129,7 @@ class VerificationReport:
             "pcrs": {str(k): v for k, v in sorted(self.pcrs.items())},
             "checks": [{"name": c.name, "detail": c.detail} for c in self.checks],
             **({"lineage": [link.to_dict() for link in self.lineage]} if self.lineage else {}),
+            **({"metrics": dict(self.metrics)} if self.metrics else {}),
         }
 
 
@@ -233,6 +237,7 @@ def verify_certificate(
     reference_values: PlatformReferenceValues | Iterable[PlatformReferenceValues] | None = None,
     parents: Iterable[ParentCertificate] = (),
     require_lineage: bool = False,
+    expected_metrics: Iterable[MetricThreshold | str] = (),
 ) -> VerificationReport:
     """Verify everything the certificate claims; raise on the first failed check.
 
@@ -247,6 +252,7 @@ def verify_certificate(
     depth; each is verified with this same policy and its link checked (``aicert.lineage``).
     ``require_lineage``: refuse a certified input whose parent was not supplied
     (``LineageMissingParentError``) instead of reporting it unverified.
+    ``expected_metrics``: thresholds (``accuracy>=0.9``) the certified metrics must meet.
     """
     # The caller's arguments first: a mistake there is a TypeError or ValueError naming the
     # argument, not a verification failure of the certificate.
@@ -254,6 +260,7 @@ def verify_certificate(
     roots = load_trust_roots(trusted_roots)
     reference_sets = _reference_sets(reference_values)
     parent_certificates = load_parents(parents)
+    thresholds = thresholds_of(expected_metrics)
     checks: list[Check] = []
     # 1. (the certificate's schema: aicert.model, before this function)
     # 2. AK certificate chain to a trusted root, at the run's time or the caller's.
@@ -275,6 +282,10 @@ def verify_certificate(
     checks.append(Check("platform", platform_note))
     # 9. The caller's expectations.
     _check_expectations(certificate, expected_inputs, model, checks)
+    metrics = measured_metrics(measured)
+    if thresholds:
+        check_thresholds(metrics, thresholds)
+        checks.append(Check("metrics", ", ".join(map(str, thresholds)) + " met"))
     # 10. Lineage: each certified input's parent, verified with this same policy.
     lineage = measured_links(measured.resources)
     if lineage or parent_certificates:
@@ -314,6 +325,7 @@ def verify_certificate(
         pcrs={index: value.hex() for index, value in sorted(claimed_pcrs.items())},
         checks=tuple(checks),
         lineage=lineage,
+        metrics=metrics,
     )
 
 
