@@ -122,8 +122,9 @@ def model_statement(
             },
         },
     }
-    # Indented and unescaped like the tool's protobuf JSON, so the two compare by eye.
-    payload = json.dumps(statement, indent=2, ensure_ascii=False).encode("utf-8")
+    # Compact and unescaped: json.dumps takes its C encoder only without indentation, and a
+    # statement lists up to MAX_OUTPUT_FILES files, which the verifier rebuilds to compare.
+    payload = json.dumps(statement, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return ModelStatement(statement=statement, payload=payload, ignored=ignored)
 
 

@@ -214,10 +214,21 @@ def provenance_statement(measured: MeasuredRun, reference_values: str | None) ->
 def statement_json(statement: Statement) -> bytes:
     """The statement's RFC 8785 canonical JSON: the same statement, the same bytes.
 
+    Each top-level member is canonicalized on its own and the object assembled around them
+    (RFC 8785: members sorted by key, no whitespace; the keys are ASCII, so code-point order is
+    the UTF-16 order RFC 8785 asks for). Same bytes as canonicalizing the whole, but a float in
+    the measured config sends only the predicate to the slow reference canonicalizer, not the
+    up to MAX_OUTPUT_FILES subjects (the verifier rebuilds this statement to compare it).
+
     Args:
         statement: a statement from :func:`provenance_statement`.
     """
-    return canonical_json(statement)
+    if not all(key.isascii() for key in statement):
+        return canonical_json(statement)
+    members = [
+        canonical_json(key) + b":" + canonical_json(statement[key]) for key in sorted(statement)
+    ]
+    return b"{" + b",".join(members) + b"}"
 
 
 def verified_measurements(certificate: Certificate, report: VerificationReport) -> MeasuredRun:
