@@ -141,6 +141,13 @@ class CertificationAgent:
                 )
                 self._ak, self._ek = azure.ak, azure.ek
                 return azure.key_material()
+            if self.platform == "gcp":
+                # GCE provisions the AK as an NV template, certified by Google's vTPM CA.
+                from aicert.guest_runtime.gce_ak import read_gce_attestation_key
+
+                gce = read_gce_attestation_key(tpm)
+                self._ak, self._ek = gce.ak, gce.ek
+                return gce.key_material()
             if self._ek is None:
                 self._ek = tpm.create_ek()
             if self._ak is None:
@@ -163,6 +170,8 @@ class CertificationAgent:
             ak = self._machine_ak()
             if self.platform == "azure":
                 raise StepOrderError("the Azure AK is certified by Microsoft: nothing to activate")
+            if self.platform == "gcp":
+                raise StepOrderError("the GCE AK is certified by Google: nothing to activate")
             return self.tpm.activate_credential(ak, credential_blob, secret)
 
     def _machine_ak(self) -> AttestationKey:

@@ -129,3 +129,20 @@ def test_vtpm_without_gce_indices_is_refused(tmp_path: Path) -> None:
             read_gce_attestation_key(tpm)
     finally:
         swtpm.stop()
+
+
+def test_agent_on_gcp_hands_out_the_gce_ak_and_refuses_activation(
+    vtpm: GceVtpm, tmp_path: Path
+) -> None:
+    from aicert.guest_runtime.agent import CertificationAgent
+    from aicert.guest_runtime.errors import StepOrderError
+
+    vtpm.dress()
+    with Tpm(vtpm.swtpm.tcti) as tpm:
+        agent = CertificationAgent(tpm=tpm, platform="gcp", work_root=tmp_path)
+        material = agent.key_material()
+        assert material["ak_public"] == read_gce_attestation_key(tpm).ak.public_bytes
+        chain = material["ak_certificate_chain"]
+        assert isinstance(chain, list) and len(chain) == 1  # the leaf: GCE's NV holds no more
+        with pytest.raises(StepOrderError, match="certified by Google"):
+            agent.activate_credential(b"blob", b"secret")
