@@ -507,9 +507,9 @@ def certify_training(
     Args:
         config_path: The run configuration file (``aicert.yaml``), relative to the flow's
             working folder; the default when no ``config_block`` is given.
-        provider: The platform to certify on when no ``platform_block`` is given: ``local``
-            (swtpm on this host, a development platform), ``qemu`` (a measured-boot VM) or
-            ``azure`` (needs a saved AzurePlatform block).
+        provider: The platform to certify on when no ``platform_block`` is given, one of
+            the platform kinds: ``local`` (swtpm on this host, a development platform),
+            ``qemu`` (a measured-boot VM); the cloud kinds need their platform block.
         output_bom: Where to write the certificate (JSON) besides the result storage.
         outputs_dir: A folder to copy the certified outputs (the model) into.
         config_block: An AicertRunConfig block holding the configuration, instead of
