@@ -3,7 +3,7 @@ VENV ?= .venv
 AICERT_HOME ?= $(HOME)/.aicert
 export AICERT_HOME
 
-.PHONY: setup demo test lint schema
+.PHONY: setup demo demo-lineage test lint schema
 
 setup:
 	bash deployments/setup-host.sh
@@ -13,6 +13,12 @@ demo: setup
 	$(VENV)/bin/aicert run --config examples/aicert.yaml --output-bom proof.json --outputs-dir outputs
 	$(VENV)/bin/aicert verify proof.json --model outputs --allow-dev-platform \
 		--trust-root $(AICERT_HOME)/platform-ca/platform-ca.cert.pem
+
+## Lineage: certify pretrain -> fine-tune -> evaluate (each stage's model a certified input of
+## the next, the evaluation's metrics certified), then verify the chain (examples/lineage).
+demo-lineage: setup
+	rm -rf lineage-demo
+	$(VENV)/bin/python examples/lineage/run_lineage.py lineage-demo
 
 ## Lint, then the whole test suite on real components (swtpm, dockerd, Prefect, tpm2-tools).
 test: setup

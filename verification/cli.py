@@ -111,16 +111,18 @@ def _io_table(report: aicert.VerificationReport) -> Table:
 def _lineage_table(report: aicert.VerificationReport) -> Table:
     """The lineage as a tree: each certified input, then its parent's own certified inputs."""
     table = Table(title="Lineage (certified inputs and the certificates that produced them)")
-    for column in ("input", "from run", "output", "sha256", "parent"):
+    for column in ("input", "from run", "output", "sha256", "parent", "parent's resources"):
         table.add_column(column, overflow="fold")
     for depth, link in lineage_rows(report.lineage):
         status = "[green]verified[/green]" if link.verified else "[yellow]unverified[/yellow]"
+        resources = link.parent.resources if link.parent is not None else ()
         table.add_row(
             "  " * depth + ("└ " if depth else "") + link.destination,
             link.run_id,
             link.output,
             _short(link.sha256),
             status,
+            "\n".join(f"{name} {_short(digest)}" for name, digest in resources),
         )
     return table
 

@@ -70,6 +70,9 @@ class LineageNode:
     platform: str
     certificate_sha256: str
     links: tuple[LineageLink, ...]
+    # The parent's measured resources (data, weights) as (destination, sha256): what the
+    # chain goes back to.
+    resources: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         """The node as JSON values (``VerificationReport.to_dict``'s ``lineage`` entries)."""
@@ -78,6 +81,7 @@ class LineageNode:
             "project": self.project,
             "platform": self.platform,
             "certificate_sha256": self.certificate_sha256,
+            "resources": [{"name": name, "sha256": digest} for name, digest in self.resources],
             "links": [link.to_dict() for link in self.links],
         }
 
@@ -226,6 +230,11 @@ class _Walk:
             platform=report.platform,
             certificate_sha256=link.certificate_sha256,
             links=self.links(report.lineage, (*path, link.certificate_sha256), report.run_id),
+            resources=tuple(
+                (item.name, item.digest["sha256"])
+                for item in report.inputs
+                if item.kind == "resource"
+            ),
         )
         return replace(link, parent=node)
 

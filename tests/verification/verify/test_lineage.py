@@ -111,6 +111,8 @@ def test_chain_verifies_back_to_the_pretraining_run(
     assert link.verified and link.run_id == finetune.certificate.run.id
     assert link.parent is not None and link.parent.links[0].parent is not None
     assert link.parent.links[0].parent.run_id == pretrain.certificate.run.id
+    # the chain goes back to the pretraining run's data
+    assert link.parent.links[0].parent.resources[0][0] == "data/train.csv"
     assert [depth for depth, _ in lineage_rows(report.lineage)] == [0, 1]
     as_json = report.to_dict()["lineage"]
     assert as_json[0]["parent"]["links"][0]["parent"]["run_id"] == pretrain.certificate.run.id
