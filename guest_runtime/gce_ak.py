@@ -13,18 +13,16 @@ end user's verifier.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from aicert.guest_runtime.azure_ak import AzureAttestationKey
 from aicert.guest_runtime.tpm import (
-    AttestationKey,
     NvIndexNotDefinedError,
     Tpm,
     TpmError,
-    TpmObject,
     der_prefix,
 )
 
@@ -40,25 +38,9 @@ class GceAttestationKeyError(RuntimeError):
     """The VM's GCE AK template or certificate is missing, or they do not match."""
 
 
-@dataclass(frozen=True)
-class GceAttestationKey:
-    """The endorsement-hierarchy AK and its certificate; ``chain_pem`` is the leaf alone."""
-
-    ak: AttestationKey
-    ek: TpmObject
-    ek_certificate: bytes | None  # DER, padding removed; None when the vTPM has none
-    certificate_der: bytes
-    chain_pem: list[str]
-
-    def key_material(self) -> dict[str, bytes | list[str] | None]:
-        """The agent's key material (``api_models.KeyMaterial`` fields), with the chain."""
-        return {
-            "ek_certificate": self.ek_certificate,
-            "ek_public": bytes(self.ek.public.publicArea.marshal()),
-            "ak_public": self.ak.public_bytes,
-            "ak_name": self.ak.name,
-            "ak_certificate_chain": list(self.chain_pem),
-        }
+# The same facts as Azure's: the AK, the EK, the certificate and the chain (here the leaf
+# alone: the verifier ships Google's intermediates).
+GceAttestationKey = AzureAttestationKey
 
 
 def _read(tpm: Tpm, index: int, what: str) -> bytes:

@@ -16,23 +16,18 @@ from datetime import UTC, datetime
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from aicert.appevents import event_digest
 from aicert.errors import CertificateChainError, PlatformError
-from aicert.flows.assemble import assemble_certificate
 from aicert.gcp_reference import derive_gcp_reference_values
-from aicert.guest_runtime.api_models import Evidence
 from aicert.reference_value_sets import GcpReferenceValueSet
-from aicert.tasks.platforms.base import EnrolledKey
 from aicert.tcg_eventlog import parse_event_log
 from aicert.tpm_structures import parse_tpmt_public
 from tests.verification.gcp_like import GoogleLikeCa
-from tests.verification.verify.factory import MadeCertificate, RunParams, TpmRig
+from tests.verification.verify.factory import CertificateFactory, MadeCertificate, TpmRig
 
 from .eventlogs import read_log, replayed_pcrs, with_other_digest
 
 pytestmark = [pytest.mark.swtpm]
 GCE_LOG = "cos-85-amd-sev.bin"
-EV_NO_ACTION = 0x3
 IMAGE = "projects/aicert-images/global/images/aicert-guest-1-0-0"
 REFERENCE_ID = "aicert-guest-1-0-0"
 
@@ -52,45 +47,27 @@ def google_ca() -> GoogleLikeCa:
     return GoogleLikeCa.create(datetime(2022, 7, 8, tzinfo=UTC))
 
 
+class GoogleCertifiedFactory(CertificateFactory):
+    """The factory's certificates, with the rig's AK certified by a Google-shaped chain."""
+
+    def __init__(self, rig: TpmRig, ca: GoogleLikeCa) -> None:
+        super().__init__(rig)
+        ak_key = parse_tpmt_public(rig.ak.public_bytes).to_cryptography_key()
+        leaf = ca.ak_certificate(ak_key, not_before=datetime(2024, 5, 7, tzinfo=UTC))
+        # GCE's NV index holds the leaf only; the orchestrator adds the intermediate.
+        rig.chain = [leaf.public_bytes(Encoding.PEM).decode(), ca.intermediate.pem]
+        self.ca = ca
+
+    @property
+    def trust_root_pem(self) -> str:
+        return self.ca.root.pem
+
+
 def _boot_and_run(rig: TpmRig, ca: GoogleLikeCa, boot_log: bytes) -> MadeCertificate:
-    """Power-cycle, measure ``boot_log`` and a run, quote PCR 0-15, assemble."""
-    params = RunParams.new(platform="gcp")
-    tpm = rig.power_cycle()
-    for event in parse_event_log(boot_log).events:
-        if event.event_type != EV_NO_ACTION:
-            tpm.pcr_extend(event.pcr, event.digests["sha256"])
-    events = params.events()
-    for app_event in events:
-        tpm.pcr_extend(app_event.pcr, event_digest(app_event))
-    quote = tpm.quote(rig.ak, tuple(range(16)), params.nonce)
-    ak_key = parse_tpmt_public(rig.ak.public_bytes).to_cryptography_key()
-    leaf = ca.ak_certificate(ak_key, not_before=datetime(2024, 5, 7, tzinfo=UTC))
-    evidence = Evidence(
-        attest=quote.attest,
-        signature=quote.signature,
-        pcrs={str(index): value.hex() for index, value in sorted(quote.pcrs.items())},
-        nonce=params.nonce,
-        ak_public=rig.ak.public_bytes,
-        event_log=events,
-        boot_event_log=boot_log,
-        started_at=params.started_at.isoformat(),
-        finished_at=params.finished_at.isoformat(),
-        exit_code=params.exit_code,
-        duration_ms=params.duration_ms,
+    """Measure ``boot_log`` and a run from reset PCRs, quote PCR 0-15, assemble."""
+    return GoogleCertifiedFactory(rig, ca).make_certificate(
+        boot_event_log=boot_log, reference_values=REFERENCE_ID, platform="gcp"
     )
-    certificate = assemble_certificate(
-        evidence=evidence,
-        enrolled=EnrolledKey(
-            # GCE's NV index holds the leaf only; the orchestrator adds the intermediate.
-            ak_certificate_chain=[leaf.public_bytes(Encoding.PEM).decode(), ca.intermediate.pem],
-            ek_certificate_pem=None,
-            trusted_root_pem=None,
-        ),
-        project=params.project,
-        provider="gcp",
-        reference_values=REFERENCE_ID,
-    )
-    return MadeCertificate(certificate, params, ca.root.pem)
 
 
 @pytest.fixture(scope="module")
