@@ -26,6 +26,13 @@ def get_provider(name: str | Provider) -> Provider:
             "provider: azure needs its settings: save an AzurePlatform block and pass "
             "platform_block='aicert-azure-platform/<name>'"
         )
+    if name == "gcp":
+        # Certificates of kind gcp verify, and the guest agent runs on GCE, but no provider
+        # provisions a Compute Engine VM per run yet.
+        raise ValueError(
+            "provider: gcp has no provider yet: gcp certificates verify and the agent runs "
+            "on GCE (--platform gcp), but no Compute Engine VM is provisioned per run"
+        )
     try:
         return PROVIDERS[name]()
     except KeyError:
