@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from cryptography import x509
@@ -55,6 +56,7 @@ from aicert.hashing import UnsafePathError, hash_tree, sha256_file
 from aicert.lineage import (
     LineageLink,
     ParentCertificate,
+    VerifyParent,
     follow_lineage,
     load_parents,
     measured_links,
@@ -282,27 +284,19 @@ def verify_certificate(
     checks.append(Check("platform", platform_note))
     # 9. The caller's expectations.
     _check_expectations(certificate, expected_inputs, model, checks)
-    metrics = measured_metrics(measured)
-    if thresholds:
-        check_thresholds(metrics, thresholds)
-        checks.append(Check("metrics", ", ".join(map(str, thresholds)) + " met"))
-    # 10. Lineage: each certified input's parent, verified with this same policy.
-    lineage = measured_links(measured.resources)
-    if lineage or parent_certificates:
-        lineage = follow_lineage(
-            certificate,
-            lineage,
-            parent_certificates,
-            lambda parent: verify_certificate(
-                parent,
-                trusted_roots=roots,
-                at_time=at_time,
-                allow_dev_platform=allow_dev_platform,
-                reference_values=reference_sets,
-            ),
-            require_lineage=require_lineage,
-        )
-        checks.append(Check("lineage", _lineage_detail(lineage)))
+    # 10. The certified metrics, and the caller's thresholds.
+    metrics = _check_metrics(measured, thresholds, checks)
+    # 11. Lineage: each certified input's parent, verified with this same policy.
+    same_policy = partial(
+        verify_certificate,
+        trusted_roots=roots,
+        at_time=at_time,
+        allow_dev_platform=allow_dev_platform,
+        reference_values=reference_sets,
+    )
+    lineage = _check_lineage(
+        certificate, measured, parent_certificates, require_lineage, same_policy, checks
+    )
     return VerificationReport(
         run_id=certificate.run.id,
         project=certificate.run.project,
@@ -329,9 +323,41 @@ def verify_certificate(
     )
 
 
-def _lineage_detail(links: Sequence[LineageLink]) -> str:
+def _check_metrics(
+    measured: MeasuredRun, thresholds: Sequence[MetricThreshold], checks: list[Check]
+) -> dict[str, float]:
+    """Step 10: the results file's metrics (declared by the measured config), and the
+    caller's thresholds on them."""
+    metrics = measured_metrics(measured)
+    if thresholds:
+        check_thresholds(metrics, thresholds)
+        checks.append(Check("metrics", ", ".join(map(str, thresholds)) + " met"))
+    return metrics
+
+
+def _check_lineage(
+    certificate: Certificate,
+    measured: MeasuredRun,
+    parents: Sequence[Certificate],
+    require_lineage: bool,
+    verify_parent: VerifyParent,
+    checks: list[Check],
+) -> tuple[LineageLink, ...]:
+    """Step 11: each certified input's link checked against the supplied parents, each
+    parent verified by ``verify_parent`` (the child's policy); see ``aicert.lineage``."""
+    links = measured_links(measured.resources)
+    if not links and not parents:
+        return links
+    links = follow_lineage(
+        certificate, links, parents, verify_parent, require_lineage=require_lineage
+    )
     verified = sum(link.verified for link in links)
-    return f"{verified} of {len(links)} certified input(s) linked to a verified parent"
+    checks.append(
+        Check(
+            "lineage", f"{verified} of {len(links)} certified input(s) linked to a verified parent"
+        )
+    )
+    return links
 
 
 def _check_ak_certificate_chain(
