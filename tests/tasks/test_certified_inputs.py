@@ -7,7 +7,10 @@ verifier tests' factory.
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -132,3 +135,32 @@ def test_missing_parent_file_stops_the_run(tmp_path: Path, parent: MadeCertifica
     (tmp_path / "runs" / "pretrain.proof.json").unlink()
     with pytest.raises(CertifiedInputError, match="cannot read it"):
         resolve(config, parent)
+
+
+def test_parent_fetched_over_http(tmp_path: Path, parent: MadeCertificate) -> None:
+    served = tmp_path / "served"
+    parent.certificate.write(served / "pretrain.proof.json")
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(served))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/pretrain.proof.json"
+        config = child_config(tmp_path, parent)
+        resource = config.resources[0]
+        assert resource.certified_by is not None
+        link = resource.certified_by.model_copy(update={"certificate": url})
+        config = config.model_copy(
+            update={"resources": [resource.model_copy(update={"certified_by": link})]}
+        )
+        resolved = resolve(config, parent).resources[0].certified_by
+        assert resolved is not None and resolved.run_id == parent.certificate.run.id
+        missing = link.model_copy(update={"certificate": url.replace("pretrain", "absent")})
+        absent = config.model_copy(
+            update={"resources": [resource.model_copy(update={"certified_by": missing})]}
+        )
+        with pytest.raises(CertifiedInputError, match="cannot read it"):
+            resolve(absent, parent)
+    finally:
+        server.shutdown()
+        server.server_close()
