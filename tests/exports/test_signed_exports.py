@@ -34,7 +34,7 @@ from tests.exports.test_cli import run_export, trust_options
 from tests.guest_runtime.test_tpm_signing import run_model_signing
 from tests.verification.test_model_signing_format import write_folder
 from tests.verification.verify.factory import CertificateFactory, MadeCertificate, TpmRig
-from tests.verification.verify.seeds import load_seed
+from tests.verification.verify.seeds import PLATFORMS, load_seed
 
 pytestmark = [pytest.mark.swtpm]
 
@@ -222,9 +222,11 @@ def test_a_certificate_without_signed_statements_has_no_signed_export(
     assert not output.exists()
 
 
-@pytest.mark.parametrize("platform", ["local", "azure"])
-def test_a_seed_slsa_envelope_verifies(platform: Literal["local", "azure"], tmp_path: Path) -> None:
-    # The stored seeds, made by the Prefect flow: local (ECC AK, ECDSA) and the Azure double
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_a_seed_slsa_envelope_verifies(
+    platform: Literal["local", "qemu", "azure"], tmp_path: Path
+) -> None:
+    # The stored seeds, made by the Prefect flow: local and qemu (ECC AK, ECDSA), the Azure double
     # (Microsoft-style RSA AK, RSASSA PKCS#1 v1.5).
     seed = load_seed(platform)
     output = tmp_path / "provenance.intoto.json"
