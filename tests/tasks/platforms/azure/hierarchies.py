@@ -1,7 +1,7 @@
 """Azure's live AK certificate hierarchies, generated, and an http server for their AIA URLs.
 
-Shapes (``../shared/trust-roots/README.md``, issue 17; the real CA-03 and root are in
-``tests/data/trust-roots``):
+Shapes as reported from real Azure VMs in 2026 (issue 17; the real CA-03 and root are in
+``tests/data/trust-roots``, with their provenance):
 
 - ``ca03``: leaf (no AIA) -> "Global Virtual TPM CA - 03" (AIA: the root's URL) -> root. The
   intermediate must be shipped: nothing in the leaf says where to fetch it.
