@@ -26,14 +26,18 @@ from pathlib import Path
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from aicert.exports.cli import ExportFormat, export_document
+from aicert.exports.cli import ExportFormat, ExportUnavailableError, export_document
 from aicert.exports.verified import VerifiedCertificate
 from aicert.model import InputRecord
 from aicert.verify import VerificationReport
 
 # How long an export shown inline may be; the full file is in result storage either way.
 MAX_INLINE_EXPORT_CHARS = 200_000
-EXPORT_SUFFIXES = {ExportFormat.CYCLONEDX: "cdx.json", ExportFormat.SLSA: "slsa.json"}
+EXPORT_SUFFIXES = {
+    ExportFormat.CYCLONEDX: "cdx.json",
+    ExportFormat.SLSA: "slsa.json",  # the TPM-signed DSSE envelope
+    ExportFormat.MODEL_SIGNING: "model.sig",  # the OpenSSF model signing bundle
+}
 
 
 def artifact_key(project: str, kind: str) -> str:
@@ -173,15 +177,16 @@ def _write_export(storage_dir: str, verified: VerifiedCertificate, fmt: ExportFo
 
 
 def create_export_artifacts(verified: VerifiedCertificate, storage_dir: str) -> list[str]:
-    """The CycloneDX and SLSA exports of ``verified`` as artifacts (and files in result
-    storage beside the certificate). Returns the formats exported; a format whose library
-    is not installed (CycloneDX needs the ``export`` extra) is logged and left out."""
+    """The CycloneDX, SLSA and model signing exports of ``verified`` as artifacts (and files
+    in result storage beside the certificate). Returns the formats exported; a format whose library
+    is not installed (CycloneDX needs the ``export`` extra), or that the certificate cannot
+    give (a certificate without the TPM-signed SLSA envelope), is logged and left out."""
     done: list[str] = []
     project = verified.report.project
-    for fmt in (ExportFormat.CYCLONEDX, ExportFormat.SLSA):
+    for fmt in EXPORT_SUFFIXES:
         try:
             text = _write_export(storage_dir, verified, fmt)
-        except ImportError as exc:
+        except (ImportError, ExportUnavailableError) as exc:
             logging.getLogger(__name__).warning("no %s export: %s", fmt.value, exc)
             continue
         shown = text if len(text) <= MAX_INLINE_EXPORT_CHARS else text[:MAX_INLINE_EXPORT_CHARS]

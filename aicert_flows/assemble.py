@@ -20,7 +20,6 @@ from aicert.model import (
     RunInfo,
 )
 from aicert.tasks.platforms.base import EnrolledKey
-from aicert.verify import VerificationReport
 
 NONCE_BYTES = 32
 
@@ -94,63 +93,3 @@ def assemble_certificate(
 def certificate_digest(data: bytes) -> str:
     """The SHA-256 (hex) of a certificate file's bytes, as events and the registry name it."""
     return hashlib.sha256(data).hexdigest()
-
-
-def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def summary_markdown(report: VerificationReport, path: str) -> str:
-    """The certificate artifact's Markdown: the run, its platform, what was verified."""
-    lines = [
-        f"# AICert certificate: {report.project}",
-        "",
-        f"- **Run**: `{report.run_id}` (exit code {report.exit_code}, "
-        f"{report.duration_ms / 1000:.1f} s of training)",
-        f"- **Platform**: {report.platform}: {report.platform_note}",
-        f"- **Attestation key**: chains to {report.ak_root_subject} "
-        f"(`{report.ak_root_fingerprint_sha256[:16]}...`), chain expires "
-        f"{report.ak_chain_expires_at.isoformat()}",
-        f"- **Certificate file**: `{path}`",
-        "",
-        "## Inputs (PCR 14)",
-        "",
-        "| kind | name | version | size | sha256 |",
-        "|---|---|---|---|---|",
-    ]
-    for item in report.inputs:
-        lines.append(
-            f"| {item.kind} | {_md_escape(item.name)} | {_md_escape(item.version or '')} | "
-            f"{item.size if item.size is not None else ''} | `{item.digest['sha256']}` |"
-        )
-    lines += ["", "## Outputs (PCR 15)", "", "| path | size | sha256 |", "|---|---|---|"]
-    for output in report.outputs:
-        lines.append(f"| {_md_escape(output.path)} | {output.size} | `{output.digest['sha256']}` |")
-    lines += ["", "## Verified", ""]
-    lines += [f"- **{check.name}**: {check.detail}" for check in report.checks]
-    return "\n".join(lines) + "\n"
-
-
-def summary_table(report: VerificationReport) -> list[dict[str, object]]:
-    """The bill-of-materials artifact's rows: every certified input and output."""
-    rows: list[dict[str, object]] = [
-        {
-            "direction": "input",
-            "kind": item.kind,
-            "name": item.name,
-            "size": item.size,
-            "sha256": item.digest["sha256"],
-        }
-        for item in report.inputs
-    ]
-    rows += [
-        {
-            "direction": "output",
-            "kind": "file",
-            "name": output.path,
-            "size": output.size,
-            "sha256": output.digest["sha256"],
-        }
-        for output in report.outputs
-    ]
-    return rows

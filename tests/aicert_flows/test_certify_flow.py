@@ -258,7 +258,7 @@ def test_flow_run_is_named_after_the_project_and_the_run(
     assert re.fullmatch(r"\d{8}T\d{6}Z", stamp), stamp
 
 
-ARTIFACT_KINDS = ("certificate", "bom", "certificate-file", "cyclonedx", "slsa")
+ARTIFACT_KINDS = ("certificate", "bom", "certificate-file", "cyclonedx", "slsa", "model-signing")
 
 
 def test_artifacts_belong_to_the_flow_run(
@@ -280,6 +280,9 @@ def test_artifacts_belong_to_the_flow_run(
     assert statement["predicateType"] == "https://slsa.dev/provenance/v1"
     cyclonedx = str(by_key[artifact_key(certified.project, "cyclonedx")].data)
     assert '"bomFormat": "CycloneDX"' in cyclonedx or '"bomFormat":"CycloneDX"' in cyclonedx
+    model_signing = str(by_key[artifact_key(certified.project, "model-signing")].data)
+    bundle = json.loads(model_signing.split("```json\n", 1)[1].rsplit("\n```", 1)[0])
+    assert bundle["mediaType"] == "application/vnd.dev.sigstore.bundle.v0.3+json"
 
 
 def test_certificate_markdown_shows_full_hashes_the_model_check_and_the_dev_warning(
