@@ -25,7 +25,7 @@ from aicert.lineage import lineage_rows
 from aicert.metrics import thresholds_of
 from aicert.reference_value_sets import PlatformReferenceValues, load_reference_values
 from aicert.reference_values_cli import app as reference_values_app
-from aicert.verify import load_trust_roots
+from aicert.trust_anchors import load_trust_roots
 
 app = typer.Typer(
     name="aicert",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hmac
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -26,15 +25,11 @@ from aicert.appevents import (
     interpret,
     replay,
 )
-from aicert.boot_events import replay_against_quote
-from aicert.boot_log_check import check_boot_log
-from aicert.boot_pcr_check import boot_application_start, check_azure_boot_pcrs
 from aicert.chain import (
     ChainVerification,
     check_ak_binding,
     issuer_key_purposes,
     leaf_public_key_matches,
-    load_pem_certificates,
     pinned_roots,
     shipped_intermediates,
     verify_ak_chain,
@@ -42,13 +37,11 @@ from aicert.chain import (
 from aicert.errors import (
     AkMismatchError,
     ArtifactMismatchError,
-    CertificateChainError,
     EventLogError,
     ExpectationError,
     NonceMismatchError,
     Pcr14StartError,
     PcrSelectionError,
-    PlatformError,
     TpmStructureError,
     VerificationError,
 )
@@ -63,134 +56,22 @@ from aicert.lineage import (
 )
 from aicert.metrics import MetricThreshold, check_thresholds, measured_metrics, thresholds_of
 from aicert.model import Certificate, InputRecord, OutputRecord, check_time
+from aicert.platform_check import (
+    DEV_PLATFORM_NOTE,
+    boot_log_of,
+    logless_application_start,
+    reference_sets,
+    verify_platform,
+)
 from aicert.quote import verify_quote
-from aicert.reference_value_sets import REFERENCE_VALUE_SET_TYPES, PlatformReferenceValues
+from aicert.reference_value_sets import PlatformReferenceValues
+from aicert.report import Check, VerificationReport
 from aicert.signed_statements import verify_signed_statements
-from aicert.tcg_eventlog import TcgEventLog, parse_event_log
+from aicert.tcg_eventlog import TcgEventLog
 from aicert.tpm_structures import parse_tpmt_public
+from aicert.trust_anchors import TrustRoot, load_trust_roots
 
 QUOTED_PCRS = frozenset(range(16))
-DEV_PLATFORM_NOTE = (
-    "local platform: software TPM on the build host, no boot chain attested; this "
-    "certificate proves what the AICert agent measured, not which OS or firmware ran it"
-)
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    detail: str
-
-
-@dataclass(frozen=True)
-class VerificationReport:
-    """What was verified, and what the certificate binds (from the replayed log only)."""
-
-    run_id: str
-    project: str
-    platform: str
-    boot_chain_attested: bool
-    platform_note: str
-    ak_root_subject: str
-    ak_root_fingerprint_sha256: str
-    ak_chain_expires_at: datetime
-    verified_at_time: datetime
-    nonce: str
-    runtime_version: str
-    exit_code: int
-    duration_ms: int
-    finished_at: datetime
-    inputs: tuple[InputRecord, ...]
-    outputs: tuple[OutputRecord, ...]
-    pcrs: Mapping[int, str]
-    checks: tuple[Check, ...] = field(default_factory=tuple)
-    # The certified inputs' links, each with its verified parent's tree or unverified.
-    lineage: tuple[LineageLink, ...] = ()
-    # The results file's metrics (name -> value), bound by the replayed log.
-    metrics: Mapping[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "verified": True,
-            "run_id": self.run_id,
-            "project": self.project,
-            "platform": self.platform,
-            "boot_chain_attested": self.boot_chain_attested,
-            "platform_note": self.platform_note,
-            "ak_root_subject": self.ak_root_subject,
-            "ak_root_fingerprint_sha256": self.ak_root_fingerprint_sha256,
-            "ak_chain_expires_at": self.ak_chain_expires_at.isoformat(),
-            "verified_at_time": self.verified_at_time.isoformat(),
-            "nonce": self.nonce,
-            "runtime_version": self.runtime_version,
-            "exit_code": self.exit_code,
-            "duration_ms": self.duration_ms,
-            "finished_at": self.finished_at.isoformat(),
-            "inputs": [i.model_dump(mode="json", exclude_none=True) for i in self.inputs],
-            "outputs": [o.model_dump(mode="json") for o in self.outputs],
-            "pcrs": {str(k): v for k, v in sorted(self.pcrs.items())},
-            "checks": [{"name": c.name, "detail": c.detail} for c in self.checks],
-            **({"lineage": [link.to_dict() for link in self.lineage]} if self.lineage else {}),
-            **({"metrics": dict(self.metrics)} if self.metrics else {}),
-        }
-
-
-TrustRoot = x509.Certificate | str | bytes | os.PathLike[str]
-# A trust root file is one PEM certificate or a few; a bigger file is not one.
-MAX_TRUST_ROOT_FILE_BYTES = 1024 * 1024
-
-
-def load_trust_roots(trusted_roots: Iterable[TrustRoot]) -> list[x509.Certificate]:
-    """The caller's trust anchors as certificates: each an ``x509.Certificate``, PEM text or
-    bytes, or the path of a PEM file (each PEM may hold several certificates).
-
-    A wrong root is the caller's mistake, not the certificate's fault: it raises ``TypeError``
-    or ``ValueError`` naming ``trusted_roots[i]``, never a ``VerificationError``.
-
-    Args:
-        trusted_roots: the anchors (a list or other iterable, not one root on its own).
-
-    Raises:
-        TypeError: ``trusted_roots`` is a single str, bytes or path, or holds something that
-            is none of the above (an int, None, a key).
-        ValueError: a root is a file that cannot be read or a folder, or is not PEM
-            certificate data (a random file, a PEM private key or CSR).
-    """
-    if isinstance(trusted_roots, str | bytes | bytearray | os.PathLike | x509.Certificate):
-        raise TypeError(
-            "trusted_roots must be a list of roots, not one "
-            f"{type(trusted_roots).__name__} (pass [root])"
-        )
-    roots: list[x509.Certificate] = []
-    for index, root in enumerate(trusted_roots):
-        name = f"trusted_roots[{index}]"
-        if isinstance(root, x509.Certificate):
-            roots.append(root)
-            continue
-        if isinstance(root, bytes | bytearray) or (isinstance(root, str) and "-----BEGIN" in root):
-            data, where = bytes(root) if not isinstance(root, str) else root, "PEM data"
-        elif isinstance(root, str | os.PathLike):
-            where = str(root)
-            try:
-                with Path(root).open("rb") as handle:
-                    data = handle.read(MAX_TRUST_ROOT_FILE_BYTES + 1)
-            except OSError as exc:
-                raise ValueError(f"{name} {where}: cannot read: {exc.strerror or exc}") from None
-            if len(data) > MAX_TRUST_ROOT_FILE_BYTES:
-                raise ValueError(
-                    f"{name} {where}: larger than {MAX_TRUST_ROOT_FILE_BYTES} bytes, "
-                    "not a PEM certificate file"
-                )
-        else:
-            raise TypeError(
-                f"{name} must be an x509.Certificate, PEM str or bytes, or a path, "
-                f"not {type(root).__name__}"
-            )
-        try:
-            roots.extend(load_pem_certificates(data))
-        except CertificateChainError as exc:
-            raise ValueError(f"{name} {where}: {exc}") from None
-    return roots
 
 
 def _judge_time(at_time: datetime | None, claimed: datetime) -> datetime:
@@ -199,33 +80,6 @@ def _judge_time(at_time: datetime | None, claimed: datetime) -> datetime:
     if at_time is None:
         return claimed.astimezone(UTC)  # bounded by the schema (aicert.model.check_time)
     return check_time(at_time, "at_time")
-
-
-_LOAD_HINT = "aicert.reference_values.load_reference_values(path)"
-
-
-def _reference_sets(
-    given: PlatformReferenceValues | Iterable[PlatformReferenceValues] | None,
-) -> tuple[PlatformReferenceValues, ...]:
-    """The caller's reference-value sets; anything else is a TypeError naming the argument
-    (a path given for a set loaded with ``load_reference_values(path)``)."""
-    if given is None:
-        return ()
-    if isinstance(given, REFERENCE_VALUE_SET_TYPES):
-        return (given,)
-    if isinstance(given, str | bytes | os.PathLike) or not isinstance(given, Iterable):
-        raise TypeError(
-            "reference_values must be a reference-value set or a list of them, not "
-            f"{type(given).__name__}; load a file with {_LOAD_HINT}"
-        )
-    sets = tuple(given)
-    for index, item in enumerate(sets):
-        if not isinstance(item, REFERENCE_VALUE_SET_TYPES):
-            raise TypeError(
-                f"reference_values[{index}] must be a reference-value set, not "
-                f"{type(item).__name__}; load a file with {_LOAD_HINT}"
-            )
-    return sets
 
 
 def verify_certificate(
@@ -260,7 +114,7 @@ def verify_certificate(
     # argument, not a verification failure of the certificate.
     judge_time = _judge_time(at_time, certificate.run.finished_at)
     roots = load_trust_roots(trusted_roots)
-    reference_sets = _reference_sets(reference_values)
+    sets = reference_sets(reference_values)
     parent_certificates = load_parents(parents)
     thresholds = thresholds_of(expected_metrics)
     checks: list[Check] = []
@@ -272,14 +126,14 @@ def verify_certificate(
     # 4-5. Quote signature and TPMS_ATTEST contents.
     claimed_pcrs = _check_quote(certificate, checks)
     # 6. Application event log replay against PCR 14 and 15.
-    boot_log = _boot_log(certificate)
-    start = _logless_start(certificate, claimed_pcrs, boot_log, reference_sets)
+    boot_log = boot_log_of(certificate)
+    start = logless_application_start(certificate, claimed_pcrs, boot_log, sets)
     measured = _check_application_event_log(certificate, claimed_pcrs, boot_log, checks, start)
     # 7. The statements the AK signed inside the machine (model_signing, SLSA provenance).
     _check_signed_statements(certificate, measured, checks)
     # 8. Platform.
-    boot_attested, platform_note = _verify_platform(
-        certificate, claimed_pcrs, allow_dev_platform, boot_log, reference_sets
+    boot_attested, platform_note = verify_platform(
+        certificate, claimed_pcrs, allow_dev_platform, boot_log, sets
     )
     checks.append(Check("platform", platform_note))
     # 9. The caller's expectations.
@@ -292,11 +146,38 @@ def verify_certificate(
         trusted_roots=roots,
         at_time=at_time,
         allow_dev_platform=allow_dev_platform,
-        reference_values=reference_sets,
+        reference_values=sets,
     )
     lineage = _check_lineage(
         certificate, measured, parent_certificates, require_lineage, same_policy, checks
     )
+    return _report(
+        certificate,
+        measured,
+        chain,
+        judge_time,
+        claimed_pcrs,
+        (boot_attested, platform_note),
+        checks=tuple(checks),
+        lineage=lineage,
+        metrics=metrics,
+    )
+
+
+def _report(
+    certificate: Certificate,
+    measured: MeasuredRun,
+    chain: ChainVerification,
+    judge_time: datetime,
+    claimed_pcrs: Mapping[int, bytes],
+    platform: tuple[bool, str],
+    *,
+    checks: tuple[Check, ...],
+    lineage: tuple[LineageLink, ...],
+    metrics: Mapping[str, float],
+) -> VerificationReport:
+    """The report of a verification that passed: the run as its replayed log measured it."""
+    boot_attested, platform_note = platform
     return VerificationReport(
         run_id=certificate.run.id,
         project=certificate.run.project,
@@ -317,9 +198,9 @@ def verify_certificate(
         inputs=tuple(certificate.inputs),
         outputs=tuple(certificate.outputs),
         pcrs={index: value.hex() for index, value in sorted(claimed_pcrs.items())},
-        checks=tuple(checks),
+        checks=checks,
         lineage=lineage,
-        metrics=metrics,
+        metrics=dict(metrics),
     )
 
 
@@ -500,31 +381,6 @@ def _check_expectations(
 PLATFORM_CA_PLATFORMS = frozenset({"local", "qemu"})
 
 
-def _boot_log(certificate: Certificate) -> TcgEventLog | None:
-    """The certificate's boot event log, parsed once for both checks that read it. The local
-    platform has no boot: its platform check refuses a boot log if one is attached."""
-    # Zero bytes (an Azure Trusted Launch VM's log) is no log: there is nothing to replay.
-    if certificate.platform.kind == "local" or not certificate.boot_event_log:
-        return None
-    return parse_event_log(certificate.boot_event_log)
-
-
-def _logless_start(
-    certificate: Certificate,
-    quoted: Mapping[int, bytes],
-    boot_log: TcgEventLog | None,
-    reference_sets: PlatformReferenceValues | Iterable[PlatformReferenceValues] | None,
-) -> dict[int, bytes] | None:
-    """An Azure certificate without a boot log: PCR 14/15 before the agent's first event,
-    from the reference boot its quoted PCRs match (``aicert.boot_pcr_check``); else None."""
-    if certificate.platform.kind != "azure" or boot_log is not None or not reference_sets:
-        # Without sets, step 8 refuses the certificate for want of one (after step 6 has
-        # judged the claims it can, e.g. the platform kind the log measured).
-        return None
-    reference = _select_reference_values(certificate, reference_sets)
-    return boot_application_start(None, quoted, reference)
-
-
 def _verify_event_log(
     certificate: Certificate,
     quoted: Mapping[int, bytes],
@@ -589,74 +445,6 @@ def _check_pcr14_from_reference(replayed: bytes, quoted: bytes, start: bytes) ->
         )
 
 
-def _verify_platform(
-    certificate: Certificate,
-    pcrs: Mapping[int, bytes],
-    allow_dev_platform: bool,
-    log: TcgEventLog | None,
-    reference_values: PlatformReferenceValues | Iterable[PlatformReferenceValues] | None = None,
-) -> tuple[bool, str]:
-    kind = certificate.platform.kind
-    if kind == "local":
-        nonzero = [index for index in range(14) if pcrs[index] != bytes(32)]
-        if nonzero:
-            raise PlatformError(
-                f"local platform: PCRs {nonzero} are not in their reset state, so this "
-                "TPM was not a fresh local software TPM"
-            )
-        if certificate.boot_event_log is not None:
-            raise PlatformError("local platform: a boot event log is present but cannot apply")
-        if not allow_dev_platform:
-            raise PlatformError(
-                "local platform: no boot chain is attested (software TPM on the build host); "
-                "accept it explicitly with allow_dev_platform=True / --allow-dev-platform"
-            )
-        return False, DEV_PLATFORM_NOTE
-    if log is None and kind == "azure":
-        # Trusted Launch gives the guest an empty log: judged by the quoted PCR values.
-        reference = _select_reference_values(certificate, reference_values)
-        return True, check_azure_boot_pcrs(pcrs, reference).note
-    if log is None:
-        raise PlatformError(f"{kind} platform: the certificate has no boot event log")
-    # Before the reference is chosen: a log that does not replay is refused as such.
-    replay_against_quote(log, pcrs)
-    reference = _select_reference_values(certificate, reference_values)
-    # Names the component that differs: kernel command line, initrd, kernel, boot loader,
-    # Secure Boot policy (PCR 7), firmware (PCR n); an azure note lists the unchecked PCRs.
-    return True, check_boot_log(log, pcrs, reference).note
-
-
-def _select_reference_values(
-    certificate: Certificate,
-    given: PlatformReferenceValues | Iterable[PlatformReferenceValues] | None,
-) -> PlatformReferenceValues:
-    """The caller's reference-value set with the id the certificate names, for the
-    certificate's platform (the id only selects: the boot log is then judged against the
-    caller's values, not the certificate's)."""
-    kind = certificate.platform.kind
-    claimed = certificate.platform.reference_values
-    candidates = [given] if isinstance(given, REFERENCE_VALUE_SET_TYPES) else list(given or ())
-    if not candidates:
-        raise PlatformError(
-            f"{kind} platform: the boot event log replays, but no reference-value set was "
-            f"given to judge it (the certificate names {claimed!r}; pass reference_values= "
-            "or --reference-values)"
-        )
-    for reference in candidates:
-        if reference.id == claimed and reference.platform == kind:
-            return reference
-    other_platform = [r for r in candidates if r.id == claimed]
-    if other_platform:
-        raise PlatformError(
-            f"{kind} platform: the given reference values {claimed!r} are for platform "
-            f"{other_platform[0].platform!r}, not {kind!r}"
-        )
-    raise PlatformError(
-        f"{kind} platform: the certificate names reference values {claimed!r}, and none of "
-        f"the given sets ({', '.join(r.id for r in candidates)}) is that one"
-    )
-
-
 def _check_expected_inputs(inputs: Sequence[InputRecord], expected: Mapping[str, str]) -> None:
     for key, digest in expected.items():
         wanted = digest.lower().removeprefix("sha256:")
@@ -711,7 +499,7 @@ def verify_artifact(certificate: Certificate, path: Path) -> int:
     """
     try:
         measured = _verify_event_log(
-            certificate, certificate.attestation.quote.pcr_values(), _boot_log(certificate)
+            certificate, certificate.attestation.quote.pcr_values(), boot_log_of(certificate)
         )
     except KeyError:
         raise PcrSelectionError("attestation.quote.pcrs lacks PCR 14 or 15") from None
@@ -719,7 +507,9 @@ def verify_artifact(certificate: Certificate, path: Path) -> int:
 
 
 __all__ = [
+    "DEV_PLATFORM_NOTE",
     "Check",
+    "TrustRoot",
     "VerificationError",
     "VerificationReport",
     "load_trust_roots",
