@@ -1,6 +1,6 @@
 """Platforms a certification can run on, each behind the ``Provider`` interface.
 
-One subpackage per platform (``local``, ``qemu``, ``azure``) beside what they share: the
+One subpackage per platform (``local``, ``qemu``, ``azure``, ``gcp``) beside what they share: the
 interface (``base``), machine attestation before the run (``attestation``), AK enrolment with
 the project's platform CA (``enrollment``, ``platform_ca``, ``swtpm``), input staging for
 machines without network (``staging``), the agent's client (``agent_client``) and the offline
@@ -27,11 +27,9 @@ def get_provider(name: str | Provider) -> Provider:
             "platform_block='aicert-azure-platform/<name>'"
         )
     if name == "gcp":
-        # Certificates of kind gcp verify, and the guest agent runs on GCE, but no provider
-        # provisions a Compute Engine VM per run yet.
         raise ValueError(
-            "provider: gcp has no provider yet: gcp certificates verify and the agent runs "
-            "on GCE (--platform gcp), but no Compute Engine VM is provisioned per run"
+            "provider: gcp needs its settings: save a GcpPlatform block and pass "
+            "platform_block='aicert-gcp-platform/<name>'"
         )
     try:
         return PROVIDERS[name]()
@@ -43,13 +41,19 @@ def get_provider(name: str | Provider) -> Provider:
 def provider_for_machine(machine: Machine) -> Provider:
     """A provider able to tear ``machine`` down in a process that did not provision it.
 
-    An ``azure`` machine also needs its credential: ``aicert.flows.azure_platform``'s
-    ``azure_provider_for_machine`` resolves the credentials block its settings name.
+    An ``azure`` or ``gcp`` machine also needs its credentials:
+    ``aicert.flows.azure_platform.azure_provider_for_machine`` and
+    ``aicert.flows.gcp_platform.gcp_provider_for_machine`` resolve the credentials block
+    its settings name (without one, the default chain is used here).
     """
     if machine.provider == "azure":
         from aicert.tasks.platforms.azure import AzureProvider
 
         return AzureProvider.for_machine(machine)
+    if machine.provider == "gcp":
+        from aicert.tasks.platforms.gcp import GcpProvider
+
+        return GcpProvider.for_machine(machine)
     return get_provider(machine.provider)
 
 

@@ -21,9 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from aicert.reference_value_sets import GCE_IMAGE_PATTERN
+from aicert.tasks.platforms.gcp.settings import GcpSettings
 
 if TYPE_CHECKING:
     from google.auth.credentials import Credentials
@@ -42,7 +40,6 @@ __all__ = [
 AICERT_RUN_LABEL = "aicert-run"
 AICERT_CREATED_LABEL = "aicert-created"
 _NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
-_CIDR = re.compile(r"^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$")
 
 
 class GcpOperationError(RuntimeError):
@@ -56,52 +53,6 @@ class GcpOperationError(RuntimeError):
         """
         self.what, self.code = what, code
         super().__init__(f"{what} failed: {code or 'error'}: {message}")
-
-
-class GcpSettings(BaseModel):
-    """Where and how a gcp run's VM is made (the ``GcpPlatform`` block's fields)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    project: str = Field(..., description="The Google Cloud project id.")
-    zone: str = Field(..., description="The zone of the VMs, e.g. us-central1-a.")
-    image: str = Field(..., description="The guest image, projects/<p>/global/images/<name>.")
-    orchestrator_cidr: str = Field(
-        ..., description="The orchestrator's address (a.b.c.d/32): the only source admitted."
-    )
-    machine_type: str = Field("n2d-standard-4", description="The machine type.")
-    network: str = Field("global/networks/default", description="The VPC network.")
-    subnetwork: str | None = Field(None, description="The subnetwork (default: automatic).")
-    external_ip: bool = Field(False, description="Give the VM an external IP address.")
-    confidential_compute: bool = Field(False, description="Make a Confidential VM (AMD SEV).")
-    agent_port: int = Field(8443, ge=1, le=65535, description="The guest agent's TLS port.")
-    disk_size_gb: int = Field(50, ge=10, le=65536, description="Boot disk size.")
-    api_endpoint: str | None = Field(
-        None, description="Compute Engine endpoint (tests point it at a local double)."
-    )
-    operation_timeout_s: float = Field(600.0, gt=0, description="Wait per operation.")
-    poll_interval_s: float = Field(2.0, gt=0, le=60, description="Operation polling interval.")
-
-    @field_validator("project")
-    @classmethod
-    def _project(cls, value: str) -> str:
-        if not re.fullmatch(r"[a-z][a-z0-9-]{4,28}[a-z0-9]", value):
-            raise ValueError(f"not a Google Cloud project id: {value!r}")
-        return value
-
-    @field_validator("image")
-    @classmethod
-    def _image(cls, value: str) -> str:
-        if not re.fullmatch(GCE_IMAGE_PATTERN, value):
-            raise ValueError(f"not a Compute Engine image (projects/p/global/images/i): {value!r}")
-        return value
-
-    @field_validator("orchestrator_cidr")
-    @classmethod
-    def _cidr(cls, value: str) -> str:
-        if not _CIDR.fullmatch(value) or value.endswith("/0"):
-            raise ValueError(f"orchestrator_cidr must be an IPv4 range, not the world: {value}")
-        return value
 
 
 def run_label(run_id: str) -> str:
@@ -269,6 +220,20 @@ class ComputeSession:
             ),
             zonal=True,
         )
+
+    def instance_status(self, instance: str) -> str:
+        """The VM's status as Compute Engine reports it (RUNNING, TERMINATED, ...).
+
+        Raises:
+            GcpOperationError: the request failed (code 404: the VM is gone).
+        """
+        from google.api_core import exceptions
+
+        s = self.settings
+        try:
+            return self.instances.get(project=s.project, zone=s.zone, instance=instance).status
+        except exceptions.GoogleAPICallError as exc:
+            raise GcpOperationError(f"get instance {instance}", exc.code, exc.message) from exc
 
     def internal_ip(self, resources: RunResources) -> str:
         """The VM's address the orchestrator reaches (external when asked, else internal)."""

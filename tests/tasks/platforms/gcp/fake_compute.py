@@ -6,7 +6,9 @@ instances insert/get/list/delete, firewalls insert/delete, and zonal and global 
 which it reports RUNNING on the first poll and DONE on the next, as Compute Engine does for a
 VM being made. ``fail_next`` makes the next operation of a kind end with an error (a quota
 error: HTTP 403 ``QUOTA_EXCEEDED``, as Compute Engine reports it in the operation). Every
-request is recorded (method, path, query, JSON body) for the tests to compare.
+request is recorded (method, path, query, JSON body) for the tests to compare. With a
+``vm_lifecycle`` an instance the double reports made boots a local "VM" (``vm_double.py``),
+and its deletion stops it.
 """
 
 from __future__ import annotations
@@ -16,10 +18,18 @@ import json
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 PREFIX = "/compute/v1/projects/"
+
+
+class VmLifecycle(Protocol):
+    """What boots a "VM" when the double reports an instance made, and stops it on delete."""
+
+    def created(self, instance: dict[str, Any]) -> None: ...
+
+    def deleted(self, instance: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -41,6 +51,7 @@ class ComputeState:
     failures: dict[str, tuple[int, str, str]] = field(default_factory=dict)
     counter: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     lock: threading.Lock = field(default_factory=threading.Lock)
+    vm_lifecycle: VmLifecycle | None = None
 
     def fail_next(
         self,
@@ -155,6 +166,8 @@ class _Handler(BaseHTTPRequestHandler):
                 for access in interface.get("accessConfigs", []):
                     access["natIP"] = "127.0.0.1"
                 self.state.instances[body["name"]] = {**body, "status": "RUNNING"}
+                if self.state.vm_lifecycle is not None:
+                    self.state.vm_lifecycle.created(self.state.instances[body["name"]])
             return self._reply(200, operation)
         if len(parts) == 3 and parts[2] == "firewalls":
             operation = self._operation(project, "global", "insert-firewall", body["name"])
@@ -167,8 +180,11 @@ class _Handler(BaseHTTPRequestHandler):
         parts, _ = self._record()
         project = parts[0] if parts else ""
         if len(parts) == 5 and parts[3] == "instances":
-            if self.state.instances.pop(parts[4], None) is None:
+            instance = self.state.instances.pop(parts[4], None)
+            if instance is None:
                 return self._not_found(parts[4])
+            if self.state.vm_lifecycle is not None:
+                self.state.vm_lifecycle.deleted(instance)
             return self._reply(
                 200, self._operation(project, f"zones/{parts[2]}", "delete-instance", parts[4])
             )
@@ -182,8 +198,8 @@ class _Handler(BaseHTTPRequestHandler):
 class FakeCompute:
     """The double on a loopback port; ``endpoint`` goes into ``GcpSettings.api_endpoint``."""
 
-    def __init__(self) -> None:
-        self.state = ComputeState()
+    def __init__(self, vm_lifecycle: VmLifecycle | None = None) -> None:
+        self.state = ComputeState(vm_lifecycle=vm_lifecycle)
         handler = type("Handler", (_Handler,), {"state": self.state})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -131,10 +131,3 @@ def test_orchestrator_range_must_not_be_the_world(cidr: str) -> None:
 def test_run_names_are_valid_compute_names() -> None:
     names = RunResources.for_run("My_Project-20261203T070000Z-" + "x" * 80)
     assert len(names.label) <= 63 and len(names.firewall) <= 63
-
-
-def test_provider_gcp_is_refused_with_what_exists() -> None:
-    from aicert.tasks.platforms import get_provider
-
-    with pytest.raises(ValueError, match="gcp has no provider yet"):
-        get_provider("gcp")
