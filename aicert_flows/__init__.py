@@ -5,10 +5,10 @@ LocalPlatform``, but imported only on first access (PEP 562): ``aicert.flows.cli
 this package, every ``aicert`` command (``aicert verify`` included) loads it through the
 ``aicert.cli`` entry point, and the flows and blocks import Prefect (about a second and a
 half). ``dir()`` lists them, so that ``inspect.getmembers``, and with it ``prefect block
-register -m aicert.flows``, finds all four block types (``AzurePlatform`` only with the
-``azure`` extra installed; without it the name is absent, not an import error). A Prefect
-server finds the same blocks through the ``prefect.collections`` entry point, which names
-``aicert.flows.blocks`` itself.
+register -m aicert.flows``, finds all five block types (``AzurePlatform`` only with the
+``azure`` extra installed, ``GcpPlatform`` only with the ``gcp`` one; without it the name is
+absent, not an import error). A Prefect server finds the same blocks through the
+``prefect.collections`` entry point, which names ``aicert.flows.blocks`` itself.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from aicert.flows.azure_platform import AzurePlatform
     from aicert.flows.blocks import AicertRunConfig, LocalPlatform, PlatformBlock, QemuPlatform
     from aicert.flows.flows import CERTIFICATE_CREATED, CERTIFICATE_FAILED, certify_training
+    from aicert.flows.gcp_platform import GcpPlatform
     from aicert.flows.promote import (
         MODEL_PROMOTED,
         MODEL_REJECTED,
@@ -42,6 +43,7 @@ _EXPORTS = {
     "LocalPlatform": "blocks",
     "QemuPlatform": "blocks",
     "AzurePlatform": "azure_platform",
+    "GcpPlatform": "gcp_platform",
 }
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "MODEL_REJECTED",
     "AicertRunConfig",
     "AzurePlatform",
+    "GcpPlatform",
     "LocalPlatform",
     "PlatformBlock",
     "PromotionError",
@@ -60,5 +63,8 @@ __all__ = [
 ]
 
 
-# AzurePlatform needs the azure extra (prefect-azure): left out of dir() without it.
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, optional={"AzurePlatform": "prefect_azure"})
+# AzurePlatform and GcpPlatform need their extras (prefect-azure, prefect-gcp): left out of
+# dir() without them.
+__getattr__, __dir__ = lazy_exports(
+    __name__, _EXPORTS, optional={"AzurePlatform": "prefect_azure", "GcpPlatform": "prefect_gcp"}
+)

@@ -2,11 +2,11 @@
 
 ``AicertRunConfig`` keeps an ``aicert.yaml`` on the Prefect server, so a deployment can run
 ``certify-training`` with ``config_block=<name>`` instead of a file on the worker.
-``LocalPlatform``, ``QemuPlatform`` (and ``AzurePlatform``) hold a provider's settings; the
-flow takes a saved one's name as ``platform_block``. They are registered through the
-``prefect.collections`` entry point (``prefect block register -m aicert.flows``). This
-module imports no TPM or Docker library: the Prefect server imports it at start-up to
-register the block types.
+``LocalPlatform``, ``QemuPlatform`` (and ``AzurePlatform``, ``GcpPlatform``) hold a
+provider's settings; the flow takes a saved one's name as ``platform_block``. They are
+registered through the ``prefect.collections`` entry point (``prefect block register -m
+aicert.flows``). This module imports no TPM or Docker library: the Prefect server imports it
+at start-up to register the block types.
 """
 
 from __future__ import annotations
@@ -320,3 +320,9 @@ except ImportError:  # the [azure] extra is not installed
     pass
 else:
     __all__ += ["AzurePlatform"]
+try:
+    from aicert.flows.gcp_platform import GcpPlatform
+except ImportError:  # the [gcp] extra is not installed
+    pass
+else:
+    __all__ += ["GcpPlatform"]

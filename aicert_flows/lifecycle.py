@@ -236,6 +236,8 @@ def describe(record: ActiveRun) -> str:
         parts.append(f"container {details['container']}")
     if machine is not None and record.provider == "azure":
         parts.append(f"Azure VM of run {record.run_id}")
+    if machine is not None and record.provider == "gcp":
+        parts.append(f"Compute Engine VM of run {record.run_id}")
     if not parts:
         parts.append("no machine recorded")
     return ", ".join(parts)
@@ -265,6 +267,10 @@ def teardown_record(record: ActiveRun, home: Path | None = None) -> list[str]:
         from aicert.flows.azure_platform import azure_provider_for_machine
 
         azure_provider_for_machine(machine).teardown(machine)
+    elif machine is not None and machine.provider == "gcp":
+        from aicert.flows.gcp_platform import gcp_provider_for_machine
+
+        gcp_provider_for_machine(machine).teardown(machine)
     elif machine is not None:
         provider_for_machine(machine).teardown(machine)
     # Azure without a machine: it was killed before the VM's creation was asked for, or

@@ -18,7 +18,7 @@ from prefect.client.orchestration import SyncPrefectClient
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
 
 import aicert
-from aicert.flows import AzurePlatform
+from aicert.flows import AzurePlatform, GcpPlatform
 from aicert.flows.blocks import (
     DOCUMENTATION_URL,
     AicertRunConfig,
@@ -42,7 +42,7 @@ from .conftest import (
     unique_project,
 )
 
-BLOCKS = [AicertRunConfig, LocalPlatform, QemuPlatform, AzurePlatform]
+BLOCKS = [AicertRunConfig, LocalPlatform, QemuPlatform, AzurePlatform, GcpPlatform]
 SLUGS = sorted(block.get_block_type_slug() for block in BLOCKS)
 DOCS = REPO_ROOT / "docs"
 
@@ -204,6 +204,75 @@ def test_qemu_platform_round_trip_and_provider(prefect_api_url: str, tmp_path: P
         QemuPlatform(memory_mib=64)
 
 
+def _service_account_info() -> dict[str, str]:
+    """A service account key of Google's JSON shape, with a key made here (never used
+    against Google: the credentials are only built and compared)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    return {
+        "type": "service_account",
+        "project_id": "aicert-tests",
+        "private_key_id": "0",
+        "private_key": pem,
+        "client_email": "aicert-runner@aicert-tests.iam.gserviceaccount.com",
+        "client_id": "0",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    }
+
+
+def test_gcp_platform_round_trip_and_provider(prefect_api_url: str, tmp_path: Path) -> None:
+    """The credentials travel by their saved block's name: a crash hook in another process
+    loads them for the teardown (``gcp_provider_for_machine``)."""
+    from prefect_gcp import GcpCredentials
+
+    from aicert.flows.gcp_platform import gcp_provider_for_machine
+    from aicert.tasks.platforms.base import Machine
+    from aicert.tasks.platforms.gcp import GcpProvider
+
+    credentials_name, name = _name(), _name()
+    GcpCredentials(service_account_info=_service_account_info()).save(credentials_name)
+    GcpPlatform(
+        project="aicert-tests",
+        zone="europe-west4-a",
+        image="projects/aicert-images/global/images/aicert-guest-1-0-0",
+        orchestrator_cidr="203.0.113.7/32",
+        agent_start_timeout_s=33,
+        credentials=GcpCredentials.load(credentials_name),
+    ).save(name)
+    block = load_platform_block(f"aicert-gcp-platform/{name}")
+    assert isinstance(block, GcpPlatform)
+    settings = block.settings()
+    assert settings.credentials_block == credentials_name and settings.zone == "europe-west4-a"
+    provider = block.provider()
+    assert provider.agent_start_timeout_s == 33
+    machine = Machine(
+        provider="gcp",
+        run_id="r",
+        agent_url="",
+        state_dir=str(tmp_path / "runs" / "r"),
+        details={"gcp": settings.model_dump(mode="json")},
+    )
+    rebuilt = gcp_provider_for_machine(machine)
+    assert isinstance(rebuilt, GcpProvider) and rebuilt.settings == settings
+    email = "aicert-runner@aicert-tests.iam.gserviceaccount.com"
+    assert rebuilt.credentials.service_account_email == email  # type: ignore[attr-defined]
+    assert provider.credentials.service_account_email == email  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="orchestrator_cidr"):
+        GcpPlatform(
+            project="aicert-tests",
+            zone="z",
+            image="projects/aicert-images/global/images/i",
+            orchestrator_cidr="0.0.0.0/0",
+        )
+
+
 def test_a_run_config_block_is_not_a_platform(prefect_api_url: str) -> None:
     name = _name()
     AicertRunConfig(config_yaml=_yaml()).save(name)
@@ -242,7 +311,7 @@ def test_block_register_cli(
         check=False,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
-    assert "Successfully registered 4 blocks" in completed.stdout, completed.stdout
+    assert "Successfully registered 5 blocks" in completed.stdout, completed.stdout
     # What the server holds now, read back: the UI shows exactly this.
     for block in BLOCKS:
         stored = client.read_block_type_by_slug(block.get_block_type_slug())
@@ -255,15 +324,19 @@ def test_block_register_cli(
         assert schema.fields["properties"] == block.model_json_schema()["properties"]
 
 
-def test_block_register_without_the_azure_extra_registers_the_other_three(
-    prefect_api_url: str, tmp_path: Path
+@pytest.mark.parametrize(
+    ("extra_module", "absent"), [("prefect_azure", "AzurePlatform"), ("prefect_gcp", "GcpPlatform")]
+)
+def test_block_register_without_a_cloud_extra_registers_the_other_four(
+    extra_module: str, absent: str, prefect_api_url: str, tmp_path: Path
 ) -> None:
-    # prefect-azure made unimportable (a None entry in sys.modules): AzurePlatform is then
-    # absent from aicert.flows, not an error that stops the registration of the others.
+    # The extra's Prefect collection made unimportable (a None entry in sys.modules): its
+    # block is then absent from aicert.flows, not an error that stops the registration of
+    # the others.
     script = (
-        "import sys; sys.modules['prefect_azure'] = None\n"
+        f"import sys; sys.modules[{extra_module!r}] = None\n"
         "import aicert.flows\n"
-        "assert 'AzurePlatform' not in dir(aicert.flows)\n"
+        f"assert {absent!r} not in dir(aicert.flows)\n"
         "from prefect.cli import app\n"
         "sys.argv = ['prefect', 'block', 'register', '-m', 'aicert.flows']\n"
         "app()\n"
@@ -276,7 +349,7 @@ def test_block_register_without_the_azure_extra_registers_the_other_three(
         timeout=120,
         check=False,
     )
-    assert "Successfully registered 3 blocks" in completed.stdout, (
+    assert "Successfully registered 4 blocks" in completed.stdout, (
         completed.stdout + completed.stderr
     )
 

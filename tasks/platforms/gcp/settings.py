@@ -26,31 +26,64 @@ _CIDR = re.compile(r"^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$")
 class GcpVmFields(BaseModel):
     """What the operator chooses about a run's VM and its firewall rule."""
 
-    project: str = Field(..., description="The Google Cloud project id.")
-    zone: str = Field(..., description="The zone of the VMs, e.g. us-central1-a.")
-    image: str = Field(..., description="The guest image, projects/<p>/global/images/<name>.")
+    project: str = Field(..., title="Project", description="The Google Cloud project id.")
+    zone: str = Field(..., title="Zone", description="The zone of the VMs, e.g. us-central1-a.")
+    image: str = Field(
+        ..., title="Guest image", description="The guest image, projects/<p>/global/images/<name>."
+    )
     orchestrator_cidr: str = Field(
-        ..., description="The orchestrator's address (a.b.c.d/32): the only source admitted."
+        ...,
+        title="Orchestrator address",
+        description="The orchestrator's address (a.b.c.d/32): the only source admitted.",
     )
-    machine_type: str = Field("n2d-standard-4", description="The machine type.")
-    network: str = Field("global/networks/default", description="The VPC network.")
-    subnetwork: str | None = Field(None, description="The subnetwork (default: automatic).")
-    external_ip: bool = Field(False, description="Give the VM an external IP address.")
-    confidential_compute: bool = Field(False, description="Make a Confidential VM (AMD SEV).")
+    machine_type: str = Field(
+        "n2d-standard-4", title="Machine type", description="The machine type."
+    )
+    network: str = Field("global/networks/default", title="Network", description="The VPC network.")
+    subnetwork: str | None = Field(
+        None, title="Subnetwork", description="The subnetwork (default: automatic)."
+    )
+    external_ip: bool = Field(
+        False, title="External IP address", description="Give the VM an external IP address."
+    )
+    confidential_compute: bool = Field(
+        False, title="Confidential VM", description="Make a Confidential VM (AMD SEV)."
+    )
     agent_port: int = Field(
-        DEFAULT_AGENT_PORT, ge=1, le=65535, description="The guest agent's TLS port."
+        DEFAULT_AGENT_PORT,
+        title="Agent port",
+        ge=1,
+        le=65535,
+        description="The guest agent's TLS port.",
     )
-    disk_size_gb: int = Field(50, ge=10, le=65536, description="Boot disk size.")
+    disk_size_gb: int = Field(
+        50, title="Boot disk size (GB)", ge=10, le=65536, description="Boot disk size."
+    )
     api_endpoint: str | None = Field(
-        None, description="Compute Engine endpoint (tests point it at a local double)."
+        None,
+        title="Compute Engine endpoint",
+        description="Compute Engine endpoint (tests point it at a local double).",
     )
-    operation_timeout_s: float = Field(600.0, gt=0, description="Wait per operation.")
-    poll_interval_s: float = Field(2.0, gt=0, le=60, description="Operation polling interval.")
+    operation_timeout_s: float = Field(
+        600.0, title="Operation timeout (seconds)", gt=0, description="Wait per operation."
+    )
+    poll_interval_s: float = Field(
+        2.0,
+        title="Polling interval (seconds)",
+        gt=0,
+        le=60,
+        description="Operation polling interval.",
+    )
     agent_start_timeout_s: float = Field(
-        900.0, gt=0, le=3600, description="How long to wait for the VM's guest agent."
+        900.0,
+        title="Agent start timeout (seconds)",
+        gt=0,
+        le=3600,
+        description="How long to wait for the VM's guest agent.",
     )
     reference_values: str | None = Field(
         None,
+        title="Reference values",
         description="Path of the image's gcp reference-values.json (boot PCRs 0-9). Empty: the "
         "boot chain is not checked, and verifiers refuse the certificates for want of a set.",
     )
