@@ -28,3 +28,4 @@ test: setup
 
 schema:
 	$(VENV)/bin/python -m aicert.schema > verification/schemas/aicert-v1.schema.json
+	$(VENV)/bin/python -m aicert.policy > verification/schemas/aicert-policy-v1.schema.json

@@ -19,6 +19,7 @@ from aicert.errors import (
     PcrDigestError,
     PcrSelectionError,
     PlatformError,
+    PolicyError,
     QuoteSignatureError,
     StatementBindingError,
     StatementContentError,
@@ -28,6 +29,7 @@ from aicert.errors import (
 )
 from aicert.model import Certificate, load
 from aicert.platform_attestation import PlatformAttestation, verify_platform_attestation
+from aicert.policy import VerificationPolicy, load_policy
 from aicert.quote import verify_quote
 from aicert.tcg_eventlog import TcgEventLog, parse_event_log
 from aicert.verify import Check, VerificationReport
@@ -47,6 +49,7 @@ __all__ = [
     "PcrSelectionError",
     "PlatformAttestation",
     "PlatformError",
+    "PolicyError",
     "QuoteSignatureError",
     "StatementBindingError",
     "StatementContentError",
@@ -54,8 +57,10 @@ __all__ = [
     "TcgEventLog",
     "TpmStructureError",
     "VerificationError",
+    "VerificationPolicy",
     "VerificationReport",
     "load",
+    "load_policy",
     "parse_event_log",
     "verify_platform_attestation",
     "verify_quote",

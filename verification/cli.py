@@ -23,6 +23,7 @@ import aicert
 from aicert.errors import MalformedCertificateError, PlatformError, VerificationError
 from aicert.lineage import lineage_rows
 from aicert.metrics import thresholds_of
+from aicert.policy import VerificationPolicy, load_policy
 from aicert.reference_value_sets import PlatformReferenceValues, load_reference_values
 from aicert.reference_values_cli import app as reference_values_app
 from aicert.trust_anchors import load_trust_roots
@@ -167,6 +168,13 @@ def verify(
             "--expect-metric", help="NAME>=NUMBER (>=, <=, >, <, ==): a certified metric's bound."
         ),
     ] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            help="A verification policy (JSON, aicert-policy/v1): every failed rule is named.",
+        ),
+    ] = None,
 ) -> None:
     """Verify a certificate offline; exit 0 only when every check passed."""
     expected: dict[str, str] = {}
@@ -179,6 +187,7 @@ def verify(
     roots, references = load_trust_options(trust_root, reference_values, as_json=as_json)
     try:
         thresholds = thresholds_of(expect_metric or [])
+        rules: VerificationPolicy | None = None if policy is None else load_policy(policy)
     except ValueError as exc:
         fail(exc, as_json, code=2)
     try:
@@ -191,6 +200,7 @@ def verify(
             parents=parent or [],
             require_lineage=require_lineage,
             expected_metrics=thresholds,
+            policy=rules,
         )
     except MalformedCertificateError as exc:
         fail(exc, as_json, code=2)

@@ -149,3 +149,15 @@ class MetricMissingError(VerificationError):
 
 class MetricThresholdError(VerificationError):
     """A certified metric fails the caller's threshold (the metric and both values named)."""
+
+
+class PolicyError(VerificationError):
+    """The certificate verified but fails the caller's verification policy; every failed
+    rule is named (``failures``, one sentence per rule, each starting with the rule's key)."""
+
+    def __init__(self, failures: list[str]) -> None:
+        self.failures = tuple(failures)
+        super().__init__(
+            f"the policy is not met ({len(self.failures)} rule(s) failed): "
+            + "; ".join(self.failures)
+        )

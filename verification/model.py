@@ -39,6 +39,7 @@ from aicert.errors import MalformedCertificateError
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
+    from aicert.policy import VerificationPolicy
     from aicert.reference_value_sets import PlatformReferenceValues
     from aicert.verify import TrustRoot, VerificationReport
 
@@ -341,6 +342,7 @@ class Certificate(_Strict):
         parents: Iterable[Certificate | str | os.PathLike[str]] = (),
         require_lineage: bool = False,
         expected_metrics: Iterable[str] = (),
+        policy: VerificationPolicy | None = None,
     ) -> VerificationReport:
         """Verify this certificate: ``aicert.verify.verify_certificate`` (same arguments)."""
         from aicert.verify import verify_certificate
@@ -356,6 +358,7 @@ class Certificate(_Strict):
             parents=parents,
             require_lineage=require_lineage,
             expected_metrics=expected_metrics,
+            policy=policy,
         )
 
     def verify_artifact(self, path: str | os.PathLike[str]) -> int:

@@ -49,6 +49,8 @@ class VerificationReport:
     lineage: tuple[LineageLink, ...] = ()
     # The results file's metrics (name -> value), bound by the replayed log.
     metrics: Mapping[str, float] = field(default_factory=dict)
+    # The id of the reference-value set that judged the boot chain (None: none was judged).
+    reference_values: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The report as JSON-ready data (``aicert verify --json``)."""
@@ -74,4 +76,5 @@ class VerificationReport:
             "checks": [{"name": c.name, "detail": c.detail} for c in self.checks],
             **({"lineage": [link.to_dict() for link in self.lineage]} if self.lineage else {}),
             **({"metrics": dict(self.metrics)} if self.metrics else {}),
+            **({"reference_values": self.reference_values} if self.reference_values else {}),
         }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -63,6 +64,7 @@ from aicert.platform_check import (
     reference_sets,
     verify_platform,
 )
+from aicert.policy import VerificationPolicy
 from aicert.quote import verify_quote
 from aicert.reference_value_sets import PlatformReferenceValues
 from aicert.report import Check, VerificationReport
@@ -94,6 +96,7 @@ def verify_certificate(
     parents: Iterable[ParentCertificate] = (),
     require_lineage: bool = False,
     expected_metrics: Iterable[MetricThreshold | str] = (),
+    policy: VerificationPolicy | None = None,
 ) -> VerificationReport:
     """Verify everything the certificate claims; raise on the first failed check.
 
@@ -109,6 +112,8 @@ def verify_certificate(
     ``require_lineage``: refuse a certified input whose parent was not supplied
     (``LineageMissingParentError``) instead of reporting it unverified.
     ``expected_metrics``: thresholds (``accuracy>=0.9``) the certified metrics must meet.
+    ``policy``: a ``VerificationPolicy`` the verified report must meet (``aicert.policy``;
+    ``PolicyError`` lists every failed rule).
     """
     # The caller's arguments first: a mistake there is a TypeError or ValueError naming the
     # argument, not a verification failure of the certificate.
@@ -117,6 +122,11 @@ def verify_certificate(
     sets = reference_sets(reference_values)
     parent_certificates = load_parents(parents)
     thresholds = thresholds_of(expected_metrics)
+    if policy is not None and not isinstance(policy, VerificationPolicy):
+        raise TypeError(
+            f"policy must be a VerificationPolicy (aicert.policy.load_policy(path)), "
+            f"not {type(policy).__name__}"
+        )
     checks: list[Check] = []
     # 1. (the certificate's schema: aicert.model, before this function)
     # 2. AK certificate chain to a trusted root, at the run's time or the caller's.
@@ -151,7 +161,7 @@ def verify_certificate(
     lineage = _check_lineage(
         certificate, measured, parent_certificates, require_lineage, same_policy, checks
     )
-    return _report(
+    report = _report(
         certificate,
         measured,
         chain,
@@ -162,6 +172,11 @@ def verify_certificate(
         lineage=lineage,
         metrics=metrics,
     )
+    # 12. The caller's policy, on the verified report (every failed rule named).
+    if policy is None:
+        return report
+    policy.check(report)
+    return replace(report, checks=(*report.checks, Check("policy", "every rule of the policy met")))
 
 
 def _report(
@@ -201,6 +216,7 @@ def _report(
         checks=checks,
         lineage=lineage,
         metrics=dict(metrics),
+        reference_values=certificate.platform.reference_values if boot_attested else None,
     )
 
 
