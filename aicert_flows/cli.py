@@ -323,3 +323,7 @@ def register(app: typer.Typer) -> None:
         from aicert.flows.azure_cleanup import azure_app
 
         app.add_typer(azure_app, name="azure", help="Azure provider maintenance.")
+    if importlib.util.find_spec("google.cloud.compute_v1") is not None:
+        from aicert.flows.gcp_cleanup import gcp_app
+
+        app.add_typer(gcp_app, name="gcp", help="Google Cloud provider maintenance.")
