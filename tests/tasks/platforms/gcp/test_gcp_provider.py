@@ -21,7 +21,6 @@ pytest.importorskip("google.cloud.compute_v1")
 from cryptography import x509
 from google.auth.credentials import AnonymousCredentials
 
-from aicert.gcp_reference import derive_gcp_reference_values
 from aicert.tasks.platforms import get_provider, provider_for_machine
 from aicert.tasks.platforms.gcp import (
     AICERT_RUN_LABEL,
@@ -34,9 +33,13 @@ from aicert.tasks.platforms.gcp import (
     RunResources,
 )
 from aicert.tasks.platforms.gcp import provider as gcp_provider
-from aicert.tcg_eventlog import parse_event_log
 from tests.tasks.platforms.gcp.fake_compute import FakeCompute
-from tests.tasks.platforms.gcp.vm_double import ISSUED, GceVmHost, gce_boot_log
+from tests.tasks.platforms.gcp.vm_double import (
+    ISSUED,
+    GceVmHost,
+    gce_boot_log,
+    write_reference_values,
+)
 from tests.verification.gcp_like import GoogleLikeCa
 
 pytestmark = pytest.mark.swtpm
@@ -53,14 +56,7 @@ def ca() -> GoogleLikeCa:
 
 @pytest.fixture(scope="module")
 def reference_values(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    raw = gce_boot_log()
-    replayed = parse_event_log(raw).replay()["sha256"]
-    reference = derive_gcp_reference_values(
-        raw, {index: replayed.get(index, bytes(32)) for index in range(10)}, image=IMAGE
-    )
-    path = tmp_path_factory.mktemp("reference") / "reference-values.json"
-    path.write_text(reference.model_dump_json(indent=2))
-    return path
+    return write_reference_values(tmp_path_factory.mktemp("reference"), IMAGE)
 
 
 @pytest.fixture

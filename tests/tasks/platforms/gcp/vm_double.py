@@ -20,7 +20,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from aicert.gcp_reference import derive_gcp_reference_values
 from aicert.tasks.platforms.swtpm import LocalSwtpm
+from aicert.tcg_eventlog import parse_event_log
 from tests.data import EVENTLOGS
 from tests.tasks.platforms.azure.guest import (
     LocalAgent,
@@ -47,6 +49,20 @@ AGENT_PLATFORM = "gcp"
 def gce_boot_log() -> bytes:
     """The raw bytes of the real GCE boot event log the double's VMs measure."""
     return (EVENTLOGS / GCE_LOG).read_bytes()
+
+
+def write_reference_values(folder: Path, image: str) -> Path:
+    """``folder/reference-values.json``: the gcp set of a boot of ``GCE_LOG`` under ``image``,
+    derived from the log and the PCR 0-9 it replays to, as the image publisher would."""
+    raw = gce_boot_log()
+    replayed = parse_event_log(raw).replay()["sha256"]
+    reference = derive_gcp_reference_values(
+        raw, {index: replayed.get(index, bytes(32)) for index in range(10)}, image=image
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "reference-values.json"
+    path.write_text(reference.model_dump_json(indent=2))
+    return path
 
 
 def start_local_gce_vm(
