@@ -13,6 +13,12 @@ only when its certificate verifies and the model files are the certified ones:
    ``certificate.json``, ``verification.json``) in one atomic rename, then
    ``aicert.model.promoted`` is emitted.
 
+With a ``policy`` the model's certificate must also meet it (``aicert.policy``); with an
+``evaluation_certificate`` the model is promoted only beside a verified evaluation of it: the
+evaluation's certificate must verify, link to the model's certificate (its certified input is
+that certificate's output) and meet ``evaluation_policy`` (its metric thresholds). Both
+certificates are published and the promotion record (event, artifact, return value) lists both.
+
 Any failure emits ``aicert.model.rejected`` (the error's type and message) and fails the run
 with that very error (a verifier error keeps its ``aicert.errors`` type); nothing reaches the
 registry. The event is only a hint of where to look: the project and run id written to the
@@ -30,13 +36,16 @@ import uuid
 from pathlib import Path
 from typing import IO, Any
 
+import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run as current_flow_run
 
 import aicert
 from aicert.flows.events import MODEL_PROMOTED, MODEL_REJECTED, emit_run_event
+from aicert.guest_runtime.strict_yaml import strict_yaml_load
 from aicert.model import MAX_CERTIFICATE_BYTES, write_atomic
+from aicert.policy import MAX_POLICY_BYTES, VerificationPolicy, parse_policy, policy_from_object
 from aicert.reference_values import load_reference_values
 from aicert.tasks import verify_certificate
 from aicert.tasks.platforms.settings import aicert_home
@@ -49,6 +58,8 @@ STAGING_FOLDER = ".staging"
 MODEL_FOLDER = "model"
 CERTIFICATE_FILE = "certificate.json"
 REPORT_FILE = "verification.json"
+EVALUATION_FILE = "evaluation.json"
+EVALUATION_REPORT_FILE = "evaluation-verification.json"
 MAX_EVENT_OUTPUTS = 100  # event payloads stay small; the certificate lists them all
 
 # Names that become registry path components: no separator, no leading dot (so no "..").
@@ -69,6 +80,10 @@ class CertificateDigestError(PromotionError):
 
 class RunMismatchError(PromotionError):
     """The event names another run or project than the verified certificate."""
+
+
+class EvaluationRequiredError(PromotionError):
+    """An evaluation policy was given but no evaluation certificate to meet it."""
 
 
 class RegistryConflictError(PromotionError):
@@ -243,13 +258,12 @@ def _stage_and_verify(
     certificate_sha256: str | None,
     run_id: str | None,
     outputs_path: str | None,
-    trusted_roots: list[str] | None,
-    expected_inputs: dict[str, str] | None,
-    allow_dev_platform: bool,
-    reference_values: list[str] | None,
-) -> CertificateVerification:
+    verification: dict[str, Any],
+    policy: VerificationPolicy | None,
+) -> tuple[str, CertificateVerification]:
     """Stage the certificate and the model, then verify the staged copies (the certificate,
-    and the model re-hashed against it); returns the verification report."""
+    and the model re-hashed against it, and the policy); returns the staged certificate and
+    the verification report."""
     staging.mkdir(parents=True)
     staged_certificate = stage_certificate(
         str(staging), certificate_path, storage_url, certificate_sha256
@@ -257,19 +271,88 @@ def _stage_and_verify(
     located_run = run_id or aicert.load(staged_certificate).run.id
     outputs = outputs_path or str(local_outputs_path(_safe_name(located_run, "run id")))
     staged_model = stage_model(str(staging), outputs)
-    return verify_certificate(
-        staged_certificate,
-        trusted_roots=default_trusted_roots() if trusted_roots is None else trusted_roots,
-        expected_inputs=expected_inputs,
-        allow_dev_platform=allow_dev_platform,
-        model_path=staged_model,
-        reference_values=[
+    report = verify_certificate(
+        staged_certificate, model_path=staged_model, policy=policy, **verification
+    )
+    return staged_certificate, report
+
+
+def _verification_arguments(
+    trusted_roots: list[str] | None,
+    expected_inputs: dict[str, str] | None,
+    allow_dev_platform: bool,
+    reference_values: list[str] | None,
+) -> dict[str, Any]:
+    """The trust policy both certificates are verified with (the model's expected inputs
+    apply to the model only: ``_verify_evaluation`` drops them)."""
+    return {
+        "trusted_roots": default_trusted_roots() if trusted_roots is None else trusted_roots,
+        "expected_inputs": expected_inputs,
+        "allow_dev_platform": allow_dev_platform,
+        "reference_values": [
             load_reference_values(path)
             for path in (
                 default_reference_values() if reference_values is None else reference_values
             )
         ],
+    }
+
+
+PolicyInput = VerificationPolicy | dict[str, Any] | str | None
+"""A policy given to the flow: the object, its JSON values, or a YAML or JSON file's path."""
+
+
+def read_policy(policy: PolicyInput, what: str = "policy") -> VerificationPolicy | None:
+    """The policy a flow parameter gives: a ``VerificationPolicy``, its JSON values (a
+    deployment's parameter), or the path of a policy file, YAML (strictly parsed: no
+    aliases, no duplicate keys) or JSON, at most ``MAX_POLICY_BYTES``.
+
+    Raises:
+        ValueError: the file cannot be read or is not a valid policy (an unknown key named).
+    """
+    if policy is None or isinstance(policy, VerificationPolicy):
+        return policy
+    if isinstance(policy, dict):
+        return policy_from_object(policy, what)
+    path = Path(policy).expanduser()
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_POLICY_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_POLICY_BYTES:
+        raise ValueError(f"{what} {path}: larger than {MAX_POLICY_BYTES} bytes, not a policy")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            document = strict_yaml_load(data.decode("utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ValueError(f"{what} {path}: not a YAML policy: {exc}") from None
+        return policy_from_object(document, f"{what} {path}")
+    return parse_policy(data, f"{what} {path}")
+
+
+def _verify_evaluation(
+    staging: Path,
+    evaluation_certificate: str,
+    staged_certificate: str,
+    verification: dict[str, Any],
+    evaluation_policy: VerificationPolicy | None,
+) -> CertificateVerification:
+    """Stage the evaluation's certificate and verify it with the model certificate as its
+    parent: the link must hold (the verifier refuses a parent no link names, so an
+    evaluation of another model fails here) and the evaluation policy must be met."""
+    data = read_certificate_bytes(evaluation_certificate, None)
+    staged = write_atomic(staging / EVALUATION_FILE, data)
+    trust = {key: value for key, value in verification.items() if key != "expected_inputs"}
+    report = verify_certificate(
+        str(staged), parents=[staged_certificate], policy=evaluation_policy, **trust
     )
+    if not any(link.get("verified") for link in report.lineage):
+        raise PromotionError(
+            f"the evaluation {evaluation_certificate} evaluates no certified model"
+        )
+    write_atomic(staging / EVALUATION_REPORT_FILE, _report_json(report))
+    return report
 
 
 def _registry_destination(
@@ -293,10 +376,40 @@ def _registry_destination(
     )
 
 
+def _evaluation_record(
+    evaluation: CertificateVerification | None, published: str
+) -> dict[str, Any] | None:
+    """The promoted model's evaluation in the promotion record: its run, the SHA-256 of
+    its published certificate and its certified metrics (None: no evaluation required)."""
+    if evaluation is None:
+        return None
+    data = (Path(published) / EVALUATION_FILE).read_bytes()
+    return {
+        "run_id": evaluation.run_id,
+        "project": evaluation.project,
+        "certificate_sha256": hashlib.sha256(data).hexdigest(),
+        "metrics": dict(evaluation.metrics),
+    }
+
+
+def _evaluation_line(record: dict[str, Any] | None) -> str:
+    if record is None:
+        return ""
+    metrics = ", ".join(f"{name} {value:g}" for name, value in sorted(record["metrics"].items()))
+    return (
+        f"- evaluated by run `{record['run_id']}` (certificate SHA-256 "
+        f"`{record['certificate_sha256']}`): {metrics or 'no metrics'}\n"
+    )
+
+
 def _announce_promotion(
-    report: CertificateVerification, published: str, certifying_flow_run_id: str | None
+    report: CertificateVerification,
+    published: str,
+    certifying_flow_run_id: str | None,
+    evaluation: dict[str, Any] | None,
 ) -> str:
-    """Emit ``aicert.model.promoted`` and the promotion artifact; returns the promoted
+    """Emit ``aicert.model.promoted`` and the promotion artifact, both listing the model's
+    certificate and (when one was required) its evaluation's; returns the promoted
     certificate's SHA-256."""
     digest = hashlib.sha256((Path(published) / CERTIFICATE_FILE).read_bytes()).hexdigest()
     outputs_list = [
@@ -317,6 +430,7 @@ def _announce_promotion(
             "outputs_count": len(report.outputs),
             "outputs": outputs_list,
             "certifying_flow_run_id": certifying_flow_run_id,
+            "evaluation": evaluation,
         },
     )
     create_markdown_artifact(
@@ -328,10 +442,49 @@ def _announce_promotion(
             f"- certificate SHA-256: `{digest}`\n"
             f"- platform: {report.platform} ({report.platform_note})\n"
             f"- {len(report.outputs)} model file(s) re-hashed against the certificate\n"
+            f"{_evaluation_line(evaluation)}"
         ),
         description=f"Model of run {report.run_id}, verified and promoted",
     )
     return digest
+
+
+def _policies(
+    policy: PolicyInput, evaluation_policy: PolicyInput, evaluation_certificate: str | None
+) -> tuple[VerificationPolicy | None, VerificationPolicy | None]:
+    """The model's and the evaluation's policies, read; thresholds without an evaluation
+    certificate to meet them are refused rather than silently skipped."""
+    model_policy = read_policy(policy)
+    wanted_evaluation = read_policy(evaluation_policy, "evaluation policy")
+    if wanted_evaluation is not None and evaluation_certificate is None:
+        raise EvaluationRequiredError(
+            "an evaluation policy was given but no evaluation_certificate to meet it"
+        )
+    return model_policy, wanted_evaluation
+
+
+def _reject(
+    exc: Exception,
+    run_id: str | None,
+    project: str | None,
+    certificate_path: str | None,
+    storage_url: str | None,
+) -> None:
+    """Emit ``aicert.model.rejected`` for ``exc`` and log it (the flow then re-raises)."""
+    _emit(
+        MODEL_REJECTED,
+        run_id,
+        project,
+        {
+            "run_id": run_id,
+            "project": project,
+            "certificate_path": certificate_path,
+            "storage_url": storage_url,
+            "error_type": type(exc).__name__,
+            "error_message": str(exc)[:2000],
+        },
+    )
+    get_run_logger().error("model of run %s rejected: %s: %s", run_id, type(exc).__name__, exc)
 
 
 def _promotion_run_name() -> str:
@@ -361,6 +514,9 @@ def verify_and_promote(
     allow_dev_platform: bool = False,
     reference_values: list[str] | None = None,
     certifying_flow_run_id: str | None = None,
+    policy: PolicyInput = None,
+    evaluation_certificate: str | None = None,
+    evaluation_policy: PolicyInput = None,
 ) -> dict[str, Any]:
     """Verify a certificate and its model files, then publish them to the registry.
 
@@ -387,51 +543,56 @@ def verify_and_promote(
             of the guest images built on this host).
         certifying_flow_run_id: The flow run that certified the model; the promotion
             artifact links to it.
+        policy: A verification policy the model's certificate must meet (its JSON values,
+            or a YAML or JSON policy file's path; see ``aicert.policy``).
+        evaluation_certificate: The certificate of an evaluation of this model (a certified
+            run whose certified input is the model): required to verify, link to the model's
+            certificate and meet ``evaluation_policy``; published beside the model.
+        evaluation_policy: The policy the evaluation must meet (its metric thresholds);
+            given without ``evaluation_certificate``, the model is refused.
 
     Returns:
-        The promoted run's id, project, registry folder and certificate digest.
+        The promoted run's id, project, registry folder and certificate digest, and the
+        evaluation's record (run id, certificate digest, metrics) or None.
     """
-    logger = get_run_logger()
     registry_root = Path(registry).expanduser() if registry else default_registry()
     staging = registry_root / STAGING_FOLDER / uuid.uuid4().hex
     try:
-        report = _stage_and_verify(
+        model_policy, wanted_evaluation = _policies(
+            policy, evaluation_policy, evaluation_certificate
+        )
+        verification = _verification_arguments(
+            trusted_roots, expected_inputs, allow_dev_platform, reference_values
+        )
+        staged_certificate, report = _stage_and_verify(
             staging,
             certificate_path,
             storage_url,
             certificate_sha256,
             run_id,
             outputs_path,
-            trusted_roots,
-            expected_inputs,
-            allow_dev_platform,
-            reference_values,
+            verification,
+            model_policy,
         )
+        evaluation = None
+        if evaluation_certificate is not None:
+            evaluation = _verify_evaluation(
+                staging, evaluation_certificate, staged_certificate, verification, wanted_evaluation
+            )
         destination = _registry_destination(registry_root, report, run_id, project)
         published = publish_model(str(staging), str(destination), report)
     except Exception as exc:
-        _emit(
-            MODEL_REJECTED,
-            run_id,
-            project,
-            {
-                "run_id": run_id,
-                "project": project,
-                "certificate_path": certificate_path,
-                "storage_url": storage_url,
-                "error_type": type(exc).__name__,
-                "error_message": str(exc)[:2000],
-            },
-        )
-        logger.error("model of run %s rejected: %s: %s", run_id, type(exc).__name__, exc)
+        _reject(exc, run_id, project, certificate_path, storage_url)
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    digest = _announce_promotion(report, published, certifying_flow_run_id)
-    logger.info("promoted run %s to %s", report.run_id, published)
+    record = _evaluation_record(evaluation, published)
+    digest = _announce_promotion(report, published, certifying_flow_run_id, record)
+    get_run_logger().info("promoted run %s to %s", report.run_id, published)
     return {
         "run_id": report.run_id,
         "project": report.project,
         "registry_path": published,
         "certificate_sha256": digest,
+        "evaluation": record,
     }

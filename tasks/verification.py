@@ -8,6 +8,7 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel, JsonValue
 
 import aicert
+from aicert.policy import VerificationPolicy
 from aicert.reference_values import PlatformReferenceValues
 from aicert.tasks.task_factory import aicert_task
 
@@ -48,6 +49,8 @@ class CertificateVerification(BaseModel):
         outputs: The certified outputs (``path``, ``size``, ``digest``).
         pcrs: The quoted PCR values by index.
         checks: Every check passed, in order.
+        metrics: The certified metrics of the run's results file (name -> value).
+        lineage: The certified inputs' links, each with its verified parent's tree.
     """
 
     verified: bool
@@ -69,6 +72,8 @@ class CertificateVerification(BaseModel):
     outputs: list[dict[str, JsonValue]]
     pcrs: dict[str, str]
     checks: list[CheckResult]
+    metrics: dict[str, float] = {}
+    lineage: list[dict[str, JsonValue]] = []
 
 
 @aicert_task("verify-certificate")
@@ -80,6 +85,8 @@ def verify_certificate(
     allow_dev_platform: bool = False,
     model_path: str | None = None,
     reference_values: PlatformReferenceValues | Iterable[PlatformReferenceValues] | None = None,
+    parents: Sequence[str] = (),
+    policy: VerificationPolicy | None = None,
 ) -> CertificateVerification:
     """Verify a certificate file with the SDK; fail the task with the verifier's error.
 
@@ -91,6 +98,8 @@ def verify_certificate(
         allow_dev_platform: Accept ``local`` certificates, which attest no boot chain.
         model_path: The outputs folder, re-hashed against the certified outputs.
         reference_values: The reference-value set(s) the boot chain must match (qemu, Azure).
+        parents: Certificate files of the certified inputs' lineage (each verified alike).
+        policy: A verification policy the verified report must meet (``aicert.policy``).
 
     Returns:
         The verification report (what was checked, what is bound).
@@ -102,6 +111,8 @@ def verify_certificate(
         allow_dev_platform=allow_dev_platform,
         model=model_path,
         reference_values=reference_values,
+        parents=list(parents),
+        policy=policy,
     )
     for check in report.checks:
         logger.info("verified %s: %s", check.name, check.detail)

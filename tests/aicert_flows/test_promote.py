@@ -86,6 +86,7 @@ def test_a_verified_model_is_published(certified: Certified, tmp_path: Path) -> 
         "project": project,
         "registry_path": str(folder),
         "certificate_sha256": certified.result["certificate"]["sha256"],
+        "evaluation": None,
     }
     assert _published(registry) == [
         f"{project}/{run_id}/{CERTIFICATE_FILE}",
