@@ -163,11 +163,17 @@ def test_the_site_fetches_nothing_from_the_network(site: Path) -> None:
 def test_the_blocks_link_to_pages_and_logos_the_site_has(site: Path) -> None:
     # The Prefect UI links each block type to its documentation and loads its logo from the
     # published site: both must be files of this build, at mkdocs.yml's site_url.
-    from aicert.flows import AicertRunConfig, AzurePlatform, LocalPlatform, QemuPlatform
+    from aicert.flows import (
+        AicertRunConfig,
+        AzurePlatform,
+        GcpPlatform,
+        LocalPlatform,
+        QemuPlatform,
+    )
     from aicert.flows.blocks import DOCUMENTATION_URL
 
     assert load_config(str(ROOT / "mkdocs.yml"))["site_url"] == DOCUMENTATION_URL
-    for block in (AicertRunConfig, LocalPlatform, QemuPlatform, AzurePlatform):
+    for block in (AicertRunConfig, LocalPlatform, QemuPlatform, AzurePlatform, GcpPlatform):
         page, _, anchor = (
             str(block._documentation_url).removeprefix(DOCUMENTATION_URL).partition("#")
         )
