@@ -255,3 +255,23 @@ def test_api_endpoint_sends_tokens_in_clear_only_to_loopback() -> None:
     GcpSettings(**base, api_endpoint="compute.googleapis.com")
     with pytest.raises(ValueError, match="plain http only on loopback"):
         GcpSettings(**base, api_endpoint="http://compute.example.com")
+
+
+def test_a_crash_hook_tears_the_run_down_from_its_record(
+    cloud: tuple[FakeCompute, GceVmHost], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a crash or cancellation hook in another process does: the run's record names the
+    machine, whose settings name the credentials (none here: the default ones, anonymous)."""
+    from aicert.flows.lifecycle import ActiveRun, describe, teardown_record
+
+    fake, host = cloud
+    machine = provider_for(fake, host, tmp_path).provision(RUN_ID)
+    record = ActiveRun(
+        flow_run_id="crashed", run_id=RUN_ID, project="p", provider="gcp", machine=machine
+    )
+    assert "Compute Engine VM of run" in describe(record)
+    monkeypatch.setattr(gcp_provider, "default_credentials", AnonymousCredentials)
+    assert teardown_record(record, home=tmp_path) == []
+    assert fake.state.instances == {} and fake.state.firewalls == {}
+    assert all(vm.deleted for vm in host.vms)
+    teardown_record(record, home=tmp_path)  # a second hook finds nothing left, and says nothing
