@@ -4,7 +4,9 @@ Each stage is an ordinary certified run (``aicert run``). The fine-tune takes th
 run's model as a certified input (``certifiedBy``), the evaluation takes the fine-tuned model
 the same way and declares ``results: metrics.json``, so its accuracy is certified. The last
 step verifies the evaluation with both parents (``--parent``, ``--require-lineage``) and a
-threshold (``--expect-metric``): the report shows the chain back to the pretraining data.
+threshold (``--expect-metric``) and a verification policy (``--policy policy.json``: this
+code, the held-out split, a model descending from this pretraining run, its accuracy): the
+report shows the chain back to the pretraining data.
 
 Usage: python examples/lineage/run_lineage.py [WORK_DIR]   (default: ./lineage-demo)
 The stages' code and data are copied into WORK_DIR (a git repository of the code is made
@@ -112,6 +114,7 @@ def main(work):
             "--outputs-dir", work / "outputs" / stage,
         )
     home = Path(os.environ.get("AICERT_HOME", Path.home() / ".aicert"))
+    write_policy(work, repo)
     run(
         "verify", work / "runs" / "evaluate.proof.json",
         "--trust-root", home / "platform-ca" / "platform-ca.cert.pem",
@@ -120,8 +123,24 @@ def main(work):
         "--parent", work / "runs" / "pretrain.proof.json",
         "--require-lineage",
         "--expect-metric", "accuracy>=0.8",
+        "--policy", work / "policy.json",
     )
     return work
+
+
+def write_policy(work, repo):
+    """What a relying party accepts (aicert.policy): this code, the held-out split, a model
+    descending from this pretraining run, and its accuracy."""
+    pretrain = json.loads((work / "runs" / "pretrain.proof.json").read_text())
+    policy = {
+        "version": "aicert-policy/v1",
+        "source_repositories": [str(repo)],
+        "resources": {"data/heldout.csv": sha256(work / "data" / "heldout.csv")},
+        "platforms": ["local"],
+        "lineage_root": {"run_id": pretrain["run"]["id"]},
+        "metrics": ["accuracy>=0.8"],
+    }
+    (work / "policy.json").write_text(json.dumps(policy, indent=2) + "\n")
 
 
 if __name__ == "__main__":

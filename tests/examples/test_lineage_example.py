@@ -13,6 +13,7 @@ from types import ModuleType
 import pytest
 
 import aicert
+from aicert.policy import LineageRoot
 from tests import REPO_ROOT
 
 pytestmark = [pytest.mark.docker, pytest.mark.swtpm, pytest.mark.slow]
@@ -57,3 +58,13 @@ def test_lineage_example_certifies_and_verifies_the_chain(
     assert base_link.parent is not None and base_link.parent.run_id == runs["pretrain"].run.id
     pretrain_data = hashlib.sha256((EXAMPLE / "data" / "pretrain.csv").read_bytes()).hexdigest()
     assert ("data/pretrain.csv", pretrain_data) in base_link.parent.resources
+
+    # the demo's policy (checked by its `aicert verify --policy`): the chain's root is the
+    # pretraining run; the same chain under a policy naming another root is refused
+    policy = aicert.load_policy(work / "policy.json")
+    assert policy.lineage_root is not None
+    assert policy.lineage_root.run_id == runs["pretrain"].run.id
+    policy.check(report)
+    elsewhere = policy.model_copy(update={"lineage_root": LineageRoot(run_id="another-run")})
+    with pytest.raises(aicert.PolicyError, match="lineage_root: run another-run"):
+        elsewhere.check(report)
