@@ -122,11 +122,7 @@ def verify_certificate(
     sets = reference_sets(reference_values)
     parent_certificates = load_parents(parents)
     thresholds = thresholds_of(expected_metrics)
-    if policy is not None and not isinstance(policy, VerificationPolicy):
-        raise TypeError(
-            f"policy must be a VerificationPolicy (aicert.policy.load_policy(path)), "
-            f"not {type(policy).__name__}"
-        )
+    _check_policy_argument(policy)
     checks: list[Check] = []
     # 1. (the certificate's schema: aicert.model, before this function)
     # 2. AK certificate chain to a trusted root, at the run's time or the caller's.
@@ -161,18 +157,26 @@ def verify_certificate(
     lineage = _check_lineage(
         certificate, measured, parent_certificates, require_lineage, same_policy, checks
     )
-    report = _report(
-        certificate,
-        measured,
-        chain,
-        judge_time,
-        claimed_pcrs,
-        (boot_attested, platform_note),
-        checks=tuple(checks),
-        lineage=lineage,
-        metrics=metrics,
-    )
+    platform = (boot_attested, platform_note)
+    report = _report(certificate, measured, chain, judge_time, claimed_pcrs, platform,
+                     checks=tuple(checks), lineage=lineage, metrics=metrics)  # fmt: skip
     # 12. The caller's policy, on the verified report (every failed rule named).
+    return _check_policy(report, policy)
+
+
+def _check_policy_argument(policy: object) -> None:
+    """A policy that is not a ``VerificationPolicy`` is the caller's mistake (TypeError)."""
+    if policy is not None and not isinstance(policy, VerificationPolicy):
+        raise TypeError(
+            f"policy must be a VerificationPolicy (aicert.policy.load_policy(path)), "
+            f"not {type(policy).__name__}"
+        )
+
+
+def _check_policy(
+    report: VerificationReport, policy: VerificationPolicy | None
+) -> VerificationReport:
+    """Step 12: the verified report meets the caller's policy (``PolicyError`` otherwise)."""
     if policy is None:
         return report
     policy.check(report)
