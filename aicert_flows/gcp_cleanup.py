@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
+    from aicert.guest_runtime.hostutil import ProgressCallback
     from aicert.tasks.platforms.gcp import ComputeSession
 
 __all__ = ["GcpCleanupReport", "cleanup_stale_runs", "gcp_app"]
@@ -42,7 +41,7 @@ def cleanup_stale_runs(
     *,
     now: float | None = None,
     dry_run: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> GcpCleanupReport:
     """Delete every run whose VM's ``aicert-created`` label is older than ``older_than``
     (the session's project and zone), its firewall rule with it.

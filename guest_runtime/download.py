@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aicert.guest_runtime.errors import DownloadError
+from aicert.guest_runtime.hostutil import ProgressCallback
 
 DOWNLOAD_ATTEMPTS = 4
 DOWNLOAD_CHUNK = 4 * 1024 * 1024
@@ -28,7 +29,7 @@ def download(
     url: str,
     target: Path,
     *,
-    progress: Callable[[str], None] | None = None,
+    progress: ProgressCallback | None = None,
     attempts: int = DOWNLOAD_ATTEMPTS,
     timeout_s: float = 60.0,
     on_bytes: Callable[[int], None] | None = None,
@@ -86,7 +87,7 @@ def _download_once(
     target: Path,
     partial: Path,
     timeout_s: float,
-    progress: Callable[[str], None] | None,
+    progress: ProgressCallback | None,
     on_bytes: Callable[[int], None] | None,
     on_total: Callable[[int | None], None] | None,
 ) -> tuple[str, int]:

@@ -15,6 +15,10 @@ from typing import Self
 
 _log = logging.getLogger(__name__)
 
+ProgressCallback = Callable[[str], None]
+"""Where long work reports progress: one line of text per call (hashing, downloads,
+builds, training logs)."""
+
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
@@ -29,7 +33,7 @@ def file_lock(path: Path) -> Iterator[None]:
 
 def run_streaming(
     argv: list[str],
-    progress: Callable[[str], None] | None,
+    progress: ProgressCallback | None,
     *,
     env: Mapping[str, str] | None = None,
     error: type[Exception] = RuntimeError,

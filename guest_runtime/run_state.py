@@ -12,7 +12,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 from aicert.appevents import EventData, event_digest
 from aicert.guest_runtime.config import RunConfig
 from aicert.guest_runtime.errors import EventLimitError, StepOrderError
+from aicert.guest_runtime.hostutil import ProgressCallback
 from aicert.guest_runtime.staged_inputs import UnpackedInputs
 from aicert.hashing import FileDigest, hash_tree
 from aicert.model import MAX_EVENTS, AppEvent, SignedStatement
@@ -42,8 +43,6 @@ STEP_ORDER: tuple[Step, ...] = (
     "quoted",
 )
 TRAINING_STARTED: tuple[Step, ...] = STEP_ORDER[STEP_ORDER.index("training") :]
-
-ProgressCallback = Callable[[str], None]
 
 
 @dataclass

@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +24,8 @@ import docker.errors
 import requests.exceptions
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
-from aicert.guest_runtime.hostutil import run_streaming
+from aicert.guest_runtime.hostutil import ProgressCallback, run_streaming
 from aicert.hashing import sha256_file
-
-ProgressCallback = Callable[[str], None]
 
 # Bookworm's glibc is 2.36: every manylinux_2_N with N <= 36 runs there. pip does not expand
 # manylinux_2_N to lower N by itself (only the legacy manylinux2014/2010 aliases), so all are

@@ -13,13 +13,13 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import docker
 import docker.errors
 
-from aicert.guest_runtime.hostutil import file_lock, run_streaming
+from aicert.guest_runtime.hostutil import ProgressCallback, file_lock, run_streaming
 
 DEFAULT_BASE_IMAGE = "aicert/python-base:bookworm"
 DEBIAN_SUITE = "bookworm"
@@ -40,8 +40,6 @@ WORKSPACE_DIRS = ("workspace/src", "workspace/resources", "workspace/outputs")
 # Serialises builds between processes (parallel test sessions, several flows on one host):
 # two concurrent debootstraps would both succeed but waste a minute and race on the tag.
 BUILD_LOCK_PATH = Path(tempfile.gettempdir()) / "aicert-base-image.lock"
-
-ProgressCallback = Callable[[str], None]
 
 
 class BaseImageError(RuntimeError):

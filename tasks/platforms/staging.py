@@ -14,11 +14,11 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from aicert.guest_runtime.config import RunConfig
 from aicert.guest_runtime.gitsource import clone_source, commit_object
+from aicert.guest_runtime.hostutil import ProgressCallback
 from aicert.guest_runtime.staged_inputs import (
     IMAGE_ARCHIVE,
     MANIFEST,
@@ -31,7 +31,6 @@ from aicert.guest_runtime.staged_inputs import (
 
 log = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[str], None]
 SAVE_CHUNK = 4 * 1024 * 1024
 PROGRESS_EVERY_S = 5.0
 

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from aicert.tasks.platforms.azure.errors import AzureOperationError, AzureProviderError
 from aicert.tasks.platforms.azure.settings import ArmSessionSettings, is_loopback
+from aicert.tasks.platforms.cloud_vm import ProgressCallback
 
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
@@ -43,7 +44,6 @@ AICERT_RUN_TAG = "aicert-run"
 AICERT_CREATED_TAG = "aicert-created-at"
 # The token audience of Azure public cloud's Resource Manager (sovereign clouds differ).
 ARM_CREDENTIAL_SCOPES = ("https://management.azure.com/.default",)
-ProgressCallback = Callable[[str], None]
 T = TypeVar("T")
 
 VIRTUAL_MACHINES = "Microsoft.Compute/virtualMachines"

@@ -28,7 +28,6 @@ training.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,7 +57,8 @@ from aicert.tasks.platforms.azure.errors import (
 )
 from aicert.tasks.platforms.azure.resources import RunResources, run_tags
 from aicert.tasks.platforms.azure.settings import AzureSettings
-from aicert.tasks.platforms.base import EnrolledKey, Machine, Provider
+from aicert.tasks.platforms.base import EnrolledKey, Machine
+from aicert.tasks.platforms.cloud_vm import CloudVmProvider
 from aicert.tasks.platforms.settings import aicert_home
 
 if TYPE_CHECKING:
@@ -67,8 +67,6 @@ if TYPE_CHECKING:
     from aicert.chain import ChainVerification
     from aicert.guest_runtime.api_models import KeyMaterial
     from aicert.reference_values import AzureReferenceValueSet
-
-AGENT_POLL_INTERVAL_S = 1.0
 
 
 def check_azure_ak_chain(
@@ -108,10 +106,11 @@ def check_azure_ak_chain(
     return verified
 
 
-class AzureProvider(Provider):
+class AzureProvider(CloudVmProvider):
     """The ``azure`` platform: one VM with a vTPM per run, made and deleted through ARM."""
 
     kind = "azure"
+    provisioning_error = AzureProvisioningError
 
     def __init__(
         self,
@@ -281,42 +280,9 @@ class AzureProvider(Provider):
                 f"{reference.image.gallery_image_version_id})"
             )
 
-    def _delete_after_failure(self, machine: Machine, failure: BaseException) -> None:
-        """Tear down what a failed provision created; a teardown failure becomes a note on
-        ``failure`` (the provision's own error is the one to raise)."""
-        self.progress(f"provisioning of run {machine.run_id} failed; deleting what was created")
-        try:
-            self.teardown(machine)
-        except Exception as teardown_error:
-            failure.add_note(f"teardown after the failed provision also failed: {teardown_error}")
-
-    def _wait_for_agent(self, machine: Machine) -> None:
-        """Wait for the agent and pin its channel certificate on ``machine`` (trust on first
-        use: the flow's ``attest-machine`` step then checks that the attested vTPM measured
-        that very key before anything of the run is sent)."""
-        timeout = self.settings.agent_start_timeout_s
-        self.progress(f"waiting up to {timeout:.0f} s for the guest agent at {machine.agent_url}")
-        deadline = time.monotonic() + timeout
-        while True:
-            # A VM that accepts connections but never answers must not outlast the timeout.
-            attempt_s = min(10.0, max(1.0, deadline - time.monotonic()))
-            try:
-                pinned, health = machine.probe_agent(timeout_s=attempt_s)
-                break
-            except (AgentUnreachableError, OSError) as exc:
-                if time.monotonic() >= deadline:
-                    raise AzureProvisioningError(
-                        f"the guest agent at {machine.agent_url} did not answer within "
-                        f"{timeout:.0f} s (VM {machine.details['names'][VIRTUAL_MACHINES]}): {exc}"
-                    ) from exc
-                time.sleep(AGENT_POLL_INTERVAL_S)
-        machine.agent_certificate_pem = pinned.agent_certificate_pem
-        if health.platform != "azure":
-            raise AzureProvisioningError(
-                f"the agent at {machine.agent_url} runs as platform {health.platform!r}, "
-                "not 'azure': wrong image?"
-            )
-        self.progress(f"guest agent {health.runtime_version} ready at {machine.agent_url}")
+    def vm_name(self, machine: Machine) -> str:
+        """The VM's name in its resource group."""
+        return str(machine.details["names"][VIRTUAL_MACHINES])
 
     # -- attestation key -----------------------------------------------------------------------
 
@@ -366,19 +332,6 @@ class AzureProvider(Provider):
                 trusted_root_pems=self.extra_trusted_root_pems
             )
         return self._ak_chain_completer
-
-    def _trusted_root_pem(self, verified: ChainVerification) -> str | None:
-        """The root trusted on purpose (tests) that the chain ended at, or None: a verifier
-        pins Microsoft's root by itself, only such a root must go with the certificate."""
-        from aicert.chain import fingerprint_sha256, load_pem_certificates
-
-        for pem in self.extra_trusted_root_pems:
-            if any(
-                fingerprint_sha256(cert) == verified.root_fingerprint_sha256
-                for cert in load_pem_certificates(pem)
-            ):
-                return pem
-        return None
 
     # -- teardown --------------------------------------------------------------------------
 

@@ -24,16 +24,16 @@ stays offline. The boot chain is judged against the image's gcp reference-value 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from aicert.tasks.platforms.agent_client import AgentClient, AgentUnreachableError
-from aicert.tasks.platforms.base import EnrolledKey, Machine, Provider
+from aicert.tasks.platforms.agent_client import AgentClient
+from aicert.tasks.platforms.base import EnrolledKey, Machine
+from aicert.tasks.platforms.cloud_vm import CloudVmProvider, ProgressCallback
 from aicert.tasks.platforms.gcp.compute import ComputeSession, GcpOperationError, RunResources
 from aicert.tasks.platforms.gcp.errors import (
     GcpEnrollmentError,
@@ -53,8 +53,6 @@ if TYPE_CHECKING:
 
 __all__ = ["GcpProvider", "check_gcp_ak_chain", "default_credentials", "log_progress"]
 
-AGENT_POLL_INTERVAL_S = 1.0
-ProgressCallback = Callable[[str], None]
 progress_log = logging.getLogger("aicert.tasks.platforms.gcp")
 
 
@@ -122,10 +120,11 @@ def check_gcp_ak_chain(
     return verified
 
 
-class GcpProvider(Provider):
+class GcpProvider(CloudVmProvider):
     """The ``gcp`` platform: one Shielded VM with a vTPM per run, made through Compute Engine."""
 
     kind = "gcp"
+    provisioning_error = GcpProvisioningError
 
     def __init__(
         self,
@@ -287,41 +286,6 @@ class GcpProvider(Provider):
                 raise
             raise GcpProvisioningError(f"provisioning run {run_id} failed: {failure}") from failure
 
-    def _delete_after_failure(self, machine: Machine, failure: BaseException) -> None:
-        """Tear down what a failed provision created; a teardown failure becomes a note."""
-        self.progress(f"provisioning of run {machine.run_id} failed; deleting what was created")
-        try:
-            self.teardown(machine)
-        except Exception as teardown_error:
-            failure.add_note(f"teardown after the failed provision also failed: {teardown_error}")
-
-    def _wait_for_agent(self, machine: Machine) -> None:
-        """Wait for the agent and pin its channel certificate on ``machine`` (trust on first
-        use, checked by the flow's ``attest-machine`` step against PCR 14)."""
-        timeout = self.settings.agent_start_timeout_s
-        self.progress(f"waiting up to {timeout:.0f} s for the guest agent at {machine.agent_url}")
-        deadline = time.monotonic() + timeout
-        while True:
-            # A VM that accepts connections but never answers must not outlast the timeout.
-            attempt_s = min(10.0, max(1.0, deadline - time.monotonic()))
-            try:
-                pinned, health = machine.probe_agent(timeout_s=attempt_s)
-                break
-            except (AgentUnreachableError, OSError) as exc:
-                if time.monotonic() >= deadline:
-                    raise GcpProvisioningError(
-                        f"the guest agent at {machine.agent_url} did not answer within "
-                        f"{timeout:.0f} s (instance {machine.details['instance']}): {exc}"
-                    ) from exc
-                time.sleep(AGENT_POLL_INTERVAL_S)
-        machine.agent_certificate_pem = pinned.agent_certificate_pem
-        if health.platform != "gcp":
-            raise GcpProvisioningError(
-                f"the agent at {machine.agent_url} runs as platform {health.platform!r}, "
-                "not 'gcp': wrong image?"
-            )
-        self.progress(f"guest agent {health.runtime_version} ready at {machine.agent_url}")
-
     def machine_problem(self, machine: Machine) -> str | None:
         """Why the VM can no longer come up: Compute Engine reports it stopped or gone."""
         instance = machine.details.get("instance")
@@ -334,6 +298,10 @@ class GcpProvider(Provider):
         if status in ("STOPPING", "STOPPED", "SUSPENDING", "SUSPENDED", "TERMINATED"):
             return f"instance {instance} is {status} (preempted, stopped or failed)"
         return None
+
+    def vm_name(self, machine: Machine) -> str:
+        """The instance's name in its zone."""
+        return str(machine.details["instance"])
 
     # -- attestation key -----------------------------------------------------------------------
 
@@ -373,18 +341,6 @@ class GcpProvider(Provider):
             ek_certificate_pem=None,
             trusted_root_pem=self._trusted_root_pem(verified),
         )
-
-    def _trusted_root_pem(self, verified: ChainVerification) -> str | None:
-        """The root trusted on purpose (tests) that the chain ended at, or None (pinned)."""
-        from aicert.chain import fingerprint_sha256, load_pem_certificates
-
-        for pem in self.extra_trusted_root_pems:
-            if any(
-                fingerprint_sha256(cert) == verified.root_fingerprint_sha256
-                for cert in load_pem_certificates(pem)
-            ):
-                return pem
-        return None
 
     # -- teardown --------------------------------------------------------------------------
 

@@ -16,13 +16,10 @@ import dataclasses
 import hashlib
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from aicert.guest_runtime.hostutil import run_streaming
+from aicert.guest_runtime.hostutil import ProgressCallback, run_streaming
 from aicert.tasks.platforms.qemu.image import GuestImageError
-
-ProgressCallback = Callable[[str], None]
 
 # Bump when anything below changes what an image contains.
 RECIPE_VERSION = "2"
