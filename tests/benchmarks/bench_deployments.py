@@ -7,10 +7,11 @@ For each worker limit it brings the stack up with ``deployments/stack.sh up --li
 (SQLite, a fresh PREFECT_HOME under a temporary AICERT_HOME shared by all limits, so the CAs
 are made once by a warm-up run), then:
 
-- throughput: emits ``--runs`` ``aicert.source.updated`` events for the example project
-  (examples/aicert.yaml) at once and times from the first emission to the last certification's
-  completion: certifications per minute = runs / that time. The verify-and-promote automation
-  is paused during the batch unless ``--with-promotion`` (promotions then share the worker);
+- throughput: emits ``--runs`` ``aicert.source.updated`` events for the minimal example
+  (examples/minimal/aicert.yaml) at once and times from the first emission to the last
+  certification's completion: certifications per minute = runs / that time. The
+  verify-and-promote automation is paused during the batch unless ``--with-promotion``
+  (promotions then share the worker);
 - latency (on an idle stack, ``--probes`` events one after another): from the event's
   emission to the flow run's creation by the automation, to its Pending state (the worker took
   it) and to its Running state (the flow's process started). The worker polls every
@@ -46,7 +47,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STACK = REPO_ROOT / "deployments" / "stack.sh"
-EXAMPLE = REPO_ROOT / "examples" / "aicert.yaml"
+EXAMPLE = REPO_ROOT / "examples" / "minimal" / "aicert.yaml"
 RUN_TIMEOUT_S = 600
 T = TypeVar("T")
 

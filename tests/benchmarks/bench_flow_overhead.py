@@ -174,7 +174,9 @@ def task_durations(api_url: str, flow_run_id: str) -> list[tuple[str, float]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--config", type=Path, default=REPO_ROOT / "examples" / "aicert.yaml")
+    parser.add_argument(
+        "--config", type=Path, default=REPO_ROOT / "examples" / "minimal" / "aicert.yaml"
+    )
     args = parser.parse_args()
     config_path = args.config.resolve()
     config = yaml.safe_load(config_path.read_text())

@@ -79,7 +79,9 @@ def _certify(config: Path, provider: str, out: Path) -> tuple[float, dict[str, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=REPO_ROOT / "examples" / "aicert.yaml")
+    parser.add_argument(
+        "--config", type=Path, default=REPO_ROOT / "examples" / "minimal" / "aicert.yaml"
+    )
     default_home = os.environ.get("AICERT_QEMU_TEST_HOME") or str(
         Path(tempfile.gettempdir()) / "aicert-qemu-tests"
     )

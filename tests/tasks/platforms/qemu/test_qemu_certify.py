@@ -35,7 +35,8 @@ from tests import REPO_ROOT
 
 from .conftest import AGENT_STALLS, WALL_TIMES, serial_tail
 
-EXAMPLE_CONFIG = REPO_ROOT / "examples" / "aicert.yaml"
+# The no-dependency example: the guest has no wheels to install (a fast, small run).
+EXAMPLE_CONFIG = REPO_ROOT / "examples" / "minimal" / "aicert.yaml"
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -151,7 +152,7 @@ def test_run_measured_the_channel_key_first_and_the_staged_inputs(
     # Verified inside the VM against the staged tree; HEAD as it was when the run was staged
     # (a commit made while the suite runs must not fail this test).
     assert measured.source.commit == certified_on_qemu.source_commit
-    assert measured.source.subdirectory == "examples/training-project"
+    assert measured.source.subdirectory == "examples/minimal"
     assert [image.role for image in measured.images] == ["base"]
     assert measured.result.exit_code == 0
 
