@@ -3,7 +3,9 @@ network): the format, and the guest's side, which trusts none of it.
 
 The orchestrator writes one tar (``aicert.tasks.platforms.staging``) and the VM sees it as a
 read-only raw disk (``/dev/vda``): no file system driver, the agent reads the device as a
-tar stream, in this order:
+tar stream, once, front to back, in chunks (never the whole of it in memory), and unpacks
+it onto the guest's scratch disk (refused up front when the disk has less room left than
+the tar's size), in this order:
 
 - ``manifest.json``: format and what follows (informational: nothing in it is measured);
 - ``image.tar``: ``docker save`` of the configured base image, streamed into the guest's
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import tarfile
 from collections.abc import Callable, Iterator
@@ -94,9 +97,16 @@ def unpack_staged_inputs(
     """Read the staged tar from ``device`` once, front to back: the image archive goes to
     ``load_image`` (chunks of ``docker save`` output; returns the loaded image names), the
     rest is extracted under ``destination`` with tarfile's ``data`` filter (no absolute
-    paths, no links out, no devices)."""
+    paths, no links out, no devices).
+
+    Raises:
+        StagedInputsError: the tar is unreadable or not staged inputs, or the file system of
+            ``destination`` has less room left than the tar's size (the qemu guest's scratch
+            disk is too small), checked before anything is read.
+    """
     unpacked = UnpackedInputs(root=destination)
     destination.mkdir(parents=True, exist_ok=True)
+    _check_room(device, destination)
     try:
         with device.open("rb") as raw, tarfile.open(fileobj=raw, mode="r|") as archive:
             for member in archive:
@@ -123,6 +133,23 @@ def unpack_staged_inputs(
     if not unpacked.manifest:
         raise StagedInputsError(f"staged inputs {device}: no {MANIFEST}")
     return unpacked
+
+
+def _check_room(device: Path, destination: Path) -> None:
+    """Refuse inputs that cannot fit where they are unpacked: failing now names the cause,
+    failing half-way would be a full disk in the middle of an image load."""
+    try:
+        with device.open("rb") as handle:
+            size = handle.seek(0, os.SEEK_END)  # st_size is 0 for a block device
+    except OSError as exc:
+        raise StagedInputsError(f"staged inputs {device}: {exc}") from exc
+    free = shutil.disk_usage(destination).free
+    if free < size:
+        raise StagedInputsError(
+            f"scratch disk: {destination} has {free / 1e9:.2f} GB free, the staged inputs "
+            f"{device} need {size / 1e9:.2f} GB (on qemu, give the run a larger scratch disk: "
+            "scratch_gib)"
+        )
 
 
 def git_tree_id(root: Path) -> str:

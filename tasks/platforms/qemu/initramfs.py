@@ -37,10 +37,13 @@ from aicert.tasks.platforms.qemu.recipe import (
     GUEST_SITE_PACKAGES,
     GUEST_WORK_ROOT,
     PRUNED_PATHS,
+    SCRATCH_BINARIES,
+    SCRATCH_MOUNT,
     WAIT_FOR_ENGINE_PATH,
     ProgressCallback,
     run_step,
 )
+from aicert.tasks.platforms.qemu.scratch import INPUTS_SERIAL, SCRATCH_SERIAL
 
 # The package data the guest's files come from.
 GUEST_FILES = "guest"
@@ -69,6 +72,9 @@ def init_script() -> str:
         "READY_TIMEOUT": str(DOCKER_READY_TIMEOUT_S),
         "SOCKET": DOCKER_SOCKET,
         "READY_MESSAGE": DOCKER_READY_MESSAGE,
+        "SCRATCH_MOUNT": SCRATCH_MOUNT,
+        "SCRATCH_SERIAL": SCRATCH_SERIAL,
+        "INPUTS_SERIAL": INPUTS_SERIAL,
     }
     script = guest_file(INIT_TEMPLATE)
     for name, value in values.items():
@@ -79,7 +85,8 @@ def init_script() -> str:
 
 
 def _prune(root: Path) -> None:
-    """Delete ``PRUNED_PATHS`` from the root; check the engine's binaries are there."""
+    """Delete ``PRUNED_PATHS`` from the root; check the engine's binaries and the scratch
+    disk's formatter are there."""
     for pattern in PRUNED_PATHS:
         # glob.glob, not Path.glob: it also matches dangling symlinks (the alternatives).
         for relative in sorted(glob.glob(pattern, root_dir=root)):
@@ -91,6 +98,9 @@ def _prune(root: Path) -> None:
     for relative in ENGINE_BINARIES:
         if not (root / relative).is_file():
             raise GuestImageError(f"{relative} is missing from the Debian root (docker.io)")
+    for relative in SCRATCH_BINARIES:
+        if not (root / relative).exists():
+            raise GuestImageError(f"{relative} is missing from the Debian root (e2fsprogs)")
 
 
 def configure_root(root: Path, modules: list[str]) -> None:

@@ -61,6 +61,13 @@ from aicert.tasks.platforms.qemu.kvm import (
 )
 from aicert.tasks.platforms.qemu.monitor import ask_monitor
 from aicert.tasks.platforms.qemu.recipe import AGENT_PORT
+from aicert.tasks.platforms.qemu.scratch import (
+    create_scratch_disk,
+    inputs_drive,
+    remove_scratch_disk,
+    scratch_drive,
+    scratch_size,
+)
 from aicert.tasks.platforms.qemu.vm import (
     CPU_MODEL,
     MACHINE_TYPE,
@@ -113,12 +120,15 @@ class QemuProvider(ProjectTpmMixin, Provider):
         kernel: Path | None = None,
         initrd: Path | None = None,
         command_line: str | None = None,
+        scratch_gib: float | None = None,
     ) -> None:
         """``image``: an image id, folder or manifest (default: the last one built).
         ``accel``: ``auto``, ``tcg`` or ``kvm``; None means ``$AICERT_QEMU_ACCEL``, else
         ``auto`` (see the module's docstring; an invalid value raises QemuProviderError).
         ``kernel``, ``initrd``, ``command_line`` boot something else than the image's own
-        (tests of tampered boots); the reference values stay the image's."""
+        (tests of tampered boots); the reference values stay the image's. ``scratch_gib``:
+        the size of each run's scratch disk (``scratch``'s docstring; None: derived from
+        the staged inputs)."""
         self.home = (home or aicert_home()).resolve()
         self.image_ref = image
         self.accel_setting, self.accel_origin = accel_from(accel)
@@ -132,6 +142,7 @@ class QemuProvider(ProjectTpmMixin, Provider):
         self.kernel_override = kernel
         self.initrd_override = initrd
         self.command_line_override = command_line
+        self.scratch_gib = scratch_gib
         self._image: GuestImage | None = None
 
     # -- configuration -------------------------------------------------------------------------
@@ -194,11 +205,18 @@ class QemuProvider(ProjectTpmMixin, Provider):
         """Start the run's vTPM and VM (not waiting for the agent: ``wait_until_ready``).
 
         Raises:
-            QemuProviderError: OVMF is missing, the image was observed on another VM shape,
-                or the vTPM or qemu did not start (both are then torn down).
+            QemuProviderError: the scratch disk's size cannot hold the staged inputs, OVMF
+                is missing, the image was observed on another VM shape, or the vTPM or qemu
+                did not start (both are then torn down).
         """
         from aicert.tasks.platforms.swtpm import LocalSwtpm
 
+        run_dir = self.run_dir(run_id)
+        inputs = self.inputs_disk(run_id)
+        # First: a size that cannot hold the inputs is the caller's setting, not the host's.
+        scratch_bytes = scratch_size(
+            inputs.stat().st_size if inputs.is_file() else 0, self.scratch_gib
+        )
         image = self.image
         for path in (OVMF_CODE, OVMF_VARS):
             if not path.is_file():
@@ -208,7 +226,6 @@ class QemuProvider(ProjectTpmMixin, Provider):
                 f"guest image {image.id} was observed on {image.reference.vm}, this provider "
                 f"boots {self.vm_shape()}: its firmware reference values would not match"
             )
-        run_dir = self.run_dir(run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
         # The vTPM is manufactured like the local platform's (EK certificate from the EK CA);
         # qemu, not the agent, talks to it, through a unix socket (short path: 108 bytes max).
@@ -229,9 +246,11 @@ class QemuProvider(ProjectTpmMixin, Provider):
                 "accel_asked": self.accel_setting,
                 "accel_reason": accel_reason,
                 "boot_timeout_s": self.boot_timeout_s,
+                "scratch_bytes": scratch_bytes,
             },
         )
         try:
+            create_scratch_disk(run_dir, scratch_bytes)
             machine.details["swtpm_pid"] = self._start_swtpm(run_dir, socket_dir)
             self._start_qemu(machine, run_dir, socket_dir, accel)
         except BaseException:
@@ -322,6 +341,7 @@ class QemuProvider(ProjectTpmMixin, Provider):
             "-netdev",
             f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:{AGENT_PORT}",
             *self._inputs_drive(run_dir),
+            *scratch_drive(run_dir),
             # No option ROM: OVMF's own virtio-net driver, no iPXE to load and measure.
             "-device",
             "virtio-net-pci,netdev=n0,romfile=",
@@ -341,11 +361,12 @@ class QemuProvider(ProjectTpmMixin, Provider):
 
     @staticmethod
     def _inputs_drive(run_dir: Path) -> list[str]:
-        """The staged inputs as a read-only raw virtio disk (the guest's /dev/vda)."""
+        """The staged inputs as a read-only raw virtio disk (the guest's /dev/vda, found by
+        its serial)."""
         disk = run_dir / INPUTS_DISK
         if not disk.is_file():
             return []
-        return ["-drive", f"file={disk},format=raw,if=virtio,readonly=on,media=disk"]
+        return inputs_drive(disk)
 
     def _start_qemu(
         self, machine: Machine, run_dir: Path, socket_dir: Path, accel: Literal["tcg", "kvm"]
@@ -457,8 +478,10 @@ class QemuProvider(ProjectTpmMixin, Provider):
         for log_file, copy in kept.items():
             with contextlib.suppress(FileNotFoundError):
                 log_file.replace(copy)
-        # Fresh firmware variables: whatever the failed firmware wrote is not measured.
+        # Fresh firmware variables: whatever the failed firmware wrote is not measured; a
+        # blank scratch disk: the tcg guest starts from nothing the failed one wrote.
         (run_dir / "OVMF_VARS.fd").unlink(missing_ok=True)
+        create_scratch_disk(run_dir, int(details["scratch_bytes"]))
         for name in ("swtpm.sock", MONITOR_SOCKET):
             (socket_dir / name).unlink(missing_ok=True)
         details.update(
@@ -526,7 +549,7 @@ class QemuProvider(ProjectTpmMixin, Provider):
 
     def teardown(self, machine: Machine) -> None:
         """Stop the VM and its vTPM (also those of a fall back to tcg), remove the sockets
-        and the staged inputs; the run's logs stay."""
+        the staged inputs and the scratch disk; the run's logs stay."""
         details = machine.details
         run_dir = Path(machine.state_dir)
         marker = str(details.get("qemu_marker", QEMU_BINARY))
@@ -543,6 +566,7 @@ class QemuProvider(ProjectTpmMixin, Provider):
         # A copy of inputs fetched for the VM (the base image alone is hundreds of MB); the
         # certificate names them, and the run's outputs and logs stay.
         Path(machine.state_dir, INPUTS_DISK).unlink(missing_ok=True)
+        remove_scratch_disk(run_dir)
 
     def outputs_path(self, machine: Machine) -> Path | None:
         """None: the outputs are downloaded from the agent (they live in the VM)."""

@@ -61,7 +61,10 @@ GUEST_ADDRESS = "10.0.2.15/24"
 GUEST_GATEWAY = "10.0.2.2"
 GUEST_DNS = "10.0.2.3"
 GUEST_SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages"
-GUEST_WORK_ROOT = "/var/lib/aicert/work"
+# Where the guest mounts the run's scratch disk (``scratch``): the work root and the
+# engine's storage are on it.
+SCRATCH_MOUNT = "/var/lib/aicert"
+GUEST_WORK_ROOT = f"{SCRATCH_MOUNT}/work"
 # The packages the guest runs: the verifier and the agent. Every other part of the project
 # (the orchestrator's tasks and flows, the exports) is left out of the guest.
 GUEST_PACKAGES_OF_AICERT = ("aicert", "aicert.guest_runtime")
@@ -125,11 +128,15 @@ ENGINE_BINARIES = (
     "usr/sbin/apparmor_parser",
 )
 
+# What /init formats the run's scratch disk with (e2fsprogs: Priority required in Debian, so
+# in every root; ext4 itself is built into the cloud kernel).
+SCRATCH_BINARIES = ("usr/sbin/mke2fs", "usr/sbin/mkfs.ext4")
+
 
 # The Docker engine of the guest: reachable through its unix socket only (no TCP), no
 # container networking (no bridge, veth, iptables rules or forwarding: containers run with
-# network none), overlay2 on a tmpfs data root. It starts its own containerd, whose root
-# and state fall under the data root and /run (both tmpfs).
+# network none), overlay2 on a data root on the run's scratch disk. It starts its own
+# containerd, whose root falls under the data root and its state under /run (a tmpfs).
 DOCKER_SOCKET = "/var/run/docker.sock"
 DOCKER_DATA_ROOT = "/var/lib/docker"
 DOCKERD_LOG = "/run/dockerd.log"

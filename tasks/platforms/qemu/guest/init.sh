@@ -41,8 +41,29 @@ busybox ip addr add @ADDRESS@ dev eth0 || fail "address"
 busybox ip route add default via @GATEWAY@ || fail "route"
 [ -c /dev/tpmrm0 ] || fail "no /dev/tpmrm0 (vTPM)"
 
-mkdir -p @DATA_ROOT@
-mount -t tmpfs -o mode=0711 tmpfs @DATA_ROOT@ || fail "mount the engine's tmpfs"
+# The virtio disk with the given serial (qemu's serial= option), as a /dev path.
+disk_with_serial() {
+  for block in /sys/block/vd*; do
+    if [ "$(cat "$block/serial" 2>/dev/null)" = "$1" ]; then
+      echo "/dev/${block##*/}"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# The run's scratch disk: blank, made for this run by the orchestrator, not part of the
+# measured boot. Formatted here, it holds what does not fit in RAM: the engine's storage
+# and the agent's work root (unpacked inputs, workspace, outputs). noinit_itable: the inode
+# tables of a blank disk read as zeros already; zeroing them would only fill the host file.
+scratch=$(disk_with_serial @SCRATCH_SERIAL@) || fail "no scratch disk (virtio serial @SCRATCH_SERIAL@)"
+mkfs.ext4 -q -F -m 0 -E lazy_itable_init=1,lazy_journal_init=1,nodiscard "$scratch" \
+  || fail "format the scratch disk $scratch"
+mkdir -p @SCRATCH_MOUNT@
+mount -t ext4 -o noinit_itable "$scratch" @SCRATCH_MOUNT@ || fail "mount the scratch disk $scratch"
+say "scratch disk $scratch: $(($(cat "/sys/block/${scratch##*/}/size") / 2097152)) GiB on @SCRATCH_MOUNT@"
+mkdir -p @SCRATCH_MOUNT@/docker @DATA_ROOT@
+mount --bind @SCRATCH_MOUNT@/docker @DATA_ROOT@ || fail "put the engine's storage on the scratch disk"
 dockerd @DOCKERD_ARGUMENTS@ < /dev/null > @DOCKERD_LOG@ 2>&1 &
 if ! python3 /@WAIT_FOR_ENGINE@ $! @READY_TIMEOUT@ @SOCKET@ > /dev/console 2>&1; then
   tail -n 5 @DOCKERD_LOG@ > /dev/console
@@ -54,7 +75,7 @@ mkdir -p @WORK_ROOT@
 # The run's inputs, staged by the orchestrator, come as a read-only raw disk (a tar).
 # The agent's optional arguments, as the positional parameters (quoted, unlike a variable).
 set --
-[ -b /dev/vda ] && set -- --staged-inputs /dev/vda
+inputs=$(disk_with_serial @INPUTS_SERIAL@) && set -- --staged-inputs "$inputs"
 say "starting the guest agent on port @PORT@"
 # --tls: a fresh channel key, measured into PCR 14 before the agent serves anything.
 /usr/bin/python3 -m aicert.guest_runtime.server --tcti device:/dev/tpmrm0 --platform qemu \

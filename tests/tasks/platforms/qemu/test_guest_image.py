@@ -134,8 +134,13 @@ def test_initrd_holds_the_agent_and_its_init(initrd_entries: dict[str, CpioEntry
         "--platform qemu --host 0.0.0.0 --port 8080 --work-root /var/lib/aicert/work "
         '--tls "$@" &',
     ]
-    # The staged inputs disk, when the provider attached one; TLS always.
-    assert "[ -b /dev/vda ] && set -- --staged-inputs /dev/vda" in script
+    # The staged inputs disk, when the provider attached one (found by its serial); TLS always.
+    assert 'inputs=$(disk_with_serial aicert-inputs) && set -- --staged-inputs "$inputs"' in script
+    # The scratch disk: formatted, mounted on the work root's parent, the engine's storage
+    # bound onto it.
+    assert 'mount -t ext4 -o noinit_itable "$scratch" /var/lib/aicert' in script
+    assert "mount --bind /var/lib/aicert/docker /var/lib/docker" in script
+    assert "usr/sbin/mkfs.ext4" in initrd_entries
     assert "--host 0.0.0.0 --port 8080" in script
     assert "mount -t securityfs securityfs /sys/kernel/security" in script
     console = initrd_entries["dev/console"]

@@ -13,6 +13,7 @@ certificate is verified, boot chain included, with the SDK and the CLI.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ from aicert.tasks.platforms.agent_client import AgentUnreachableError
 from aicert.tasks.platforms.base_image import ensure_base_image
 from aicert.tasks.platforms.local.provider import platform_ca_certificate_path
 from aicert.tasks.platforms.qemu.image import GuestImage
+from aicert.tasks.platforms.qemu.scratch import SCRATCH_DISK
 from tests import REPO_ROOT
 
 from .conftest import AGENT_STALLS, WALL_TIMES, serial_tail
@@ -196,6 +198,20 @@ def test_the_vm_is_gone_and_its_inputs_copy_removed(
     assert f"aicert-{run_id}" not in running
     run_dir = qemu_home / "runs" / run_id
     assert not (run_dir / "inputs.tar").exists()
+    assert not (run_dir / SCRATCH_DISK).exists()
     # The outputs and logs stay on this host, next to the run's serial console.
     assert (run_dir / "workspace" / "logs" / "training.log").is_file()
     assert (run_dir / "serial.log").is_file()
+
+
+def test_the_run_used_its_scratch_disk(certified_on_qemu: CertifiedOnQemu, qemu_home: Path) -> None:
+    """The guest formatted and mounted the run's scratch disk (the second virtio disk: the
+    staged inputs are the first) and kept the engine's storage and the work root on it; the
+    boot chain still verified (the test above), so the disk is outside what is measured."""
+    serial = (qemu_home / "runs" / certified_on_qemu.result["run_id"] / "serial.log").read_text(
+        errors="replace"
+    )
+    assert re.search(r"aicert-init: scratch disk /dev/vdb: \d+ GiB on /var/lib/aicert", serial), (
+        serial[-3000:]
+    )
+    assert "FAILED" not in serial
