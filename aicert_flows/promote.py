@@ -36,16 +36,14 @@ import uuid
 from pathlib import Path
 from typing import IO, Any
 
-import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run as current_flow_run
 
 import aicert
 from aicert.flows.events import MODEL_PROMOTED, MODEL_REJECTED, emit_run_event
-from aicert.guest_runtime.strict_yaml import strict_yaml_load
 from aicert.model import MAX_CERTIFICATE_BYTES, write_atomic
-from aicert.policy import MAX_POLICY_BYTES, VerificationPolicy, parse_policy, policy_from_object
+from aicert.policy import VerificationPolicy, load_policy, policy_from_object
 from aicert.reference_values import load_reference_values
 from aicert.tasks import verify_certificate
 from aicert.tasks.platforms.settings import aicert_home
@@ -305,7 +303,7 @@ PolicyInput = VerificationPolicy | dict[str, Any] | str | None
 def read_policy(policy: PolicyInput, what: str = "policy") -> VerificationPolicy | None:
     """The policy a flow parameter gives: a ``VerificationPolicy``, its JSON values (a
     deployment's parameter), or the path of a policy file, YAML (strictly parsed: no
-    aliases, no duplicate keys) or JSON, at most ``MAX_POLICY_BYTES``.
+    aliases, no duplicate keys) or JSON, read by ``aicert.load_policy``.
 
     Raises:
         ValueError: the file cannot be read or is not a valid policy (an unknown key named).
@@ -314,21 +312,10 @@ def read_policy(policy: PolicyInput, what: str = "policy") -> VerificationPolicy
         return policy
     if isinstance(policy, dict):
         return policy_from_object(policy, what)
-    path = Path(policy).expanduser()
     try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_POLICY_BYTES + 1)
-    except OSError as exc:
-        raise ValueError(f"{what} {path}: cannot read: {exc.strerror or exc}") from None
-    if len(data) > MAX_POLICY_BYTES:
-        raise ValueError(f"{what} {path}: larger than {MAX_POLICY_BYTES} bytes, not a policy")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            document = strict_yaml_load(data.decode("utf-8"))
-        except (UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise ValueError(f"{what} {path}: not a YAML policy: {exc}") from None
-        return policy_from_object(document, f"{what} {path}")
-    return parse_policy(data, f"{what} {path}")
+        return load_policy(Path(policy).expanduser())
+    except ValueError as exc:
+        raise ValueError(f"{what} {exc}") from None
 
 
 def _verify_evaluation(

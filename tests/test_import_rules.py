@@ -38,6 +38,9 @@ SUBPACKAGES_OF_AICERT = ("aicert.guest_runtime", "aicert.tasks", "aicert.flows",
 # What the end user's verifier may import besides the standard library and itself: the bare
 # `pip install aicert` dependencies (pyproject's `dependencies`).
 VERIFIER_THIRD_PARTY = {"cryptography", "pydantic", "rfc8785", "typer", "rich"}
+# Optional imports of the verifier, each in one module that the verifier imports only when
+# needed (a YAML policy): the bare install does without them (test_bare_verifier_loads_...).
+VERIFIER_OPTIONAL = {"aicert.strict_yaml": {"yaml"}}
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,9 @@ def broken_rules(path: Path, source: str | None = None) -> list[str]:
         if not any(within(me, sub) for sub in SUBPACKAGES_OF_AICERT):  # the verifier
             if any(within(module, sub) for sub in SUBPACKAGES_OF_AICERT):
                 rule = "the verifier imports no other part"
-            elif top not in sys.stdlib_module_names | VERIFIER_THIRD_PARTY | {"aicert"}:
+            elif top not in sys.stdlib_module_names | VERIFIER_THIRD_PARTY | {"aicert"} | (
+                VERIFIER_OPTIONAL.get(me, set())
+            ):
                 rule = "the verifier imports only the stdlib and its own dependencies"
         elif within(me, "aicert.guest_runtime"):
             if top == "prefect" or within(module, "aicert.tasks") or within(module, "aicert.flows"):
@@ -129,6 +134,7 @@ def test_every_part_keeps_its_dependency_rules() -> None:
     [
         ("verification/verify.py", "from aicert.flows import cli", "verifier imports no other"),
         ("verification/verify.py", "import docker", "only the stdlib"),
+        ("verification/policy.py", "import yaml", "only the stdlib"),
         ("verification/cli.py", "def f():\n    import aicert.tasks\n", "verifier imports no"),
         ("guest_runtime/agent.py", "from prefect import flow", "guest runtime"),
         ("guest_runtime/agent.py", "from ..tasks import platforms", "guest runtime"),
@@ -148,6 +154,7 @@ def test_each_rule_catches_a_violation(path: str, source: str, rule: str) -> Non
 def test_allowed_imports_pass() -> None:
     allowed = {
         "verification/verify.py": "import json\nfrom cryptography import x509\nfrom . import quote",
+        "verification/strict_yaml.py": "import yaml",
         "guest_runtime/agent.py": "import docker\nfrom aicert.model import Certificate",
         "tasks/platforms/qemu/image.py": "from aicert.tasks.platforms.base import Provider",
         "tasks/certification.py": "from prefect import task\nfrom aicert.tasks.platforms import x",
@@ -170,6 +177,23 @@ def test_prefect_free_parts_load_without_prefect() -> None:
     ]
     program = "import sys\n" + "".join(f"import {m}\n" for m in modules)
     program += "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'prefect')\n"
+    program += "print(loaded)\nraise SystemExit(1 if loaded else 0)\n"
+    completed = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def test_bare_verifier_loads_without_its_optional_imports() -> None:
+    """The verifier's modules (``aicert.strict_yaml`` aside) load no optional dependency."""
+    modules = [
+        module_name(path)
+        for path in source_files()
+        if path.parent == ROOT / "verification" and module_name(path) not in VERIFIER_OPTIONAL
+    ]
+    optional = sorted(set().union(*VERIFIER_OPTIONAL.values()))
+    program = "import sys\n" + "".join(f"import {m}\n" for m in modules)
+    program += f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {optional!r})\n"
     program += "print(loaded)\nraise SystemExit(1 if loaded else 0)\n"
     completed = subprocess.run(
         [sys.executable, "-c", program], capture_output=True, text=True, timeout=120

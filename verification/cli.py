@@ -172,7 +172,10 @@ def verify(
         Path | None,
         typer.Option(
             "--policy",
-            help="A verification policy (JSON, aicert-policy/v1): every failed rule is named.",
+            help=(
+                "A verification policy, JSON or YAML (aicert-policy/v1; YAML needs PyYAML): "
+                "every failed rule is named."
+            ),
         ),
     ] = None,
 ) -> None:

@@ -9,9 +9,11 @@ is checked against a ``VerificationReport``: facts the verifier bound, never the
 unverified fields. Every failed rule is named in one ``PolicyError``, so a caller fixes them
 all at once.
 
-The verifier reads JSON only: a YAML parser is not among the verifier's dependencies (the bare
-``pip install aicert`` is cryptography, pydantic, rfc8785, typer and rich). The Prefect side
-(``aicert.flows.promote``) also reads YAML policies, where PyYAML is installed.
+A policy file is JSON or YAML. PyYAML is not among the bare verifier's dependencies (``pip
+install aicert`` is cryptography, pydantic, rfc8785, typer and rich), so it is imported only
+for a YAML file (``aicert.strict_yaml``: no aliases, no duplicate or merge keys, bounded size
+and depth); without it, a YAML policy is refused saying what to install, and JSON works as
+before.
 
 ``python -m aicert.policy`` prints the JSON Schema.
 """
@@ -239,6 +241,20 @@ def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _json_document(data: bytes | str, source: str) -> object:
+    """The JSON values of a policy file (no duplicate keys, no NaN/Infinity).
+
+    Raises:
+        ValueError: naming ``source``: not UTF-8, or not JSON.
+    """
+    try:
+        return json.loads(data, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise ValueError(f"{source}: not UTF-8 text") from None
+    except ValueError as exc:
+        raise ValueError(f"{source}: not a JSON policy: {exc}") from None
+
+
 def parse_policy(data: bytes | str, source: str = "policy") -> VerificationPolicy:
     """A policy from its JSON text: at most ``MAX_POLICY_BYTES``, no duplicate keys, no
     NaN/Infinity, every key known.
@@ -252,14 +268,42 @@ def parse_policy(data: bytes | str, source: str = "policy") -> VerificationPolic
     """
     if len(data) > MAX_POLICY_BYTES:
         raise ValueError(f"{source}: larger than {MAX_POLICY_BYTES} bytes, not a policy")
+    return policy_from_object(_json_document(data, source), source)
+
+
+YAML_SUFFIXES = (".yaml", ".yml")
+YAML_MISSING = (
+    "reading a YAML policy needs PyYAML, which this installation lacks: install "
+    "'aicert[guest]' (or pyyaml), or give the policy as JSON"
+)
+
+
+def parse_yaml_policy(data: bytes | str, source: str = "policy") -> VerificationPolicy:
+    """A policy from its YAML text, read strictly (``aicert.strict_yaml``: at most
+    ``MAX_POLICY_BYTES``, no anchors or aliases, no duplicate or merge keys, bounded depth),
+    then validated like a JSON one. PyYAML is imported here, not by the bare verifier.
+
+    Args:
+        data: the YAML text.
+        source: what to call it in errors (its path).
+
+    Raises:
+        ValueError: naming ``source`` and what is wrong (the line of a refused construct, an
+            unknown key by its path), or that PyYAML is not installed.
+    """
     try:
-        document = json.loads(
-            data, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant
+        from aicert import strict_yaml
+    except ImportError:
+        raise ValueError(f"{source}: {YAML_MISSING}") from None
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        document = strict_yaml.strict_yaml_load(
+            text, max_bytes=MAX_POLICY_BYTES, document="a policy"
         )
     except UnicodeDecodeError:
         raise ValueError(f"{source}: not UTF-8 text") from None
-    except ValueError as exc:
-        raise ValueError(f"{source}: not a JSON policy: {exc}") from None
+    except strict_yaml.yaml.YAMLError as exc:
+        raise ValueError(f"{source}: not a YAML policy: {strict_yaml.yaml_problem(exc)}") from None
     return policy_from_object(document, source)
 
 
@@ -281,17 +325,37 @@ def policy_from_object(document: object, source: str = "policy") -> Verification
 
 
 def load_policy(path: str | os.PathLike[str]) -> VerificationPolicy:
-    """Read and parse a JSON policy file (see ``parse_policy``).
+    """Read and parse a policy file: JSON (``parse_policy``) or YAML (``parse_yaml_policy``).
+
+    A ``.yaml``/``.yml`` file is read as YAML, a ``.json`` file as JSON; any other file as
+    JSON, else (it is not JSON) as YAML. Only YAML needs PyYAML.
 
     Raises:
-        ValueError: the file cannot be read, is too large, or is not a valid policy.
+        ValueError: the file cannot be read, is too large, is not a valid policy, or is YAML
+            and PyYAML is not installed (the message says what to install).
     """
     try:
         with Path(path).open("rb") as handle:
             data = handle.read(MAX_POLICY_BYTES + 1)
     except OSError as exc:
         raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return parse_policy(data, str(path))
+    source = str(path)
+    if len(data) > MAX_POLICY_BYTES:
+        raise ValueError(f"{source}: larger than {MAX_POLICY_BYTES} bytes, not a policy")
+    suffix = Path(path).suffix.lower()
+    if suffix in YAML_SUFFIXES:
+        return parse_yaml_policy(data, source)
+    if suffix == ".json":
+        return parse_policy(data, source)
+    try:
+        document = _json_document(data, source)
+    except ValueError as not_json:
+        try:
+            return parse_yaml_policy(data, source)
+        except ValueError as not_yaml:
+            as_yaml = str(not_yaml).removeprefix(f"{source}: ")
+            raise ValueError(f"{not_json}; read as YAML: {as_yaml}") from None
+    return policy_from_object(document, source)
 
 
 def policy_json_schema() -> dict[str, Any]:
