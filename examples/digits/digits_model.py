@@ -12,9 +12,11 @@ measured into the certificate.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +91,7 @@ def save(model: MLPClassifier, card: dict[str, object], metrics: dict[str, float
     OUTPUTS.mkdir(parents=True, exist_ok=True)
     arrays = {f"coefs_{i}": w for i, w in enumerate(model.coefs_)}
     arrays |= {f"intercepts_{i}": b for i, b in enumerate(model.intercepts_)}
-    # np.savez of plain float arrays: np.load(..., allow_pickle=False) reads it back.
-    np.savez(OUTPUTS / "model.npz", classes=model.classes_, **arrays)
+    write_npz(OUTPUTS / "model.npz", {"classes": model.classes_, **arrays})
     card = {
         **card,
         "weights": {
@@ -104,6 +105,18 @@ def save(model: MLPClassifier, card: dict[str, object], metrics: dict[str, float
     (OUTPUTS / "model-card.json").write_text(json.dumps(card, indent=2) + "\n")
     (OUTPUTS / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print("wrote model.npz, model-card.json and metrics.json", flush=True)
+
+
+def write_npz(path: Path, arrays: dict[str, NDArray[np.generic]]) -> None:
+    """What ``np.savez`` writes (``np.load(path, allow_pickle=False)`` reads it), but with a
+    fixed time stamp on each member: the same weights give the same bytes, so the same
+    training gives the same certified digest (``np.savez`` stamps the current time)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
+            member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            archive.writestr(member, buffer.getvalue())
 
 
 def load_weights(path: Path, model: MLPClassifier) -> None:
