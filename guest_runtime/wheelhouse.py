@@ -1,31 +1,48 @@
-"""Dependencies as measured wheels, installed offline into the training image.
+"""Dependencies as measured wheels, for the training image (``training_image``).
 
 The training container never reaches a network, and containers here cannot reach the package
 index anyway (the host's TLS trust store is not theirs). So the agent resolves
 ``requirements.txt`` on the host with the host's pip configuration, downloading wheels for the
 container's interpreter (Debian bookworm: CPython 3.11, glibc 2.36, x86_64) whatever the host
-runs. Each wheel's SHA-256 is measured; the image build then installs exactly those files, with
-pip checking those hashes, in a build whose network is disabled.
+runs. Each wheel's SHA-256 is measured; the image build (``training_image``) then installs
+exactly those files, with pip checking those hashes, in a build whose network is disabled.
+
+With a ``DependencyCache`` (``wheel_cache``), measured wheels are kept by SHA-256; a fully
+pinned ``requirements.txt`` is resolved once per pip configuration and target, later runs take
+the recorded wheels from the cache (each re-hashed; one that does not match is downloaded
+again by its digest), and a training image built from the same inputs is reused. Unpinned
+requirements are resolved by pip on every run.
 """
 
 from __future__ import annotations
 
+import configparser
+import hashlib
+import importlib.metadata
 import json
 import os
-import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import docker
-import docker.errors
-import requests.exceptions
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from aicert.guest_runtime.hostutil import ProgressCallback, run_streaming
+from aicert.guest_runtime.wheel_cache import (
+    REFRESH_ENV,
+    DependencyCache,
+    WheelInfo,
+    unpinned_reason,
+)
 from aicert.hashing import sha256_file
+
+__all__ = [
+    "WheelInfo",
+    "WheelhouseError",
+    "has_requirements",
+    "resolve_wheelhouse",
+    "staged_wheelhouse",
+]
 
 # Bookworm's glibc is 2.36: every manylinux_2_N with N <= 36 runs there. pip does not expand
 # manylinux_2_N to lower N by itself (only the legacy manylinux2014/2010 aliases), so all are
@@ -38,27 +55,10 @@ TARGET_PLATFORMS: tuple[str, ...] = (
     "manylinux1_x86_64",
     "linux_x86_64",
 )
-VENV_PATH = "/opt/venv"
-WHEELS_IN_IMAGE = "/tmp/wheels"  # noqa: S108 - a build-time path inside the image
-TRAINING_USER = "1000:1000"
-WHEELS_LABEL = "org.aicert.wheels"
-
-_DOCKER_FAILURES = (docker.errors.DockerException, requests.exceptions.RequestException)
 
 
 class WheelhouseError(RuntimeError):
     """Dependencies could not be resolved, or the training image could not be built."""
-
-
-@dataclass(frozen=True, slots=True)
-class WheelInfo:
-    """One downloaded wheel: distribution name (normalised), version, file name, SHA-256, size."""
-
-    name: str
-    version: str
-    filename: str
-    sha256: str
-    size: int
 
 
 def has_requirements(requirements: Path) -> bool:
@@ -70,10 +70,13 @@ def has_requirements(requirements: Path) -> bool:
     return False
 
 
+# pip never asks a question here, nor looks for a newer pip.
+_PIP_ENV = {"PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+
+
 def _run_streaming(argv: list[str], progress: ProgressCallback | None) -> None:
-    env = {"PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     run_streaming(
-        argv, progress, env=env, error=WheelhouseError, tail_lines=30, what="pip download"
+        argv, progress, env=_PIP_ENV, error=WheelhouseError, tail_lines=30, what="pip download"
     )
 
 
@@ -97,190 +100,254 @@ def staged_wheelhouse(folder: Path) -> list[WheelInfo]:
     return [_wheel_info(path) for path in paths]
 
 
+def _target_arguments(python_version: str) -> list[str]:
+    """pip's options for wheels that install in the container, whatever the host is."""
+    version_tag = python_version.replace(".", "")
+    platforms = [arg for platform in TARGET_PLATFORMS for arg in ("--platform", platform)]
+    return [
+        "--only-binary=:all:",
+        "--python-version",
+        python_version,
+        "--implementation",
+        "cp",
+        "--abi",
+        f"cp{version_tag}",
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+        *platforms,
+    ]
+
+
+def _pip_download(
+    requirements: Path, folder: Path, target: list[str], progress: ProgressCallback | None
+) -> list[Path]:
+    """``pip download`` of ``requirements`` into ``folder`` (empty); the files it wrote."""
+    _run_streaming(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--requirement",
+            str(requirements),
+            "--dest",
+            str(folder),
+            *target,
+            "--progress-bar",
+            "off",
+        ],
+        progress,
+    )
+    downloaded = sorted(path for path in folder.iterdir() if not path.name.startswith("."))
+    not_wheels = [path.name for path in downloaded if path.suffix != ".whl"]
+    if not_wheels:
+        raise WheelhouseError(f"pip downloaded files that are not wheels: {not_wheels}")
+    return downloaded
+
+
+def _pip_config_files() -> list[Path]:
+    """The configuration files pip reads, as pip's documentation lists them ("Configuration":
+    global, user, site, and ``PIP_CONFIG_FILE``); whether each exists is for the caller."""
+    configured = os.environ.get("PIP_CONFIG_FILE")
+    if configured == os.devnull:  # pip's documented way to load no file at all
+        return []
+    xdg_dirs = os.environ.get("XDG_CONFIG_DIRS") or "/etc/xdg"
+    xdg_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    files = [Path(folder) / "pip" / "pip.conf" for folder in xdg_dirs.split(os.pathsep)]
+    files += [Path("/etc/pip.conf"), Path.home() / ".pip" / "pip.conf"]
+    files += [Path(xdg_home) / "pip" / "pip.conf", Path(sys.prefix) / "pip.conf"]
+    if configured:
+        files.append(Path(configured))
+    return files
+
+
+def _named_files(config_text: str) -> list[str]:
+    """The constraint and requirement files a pip configuration file names."""
+    parser = configparser.RawConfigParser()
+    try:
+        parser.read_string(config_text)
+    except configparser.Error:
+        return []
+    return [
+        path
+        for section in parser.sections()
+        for key in ("constraint", "requirement")
+        for path in parser.get(section, key, fallback="").split()
+    ]
+
+
+def _pip_settings() -> str:
+    """What besides the requirements and the target decides a resolution on this host: the
+    ``PIP_*`` variables, the bytes of pip's configuration files, and of the constraint and
+    requirement files these name. Read directly (no ``pip config list``, which costs a pip
+    start-up); a file that pip would not read only makes the key stricter."""
+    lines = [
+        f"env {name}={value}"
+        for name, value in sorted(os.environ.items())
+        if name.startswith("PIP_")
+    ]
+    named = [
+        *os.environ.get("PIP_CONSTRAINT", "").split(),
+        *os.environ.get("PIP_REQUIREMENT", "").split(),
+    ]
+    for path in _pip_config_files():
+        try:
+            text = path.read_bytes()
+        except OSError:
+            continue
+        lines.append(f"file {path}: sha256 {hashlib.sha256(text).hexdigest()}")
+        named += _named_files(text.decode("utf-8", errors="replace"))
+    for name in named:
+        try:
+            lines.append(f"named {name}: sha256 {sha256_file(Path(name))[0]}")
+        except OSError:
+            lines.append(f"named {name}: unreadable")
+    return "\n".join(lines)
+
+
+def resolution_key(requirements: Path, target: list[str]) -> tuple[str, dict[str, str]]:
+    """The key of a recorded resolution, and what it is made of.
+
+    A resolution is decided by the requirements' bytes, the target (interpreter, ABI and
+    platform tags), pip's version and pip's configuration (index URLs, find-links,
+    constraints). Not by the index's current contents: reusing the record means resolving as
+    the first run did, on purpose (``AICERT_REFRESH_DEPENDENCIES`` resolves again).
+    """
+    inputs = {
+        "requirements_sha256": hashlib.sha256(requirements.read_bytes()).hexdigest(),
+        "target": " ".join(target),
+        "pip_version": importlib.metadata.version("pip"),
+        # A digest only: index URLs may carry credentials, and the record is a plain file.
+        "pip_config_sha256": hashlib.sha256(_pip_settings().encode()).hexdigest(),
+    }
+    encoded = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(encoded).hexdigest(), inputs
+
+
+def _refetch(
+    wheel: WheelInfo, folder: Path, target: list[str], progress: ProgressCallback | None
+) -> None:
+    """Download exactly ``wheel`` again (by name, version and digest) into ``folder``."""
+    with tempfile.TemporaryDirectory(prefix=".refetch-", dir=folder) as scratch_dir:
+        scratch = Path(scratch_dir)
+        pinned = scratch / "requirement.txt"
+        pinned.write_text(
+            f"{wheel.name}=={wheel.version} --hash=sha256:{wheel.sha256}\n", encoding="utf-8"
+        )
+        (scratch / "wheels").mkdir()
+        problem = None
+        try:
+            downloaded = _pip_download(pinned, scratch / "wheels", ["--no-deps", *target], progress)
+            if [path.name for path in downloaded] != [wheel.filename]:
+                problem = f"pip gave {[path.name for path in downloaded]}"
+            elif sha256_file(downloaded[0]) != (wheel.sha256, wheel.size):
+                problem = "pip gave other bytes"
+        except WheelhouseError as exc:
+            problem = str(exc)
+        if problem is not None:
+            raise WheelhouseError(
+                f"{wheel.filename} (sha256 {wheel.sha256}), recorded by an earlier resolution, "
+                f"is not intact in the dependency cache and cannot be downloaded again: "
+                f"{problem}\nResolve again: aicert run --refresh-dependencies "
+                f"(or {REFRESH_ENV}=1)"
+            )
+        os.replace(downloaded[0], folder / wheel.filename)
+
+
+def _recorded_wheels(
+    cache: DependencyCache,
+    key: str,
+    folder: Path,
+    target: list[str],
+    progress: ProgressCallback | None,
+) -> list[WheelInfo] | None:
+    """The wheels recorded for ``key``, taken from the cache into ``folder`` and each checked
+    against its digest (a missing or changed one downloaded again); None: no record."""
+    wheels = cache.read_resolution(key)
+    if wheels is None:
+        return None
+    for wheel in wheels:
+        if not cache.take_wheel(wheel, folder / wheel.filename):
+            if progress is not None:
+                progress(
+                    f"{wheel.filename}: missing from the dependency cache or not matching its "
+                    f"sha256 {wheel.sha256}; downloading it again"
+                )
+            _refetch(wheel, folder, target, progress)
+            cache.add_wheel(folder / wheel.filename, wheel)
+    if progress is not None:
+        progress(
+            f"requirements.txt: {len(wheels)} wheels as resolved by an earlier run "
+            "(from the dependency cache, each SHA-256 checked)"
+        )
+    return sorted(wheels, key=lambda wheel: wheel.filename)
+
+
+def _reusable_key(
+    requirements: Path, target: list[str], cache: DependencyCache, progress: ProgressCallback
+) -> tuple[str, dict[str, str]] | None:
+    """The resolution key of a fully pinned ``requirements``; None (said why) otherwise."""
+    reason = unpinned_reason(requirements)
+    if reason is not None:
+        progress(
+            f"requirements.txt: {reason}: resolving with pip "
+            "(pin every requirement with == to reuse the resolution)"
+        )
+        return None
+    return resolution_key(requirements, target)
+
+
 def resolve_wheelhouse(
     requirements: Path,
     dest: Path,
     *,
     python_version: str = "3.11",
     progress: ProgressCallback | None = None,
+    cache: DependencyCache | None = None,
 ) -> list[WheelInfo]:
-    """Download the wheels that satisfy ``requirements`` (dependencies included) into ``dest``.
+    """The wheels that satisfy ``requirements`` (dependencies included), into ``dest``.
 
     Only binary wheels for CPython ``python_version`` on glibc x86_64 are accepted, so that
     they install in the container whatever the host is. Uses the host's pip configuration.
     Returns the wheels sorted by file name; an empty or comment-only file gives ``[]``.
     ``dest`` keeps exactly the returned wheels' files afterwards (older files are removed).
+
+    With ``cache``: every wheel is kept there by its SHA-256, and a fully pinned
+    ``requirements`` (``wheel_cache.unpinned_reason``) resolved before under the same pip
+    configuration and target gives the recorded wheels without asking the index (unless
+    ``cache.refresh``). Each wheel's digest is measured from the file in ``dest``.
     """
     requirements = Path(requirements)
     if not has_requirements(requirements):
         return []
+    report = progress or (lambda _message: None)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    version_tag = python_version.replace(".", "")
-    platforms = [arg for platform in TARGET_PLATFORMS for arg in ("--platform", platform)]
+    target = _target_arguments(python_version)
+    key = None if cache is None else _reusable_key(requirements, target, cache, report)
     # A fresh folder per call: the result lists what this resolution chose, not leftovers.
     with tempfile.TemporaryDirectory(prefix=".download-", dir=dest) as download_dir:
-        _run_streaming(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--requirement",
-                str(requirements),
-                "--dest",
-                download_dir,
-                "--only-binary=:all:",
-                "--python-version",
-                python_version,
-                "--implementation",
-                "cp",
-                "--abi",
-                f"cp{version_tag}",
-                "--abi",
-                "abi3",
-                "--abi",
-                "none",
-                *platforms,
-                "--progress-bar",
-                "off",
-            ],
-            progress,
-        )
-        downloaded = sorted(Path(download_dir).iterdir())
-        not_wheels = [path.name for path in downloaded if path.suffix != ".whl"]
-        if not_wheels:
-            raise WheelhouseError(f"pip downloaded files that are not wheels: {not_wheels}")
+        folder = Path(download_dir)
+        wheels = None
+        if cache is not None and key is not None:
+            if cache.refresh:
+                report("requirements.txt: resolving again (refresh requested)")
+            else:
+                wheels = _recorded_wheels(cache, key[0], folder, target, progress)
+        if wheels is None:
+            wheels = [
+                _wheel_info(path) for path in _pip_download(requirements, folder, target, progress)
+            ]
+            if cache is not None:
+                for wheel in wheels:
+                    cache.add_wheel(folder / wheel.filename, wheel)
+                if key is not None:
+                    cache.write_resolution(key[0], wheels, key[1])
         for old in dest.iterdir():
             if old.suffix == ".whl" and (old.is_file() or old.is_symlink()):
                 old.unlink()
-        wheels: list[WheelInfo] = []
-        for path in downloaded:
-            final_path = dest / path.name
-            os.replace(path, final_path)
-            wheels.append(_wheel_info(final_path))
+        for wheel in wheels:
+            os.replace(folder / wheel.filename, dest / wheel.filename)
     return wheels
-
-
-def _dockerfile(base_image: str, wheels: list[WheelInfo]) -> str:
-    if wheels:
-        # Two stages: the wheels are copied only into the first, so the final image does not
-        # carry a layer with all the wheel files on top of the installed packages.
-        lines = [
-            f"FROM {base_image} AS install",
-            f"COPY wheels {WHEELS_IN_IMAGE}",
-            # --require-hashes: pip installs only files whose SHA-256 is the measured one.
-            f"RUN python3 -m venv {VENV_PATH}"
-            f" && {VENV_PATH}/bin/pip install --no-index --no-cache-dir"
-            f" --disable-pip-version-check --require-hashes --find-links {WHEELS_IN_IMAGE}"
-            f" --requirement {WHEELS_IN_IMAGE}/requirements.lock",
-            f"FROM {base_image}",
-            f"COPY --from=install {VENV_PATH} {VENV_PATH}",
-        ]
-    else:
-        lines = [f"FROM {base_image}", f"RUN python3 -m venv {VENV_PATH}"]
-    lines += [
-        f"ENV PATH={VENV_PATH}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        f"ENV VIRTUAL_ENV={VENV_PATH}",
-        "WORKDIR /workspace/src",
-        f"USER {TRAINING_USER}",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _stage_context(
-    context: Path, wheelhouse: Path, base_image: str, wheels: list[WheelInfo]
-) -> None:
-    """Copy the wheels into the build context, checking each against its measured hash."""
-    wheel_dir = context / "wheels"
-    wheel_dir.mkdir()
-    lock_lines = []
-    for wheel in sorted(wheels, key=lambda w: w.filename):
-        if "/" in wheel.filename or wheel.filename.startswith("."):
-            raise WheelhouseError(f"bad wheel file name: {wheel.filename!r}")
-        staged = wheel_dir / wheel.filename
-        shutil.copyfile(wheelhouse / wheel.filename, staged)
-        # Fixed mtime and mode: the build cache keys on content, and so does the image ID.
-        os.utime(staged, (0, 0))
-        staged.chmod(0o644)
-        sha256, size = sha256_file(staged)
-        if (sha256, size) != (wheel.sha256, wheel.size):
-            raise WheelhouseError(
-                f"{wheel.filename} changed since it was measured: "
-                f"sha256 {sha256} size {size}, measured {wheel.sha256} size {wheel.size}"
-            )
-        lock_lines.append(f"{WHEELS_IN_IMAGE}/{wheel.filename} --hash=sha256:{wheel.sha256}\n")
-    lock = wheel_dir / "requirements.lock"
-    lock.write_text("".join(lock_lines), encoding="utf-8")
-    os.utime(lock, (0, 0))
-    (context / "Dockerfile").write_text(_dockerfile(base_image, wheels), encoding="utf-8")
-
-
-def _build_events(
-    client: docker.DockerClient, context: Path, tag: str, labels: dict[str, str]
-) -> Iterator[dict]:
-    return client.api.build(
-        path=str(context),
-        tag=tag,
-        rm=True,
-        forcerm=True,
-        pull=False,
-        network_mode="none",
-        labels=labels,
-        decode=True,
-    )
-
-
-def build_training_image(
-    base_image: str,
-    wheelhouse: Path,
-    wheels: list[WheelInfo],
-    *,
-    tag: str,
-    progress: ProgressCallback | None = None,
-) -> str:
-    """Build the training image: ``base_image`` plus a venv at /opt/venv holding ``wheels``.
-
-    The build has no network (``network_mode="none"``); pip installs from the copied wheels only
-    and checks their SHA-256 against ``wheels``. With no wheels the venv is empty. The image runs
-    as uid 1000 with the venv first on ``PATH``. Same inputs give the same image ID while
-    Docker's build cache holds the layers. Returns the image ID.
-    """
-    try:
-        client = docker.from_env(timeout=900)
-        base_id = str(client.images.get(base_image).id)
-    except docker.errors.ImageNotFound as exc:
-        raise WheelhouseError(f"base image not found locally: {base_image}") from exc
-    except _DOCKER_FAILURES as exc:
-        raise WheelhouseError(f"the Docker engine is not reachable: {exc}") from exc
-    wheel_summary = json.dumps(
-        sorted([w.filename, w.sha256] for w in wheels), separators=(",", ":")
-    )
-    with tempfile.TemporaryDirectory(prefix="aicert-build-") as context_dir:
-        context = Path(context_dir)
-        # FROM the ID, not the tag: the image is built on exactly the base that was measured.
-        _stage_context(context, Path(wheelhouse), base_id, wheels)
-        image_id: str | None = None
-        tail: list[str] = []
-        try:
-            for event in _build_events(client, context, tag, {WHEELS_LABEL: wheel_summary}):
-                if "error" in event:
-                    detail = event.get("errorDetail", {}).get("message") or event["error"]
-                    raise WheelhouseError(
-                        f"training image build failed: {detail}\n" + "\n".join(tail)
-                    )
-                if "aux" in event and isinstance(event["aux"], dict) and "ID" in event["aux"]:
-                    image_id = str(event["aux"]["ID"])
-                for line in str(event.get("stream", "")).splitlines():
-                    if line.strip():
-                        tail = [*tail[-29:], line]
-                        if progress is not None:
-                            progress(line)
-        except _DOCKER_FAILURES as exc:
-            raise WheelhouseError(f"training image build failed: {exc}") from exc
-    if image_id is None:
-        try:
-            image_id = str(client.images.get(tag).id)
-        except _DOCKER_FAILURES as exc:
-            raise WheelhouseError(f"the build produced no image {tag}: {exc}") from exc
-    return image_id

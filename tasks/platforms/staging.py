@@ -28,6 +28,7 @@ from aicert.guest_runtime.staged_inputs import (
     STAGED_INPUTS_FORMAT,
     WHEELS,
 )
+from aicert.guest_runtime.wheel_cache import DependencyCache
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,11 @@ def write_staged_inputs(
     *,
     run_id: str,
     progress: ProgressCallback | None = None,
+    dependency_cache: DependencyCache | None = None,
 ) -> Path:
     """Fetch the inputs of ``config`` and write them as a staged-inputs tar at
-    ``destination`` (atomically). Returns ``destination``."""
+    ``destination`` (atomically); wheels through ``dependency_cache`` when given (see
+    ``wheelhouse.resolve_wheelhouse``). Returns ``destination``."""
     from aicert.guest_runtime.download import download
     from aicert.guest_runtime.wheelhouse import (
         WheelhouseError,
@@ -120,7 +123,11 @@ def write_staged_inputs(
         if requirements is not None and has_requirements(requirements):
             try:
                 found = resolve_wheelhouse(
-                    requirements, wheels, python_version=config.python_version, progress=report
+                    requirements,
+                    wheels,
+                    python_version=config.python_version,
+                    progress=report,
+                    cache=dependency_cache,
                 )
             except WheelhouseError as exc:
                 raise StagingError(f"requirements.txt: {exc}") from exc

@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from aicert.guest_runtime.wheel_cache import CACHE_ENV, DependencyCache, dependency_cache_dir
 from aicert.tasks.platforms.agent_client import AgentClient
 from aicert.tasks.platforms.base import (
     DEFAULT_AGENT_START_TIMEOUT_S,
@@ -261,6 +262,8 @@ class LocalProvider(ProjectTpmMixin, Provider):
                 stdout=agent_log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # The agent runs on this host: it shares this home's dependency cache.
+                env={**os.environ, CACHE_ENV: str(dependency_cache_dir(self.home))},
             )
         machine.details["agent_pid"] = agent.pid
         try:
@@ -289,7 +292,12 @@ class LocalProvider(ProjectTpmMixin, Provider):
         if self.staged_inputs:
             from aicert.tasks.platforms.staging import write_staged_inputs
 
-            write_staged_inputs(config, self.inputs_archive(run_id), run_id=run_id)
+            write_staged_inputs(
+                config,
+                self.inputs_archive(run_id),
+                run_id=run_id,
+                dependency_cache=DependencyCache.for_home(self.home),
+            )
 
     def machine_problem(self, machine: Machine) -> str | None:
         """Why the run's agent or TPM is gone, or None."""

@@ -195,9 +195,15 @@ class QemuProvider(ProjectTpmMixin, Provider):
 
     def stage_inputs(self, run_id: str, config: RunConfig) -> None:
         """The VM has no network: fetch its inputs here, into the tar it gets as a disk."""
+        from aicert.guest_runtime.wheel_cache import DependencyCache
         from aicert.tasks.platforms.staging import write_staged_inputs
 
-        write_staged_inputs(config, self.inputs_disk(run_id), run_id=run_id)
+        write_staged_inputs(
+            config,
+            self.inputs_disk(run_id),
+            run_id=run_id,
+            dependency_cache=DependencyCache.for_home(self.home),
+        )
 
     # -- provisioning --------------------------------------------------------------------------
 

@@ -13,13 +13,8 @@ import docker.errors
 import pytest
 
 from aicert.guest_runtime.container import run_training_container
-from aicert.guest_runtime.wheelhouse import (
-    WheelhouseError,
-    WheelInfo,
-    _build_events,
-    build_training_image,
-    resolve_wheelhouse,
-)
+from aicert.guest_runtime.training_image import _build_events, build_training_image
+from aicert.guest_runtime.wheelhouse import WheelhouseError, WheelInfo, resolve_wheelhouse
 
 from .conftest import sandbox
 
