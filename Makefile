@@ -3,16 +3,27 @@ VENV ?= .venv
 AICERT_HOME ?= $(HOME)/.aicert
 export AICERT_HOME
 
-.PHONY: setup demo demo-lineage test lint schema
+.PHONY: setup demo demo-finetune demo-lineage test lint schema
 
 setup:
 	bash deployments/setup-host.sh
 
-## Certify the bundled example on the local platform (swtpm + Docker + Prefect), then verify it.
+## Certify the default demo (examples/aicert.yaml: scikit-learn on the bundled digits) on the
+## local platform (swtpm + Docker + Prefect), then verify it and its certified accuracy.
+DEMO_DIR ?= .
 demo: setup
-	$(VENV)/bin/aicert run --config examples/aicert.yaml --output-bom proof.json --outputs-dir outputs
-	$(VENV)/bin/aicert verify proof.json --model outputs --allow-dev-platform \
-		--trust-root $(AICERT_HOME)/platform-ca/platform-ca.cert.pem
+	$(VENV)/bin/aicert run --config examples/aicert.yaml \
+		--output-bom $(DEMO_DIR)/proof.json --outputs-dir $(DEMO_DIR)/outputs
+	$(VENV)/bin/aicert verify $(DEMO_DIR)/proof.json --model $(DEMO_DIR)/outputs \
+		--allow-dev-platform --trust-root $(AICERT_HOME)/platform-ca/platform-ca.cert.pem \
+		--expect-metric 'accuracy>=0.9'
+
+## Fine-tune: the demo's network trained further for a new domain, its base model a pinned
+## resource (examples/finetune); certified, then verified with the base model's digests.
+FINETUNE_DIR ?= finetune-demo
+demo-finetune: setup
+	rm -rf $(FINETUNE_DIR)
+	$(VENV)/bin/python examples/finetune/run_finetune.py $(FINETUNE_DIR)
 
 ## Lineage: certify pretrain -> fine-tune -> evaluate (each stage's model a certified input of
 ## the next, the evaluation's metrics certified), then verify the chain (examples/lineage).
