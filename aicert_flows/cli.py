@@ -78,16 +78,20 @@ def _select_qemu_accel(provider: str, qemu_accel: str) -> None:
 
 
 def _check_arguments(config: Path, output_bom: Path, provider: str) -> None:
-    """Bad input is exit code 2, before anything is provisioned: the configuration, the
-    certificate's target, the provider's name."""
+    """Bad input is exit code 2, before anything is provisioned: the configuration (GPUs
+    included, on a platform that cannot pass them), the certificate's target, the provider's
+    name."""
     from aicert.flows.output_target import OutputTargetError, check_output_target
     from aicert.guest_runtime.config import ConfigError, load_config
+    from aicert.guest_runtime.gpu import refuse_gpus_on_platform
     from aicert.tasks.platforms import PROVIDERS
 
     # What the user wrote is printed with markup off: a regex's [a-z0-9] is not a rich
     # style tag.
     try:
-        load_config(config)
+        loaded = load_config(config)
+        if provider in PROVIDERS:  # an unknown provider is refused below, by name
+            refuse_gpus_on_platform(loaded, provider)
     except ConfigError as exc:
         error_console.print("[bold red]invalid config[/bold red]", escape(exc.source))
         for problem in exc.problems:

@@ -29,7 +29,13 @@ from aicert.appevents import (
     event_digest,
     extend,
 )
-from aicert.guest_runtime import RUNTIME_VERSION, input_measurement, output_measurement, training
+from aicert.guest_runtime import (
+    RUNTIME_VERSION,
+    gpu,
+    input_measurement,
+    output_measurement,
+    training,
+)
 from aicert.guest_runtime.config import parse_config
 from aicert.guest_runtime.errors import AgentError, StepOrderError
 from aicert.guest_runtime.run_state import (
@@ -242,8 +248,9 @@ class CertificationAgent:
     def start_run(
         self, run_id: str, nonce: bytes, config_data: dict[str, object]
     ) -> list[AppEvent]:
-        """Check the machine is fresh, create the run's workspace, and measure the runtime
-        and the configuration into PCR 14. Returns the events measured."""
+        """Check the machine is fresh, create the run's workspace, and measure the runtime,
+        the configuration and (``gpus`` > 0) the GPUs the job gets into PCR 14. Returns the
+        events measured."""
         with self._lock:
             if self.run is not None:
                 raise StepOrderError(
@@ -280,6 +287,8 @@ class CertificationAgent:
                 )
                 self.measurer.measure(run, runtime)
                 self.measurer.measure(run, ConfigEvent(config=config.measured_form()))
+                # Before anything is fetched: a machine without the GPUs asked for fails now.
+                gpu.measure_gpus(self.measurer, run, self.platform)
             return run.events[first:]
 
     def _check_reset_pcrs(self) -> None:

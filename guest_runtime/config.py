@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from aicert.gpus import MAX_GPUS
 from aicert.guest_runtime.config_problems import validation_problems
 from aicert.guest_runtime.strict_yaml import (
     MAX_CONFIG_BYTES,
@@ -47,7 +48,6 @@ MIN_MEMORY_BYTES = 6 * 1024 * 1024  # Docker's minimum memory limit (6 MiB)
 MAX_MEMORY_BYTES = 16 * 1024**4  # 16 TiB: more than any single machine offers
 MAX_TIMEOUT_SECONDS = 30 * 24 * 3600  # 30 days
 MAX_PIDS = 4_194_304  # Linux's largest pid_max (2**22)
-MAX_GPUS = 32
 # Within what one certificate can list (the agent refuses more output files than this).
 MAX_MIN_OUTPUT_FILES = MAX_OUTPUT_FILES
 MAX_RESOURCES = 1000
@@ -338,6 +338,9 @@ class RunConfig(_ConfigModel):
         Discriminator(_outputs_form),
     ] = DEFAULT_OUTPUTS
     limits: Limits = Limits()
+    # NVIDIA GPUs passed to the job (Docker's --gpus N: devices 0 to N-1), described by the
+    # agent's nvidia-smi in the certificate (aicert.gpus). A count, never "all": the config,
+    # and so the certificate, say how many GPUs the job was meant to have.
     gpus: Annotated[int, Field(strict=True, ge=0, le=MAX_GPUS)] = 0
     env: Annotated[dict[str, Text], Field(max_length=MAX_ENV_VARIABLES)] = {}
     # An output file (relative to the outputs folder) of metric name -> number: its parsed
@@ -365,6 +368,18 @@ class RunConfig(_ConfigModel):
             )
         if len(match.group("name")) > MAX_IMAGE_NAME_CHARS:
             raise ValueError(f"the image name is longer than {MAX_IMAGE_NAME_CHARS} characters")
+        return value
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpu_count(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value.strip().lower() == "all":
+                raise ValueError(
+                    f"{value!r} is not accepted: give how many GPUs the job gets (0 to "
+                    f"{MAX_GPUS}), so that the certificate says how many it was meant to have"
+                )
+            raise ValueError(f"{value!r} is text: give a whole number of GPUs, 0 to {MAX_GPUS}")
         return value
 
     @field_validator("python_version", mode="before")

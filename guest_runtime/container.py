@@ -285,11 +285,12 @@ class SandboxSpec:
 
     Mounts: ``source_dir`` at /workspace/src and ``resources_dir`` at /workspace/resources
     (read-only), ``outputs_dir`` at ``outputs_mount`` (read-write, given to uid 1000).
-    ``gpus``: 0 for none, -1 for all, n for n GPUs. ``memory_limit`` is Docker's notation
-    (``"4g"``); swap is not allowed beyond it. The container carries the label ``aicert.run``
-    (``labels``' own, else ``name``, else a random id) plus ``labels``. When ``log_path`` is
-    given, each output line is appended to that file. The rest of the sandbox (no network, no
-    devices, no capabilities, read-only root, uid 1000) is fixed: see ``create_args``.
+    ``gpus``: 0 for none, n for the first n NVIDIA GPUs (``docker run --gpus n``).
+    ``memory_limit`` is Docker's notation (``"4g"``); swap is not allowed beyond it. The
+    container carries the label ``aicert.run`` (``labels``' own, else ``name``, else a random
+    id) plus ``labels``. When ``log_path`` is given, each output line is appended to that
+    file. The rest of the sandbox (no network, no devices but the GPUs asked for, no
+    capabilities, read-only root, uid 1000) is fixed: see ``create_args``.
     """
 
     image: str
@@ -363,9 +364,7 @@ class SandboxSpec:
         source, resources, outputs = folders
         # The caller's run label wins: teardown finds a run's containers by it.
         run_label = self.labels.get(RUN_LABEL) or self.name or f"aicert-{uuid.uuid4().hex}"
-        device_requests = (
-            [DeviceRequest(count=self.gpus, capabilities=[["gpu"]])] if self.gpus else []
-        )
+        device_requests = [gpu_device_request(self.gpus)] if self.gpus else []
         args: CreateArgs = {
             "image": image_id,
             "command": list(self.command),
@@ -397,6 +396,16 @@ class SandboxSpec:
             args["mem_limit"] = self.memory_limit
             args["memswap_limit"] = self.memory_limit
         return args
+
+
+def gpu_device_request(count: int) -> DeviceRequest:
+    """The device request ``docker run --gpus <count>`` sends (docker/cli's ``GpuOpts``):
+    the default driver (``""``, the NVIDIA one), ``count`` GPUs (dockerd passes devices 0 to
+    count-1), the ``gpu`` capability, no options."""
+    request = DeviceRequest(count=count, capabilities=[["gpu"]])
+    # The CLI leaves DeviceIDs unset (Go's nil slice: JSON null), the SDK would send [].
+    request["DeviceIDs"] = None
+    return request
 
 
 def _local_image_id(client: docker.DockerClient, image: str) -> str:
@@ -490,7 +499,7 @@ class _Attached:
         try:
             container.start()
         except _DOCKER_FAILURES as exc:
-            raise ContainerError(f"cannot start the training container: {exc}") from exc
+            raise ContainerError(_start_failure(exc, self._spec.gpus)) from exc
         status, timed_out = _wait_or_kill(container, self._spec.timeout_s, started)
         duration_ms = int((time.monotonic() - started) * 1000)
         finished_at = datetime.now(UTC)
@@ -537,6 +546,23 @@ class _Attached:
             self._pump.join(5.0)
         if self._log_file is not None:
             self._log_file.close()
+
+
+# What dockerd answers a device request for GPUs when no NVIDIA device driver is registered
+# (the NVIDIA Container Toolkit is not installed or not configured for Docker).
+_NO_GPU_DRIVER = "could not select device driver"
+
+
+def _start_failure(exc: Exception, gpus: int) -> str:
+    """Why the training container could not start; for a GPU job refused for want of the
+    NVIDIA runtime, says so in the config's terms."""
+    if gpus and _NO_GPU_DRIVER in str(exc):
+        return (
+            f"gpus: {gpus} GPUs asked for, but this machine's Docker engine cannot pass GPUs: "
+            "the NVIDIA Container Toolkit is missing or not configured for Docker (the engine "
+            f"answered: {exc}); the job was not started"
+        )
+    return f"cannot start the training container: {exc}"
 
 
 def _wait_or_kill(container: Container, timeout_s: float, started: float) -> tuple[dict, bool]:

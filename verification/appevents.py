@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Annotated, Literal, TypeVar, get_args
 
 from pydantic import (
     AfterValidator,
@@ -32,6 +32,16 @@ from pydantic import (
 
 from aicert.canonical import canonical_sha256
 from aicert.errors import EventLogError
+from aicert.event_data import (
+    INPUTS_PCR,
+    OUTPUTS_PCR,
+    EventData,
+    IsoTimestamp,
+    RelativePath,
+    Sha1Hex,
+    Sha256Hex,
+)
+from aicert.gpus import GpuEvent, check_measured_gpus
 
 if TYPE_CHECKING:
     from aicert.tcg_eventlog import TcgEvent, TcgEventLog
@@ -42,44 +52,9 @@ from aicert.model import (
     OutputRecord,
     PlatformKind,
     StatementKind,
-    check_time,
 )
 
-INPUTS_PCR = 14
-OUTPUTS_PCR = 15
 PCR_RESET_VALUE = bytes(32)
-
-Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-Sha1Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{40}$")]
-RelativePath = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
-
-
-def _aware_iso_timestamp(value: str) -> str:
-    # Kept as the measured string (its bytes are what was extended); checked here so that a
-    # verifier comparing it with the certificate's run times never meets an unparsable or
-    # naive timestamp (fromisoformat's ValueError would escape as a crash).
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError("not an ISO 8601 timestamp") from None
-    if parsed.tzinfo is None or parsed.utcoffset() is None:
-        raise ValueError("the timestamp has no timezone")
-    check_time(parsed, "the timestamp")  # in range: comparing it cannot overflow
-    return value
-
-
-IsoTimestamp = Annotated[str, AfterValidator(_aware_iso_timestamp)]
-
-
-class EventData(BaseModel):
-    """Base of the typed event payloads."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-    TYPE: ClassVar[str]
-    PCR: ClassVar[int]
-
-    def to_event(self) -> AppEvent:
-        return AppEvent(pcr=self.PCR, type=self.TYPE, data=self.model_dump(mode="json"))
 
 
 # One kind of event payload, for the helpers that pick events by kind.
@@ -248,6 +223,7 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         RuntimeEvent,
         ChannelKeyEvent,
         ConfigEvent,
+        GpuEvent,
         ImageEvent,
         SourceEvent,
         ResourceEvent,
@@ -400,6 +376,8 @@ class MeasuredRun:
     outputs: tuple[OutputFileEvent, ...]
     result: ResultEvent
     signed_statements: SignedStatementsEvent | None = None
+    # What nvidia-smi reported about the GPUs passed to the job (aicert.gpus); None: no GPUs.
+    gpus: GpuEvent | None = None
 
     @property
     def started_at(self) -> datetime:
@@ -495,9 +473,11 @@ class MeasuredRun:
 def interpret(events: Sequence[AppEvent]) -> MeasuredRun:
     """Check the log's grammar and return what it measured.
 
-    PCR 14: [channel-key], runtime, config, image(s), [source], resource*, package*, and
-    a training image last when packages were installed. PCR 15: output files sorted by
-    path without repeats, then exactly one result, then at most one signed-statements event.
+    PCR 14: [channel-key], runtime, config, [gpus], image(s), [source], resource*,
+    package*, and a training image last when packages were installed. A gpus event is there
+    exactly when the config asks for GPUs, and lists that many (``check_measured_gpus``).
+    PCR 15: output files sorted by path without repeats, then exactly one result, then at
+    most one signed-statements event.
     Anything else is an error.
     """
     inputs = [(i, e) for i, e in enumerate(events) if e.pcr == INPUTS_PCR]
@@ -510,11 +490,12 @@ def interpret(events: Sequence[AppEvent]) -> MeasuredRun:
         ChannelKeyEvent: 0,
         RuntimeEvent: 1,
         ConfigEvent: 2,
-        ImageEvent: 3,
-        SourceEvent: 4,
-        ResourceEvent: 5,
-        CertifiedResourceEvent: 5,  # one resource list, each certified or not, config order
-        PackageEvent: 6,
+        GpuEvent: 3,
+        ImageEvent: 4,
+        SourceEvent: 5,
+        ResourceEvent: 6,
+        CertifiedResourceEvent: 6,  # one resource list, each certified or not, config order
+        PackageEvent: 7,
     }
     leading = 1 if parsed_inputs and isinstance(parsed_inputs[0], ChannelKeyEvent) else 0
     runtime = parsed_inputs[leading] if len(parsed_inputs) > leading else None
@@ -546,6 +527,7 @@ def interpret(events: Sequence[AppEvent]) -> MeasuredRun:
     if images[-1] is not parsed_inputs[-1] and len(images) == 2:
         raise EventLogError("the training image must be the last PCR 14 event")
 
+    gpus = check_measured_gpus(configs[0].config, _of_kind(parsed_inputs, GpuEvent))
     files, result, signed = _output_events(parsed_outputs)
     if inputs and outputs and outputs[0][0] < inputs[-1][0]:
         raise EventLogError("an input was measured after the first output")
@@ -561,6 +543,7 @@ def interpret(events: Sequence[AppEvent]) -> MeasuredRun:
         outputs=tuple(files),
         result=result,
         signed_statements=signed,
+        gpus=gpus,
     )
 
 

@@ -21,6 +21,7 @@ from rich.table import Table
 
 import aicert
 from aicert.errors import MalformedCertificateError, PlatformError, VerificationError
+from aicert.gpus import GPU_FACTS_NOTE, GpuEvent
 from aicert.lineage import lineage_rows
 from aicert.metrics import thresholds_of
 from aicert.policy import VerificationPolicy, load_policy
@@ -138,6 +139,19 @@ def _metrics_table(report: aicert.VerificationReport) -> Table:
     return table
 
 
+def _gpus_table(gpus: GpuEvent) -> Table:
+    """The GPUs the job had, under a title that says what they are: nvidia-smi's answer,
+    measured and bound, not attested hardware."""
+    table = Table(
+        title=f"GPUs {GPU_FACTS_NOTE} (driver {gpus.driver_version}, CUDA {gpus.cuda_version})"
+    )
+    for column in ("index", "model", "uuid", "memory MiB"):
+        table.add_column(column, overflow="fold")
+    for device in gpus.devices:
+        table.add_row(str(device.index), device.name, device.uuid, str(device.memory_total_mib))
+    return table
+
+
 @app.command()
 def verify(
     certificate: Annotated[Path, typer.Argument(help="The certificate (proof) JSON file.")],
@@ -214,11 +228,14 @@ def verify(
         return
     console.print(f"[bold green]VERIFIED[/bold green] {certificate} (run {report.run_id})")
     for check in report.checks:
-        if check.name == "platform" and not report.boot_chain_attested:
+        # Not attested: the dev platform's boot, and GPUs only nvidia-smi vouched for.
+        if (check.name == "platform" and not report.boot_chain_attested) or check.name == "gpus":
             console.print(f"  [yellow]![/yellow] {check.name}: {check.detail}")
         else:
             console.print(f"  [green]✓[/green] {check.name}: {check.detail}")
     console.print(_io_table(report))
+    if report.gpus is not None:
+        console.print(_gpus_table(report.gpus))
     if report.metrics:
         console.print(_metrics_table(report))
     if report.lineage:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from aicert.gpus import GpuEvent
 from aicert.lineage import LineageLink
 from aicert.model import InputRecord, OutputRecord
 
@@ -51,6 +52,9 @@ class VerificationReport:
     metrics: Mapping[str, float] = field(default_factory=dict)
     # The id of the reference-value set that judged the boot chain (None: none was judged).
     reference_values: str | None = None
+    # The GPUs passed to the job as the agent's nvidia-smi reported them: measured, bound by
+    # the quote, but not attested hardware (aicert.gpus.GPU_FACTS_NOTE). None: no GPUs.
+    gpus: GpuEvent | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The report as JSON-ready data (``aicert verify --json``)."""
@@ -77,4 +81,5 @@ class VerificationReport:
             **({"lineage": [link.to_dict() for link in self.lineage]} if self.lineage else {}),
             **({"metrics": dict(self.metrics)} if self.metrics else {}),
             **({"reference_values": self.reference_values} if self.reference_values else {}),
+            **({"gpus": self.gpus.to_report()} if self.gpus is not None else {}),
         }

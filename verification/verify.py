@@ -46,6 +46,7 @@ from aicert.errors import (
     TpmStructureError,
     VerificationError,
 )
+from aicert.gpus import GPU_FACTS_NOTE
 from aicert.hashing import UnsafePathError, hash_tree, sha256_file
 from aicert.lineage import (
     LineageLink,
@@ -221,6 +222,7 @@ def _report(
         lineage=lineage,
         metrics=dict(metrics),
         reference_values=certificate.platform.reference_values if boot_attested else None,
+        gpus=measured.gpus,
     )
 
 
@@ -364,6 +366,9 @@ def _check_application_event_log(
             f"{len(certificate.event_log)} events replay to the quoted PCR 14 and PCR 15" + channel,
         )
     )
+    if measured.gpus is not None:
+        count = len(measured.gpus.devices)
+        checks.append(Check("gpus", f"{count} GPU(s) as the config asks, {GPU_FACTS_NOTE}"))
     if certificate.run.finished_at != measured.finished_at:
         raise EventLogError("run.finished_at differs from the measured result event")
     return measured
