@@ -20,6 +20,9 @@ class Health(_Model):
     runtime_version: str
     platform: PlatformKind
     busy_run_id: str | None
+    # The agent process's peak resident memory (VmHWM): what a run of a given size cost it
+    # (benchmarks, operators sizing a VM); None where the kernel does not say.
+    peak_rss_bytes: int | None = None
 
 
 class StartRunRequest(_Model):

@@ -138,6 +138,18 @@ def _add_error_handlers(app: FastAPI) -> None:
             return JSONResponse({"error": str(exc), "kind": kind}, status_code=status)
 
 
+def _peak_rss_bytes() -> int | None:
+    """This process's peak resident set (VmHWM in /proc/self/status), or None."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _machine_routes(agent: CertificationAgent, log_path: Path) -> APIRouter:
     """The machine's routes: health, progress, its attestation key and platform quote."""
     router = APIRouter()
@@ -147,7 +159,11 @@ def _machine_routes(agent: CertificationAgent, log_path: Path) -> APIRouter:
         run = agent.run
         busy = run.run_id if run is not None and run.step != "quoted" else None
         return api.Health(
-            status="ok", runtime_version=RUNTIME_VERSION, platform=agent.platform, busy_run_id=busy
+            status="ok",
+            runtime_version=RUNTIME_VERSION,
+            platform=agent.platform,
+            busy_run_id=busy,
+            peak_rss_bytes=_peak_rss_bytes(),
         )
 
     @router.get("/progress")

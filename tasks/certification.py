@@ -41,6 +41,7 @@ from aicert.tasks.platforms.base import (
     Machine,
     Provider,
 )
+from aicert.tasks.platforms.received_outputs import certified_outputs
 from aicert.tasks.run_logs import forward_platform_logs
 from aicert.tasks.task_factory import RetryPolicy, aicert_task
 
@@ -442,13 +443,18 @@ def measure_outputs(machine: Machine, run_id: str, project: str) -> list[AppEven
 
 
 @aicert_task("collect-outputs", retry=HOST_OPERATION)
-def collect_outputs(machine: Machine, run_id: str, destination: str) -> str:
+def collect_outputs(
+    machine: Machine, run_id: str, destination: str, measured: list[AppEvent] | None = None
+) -> str:
     """Download the run's outputs and logs from a machine that keeps them (qemu, Azure)
-    before it is torn down; returns the local folder (``outputs/`` and ``logs/``)."""
+    before it is torn down, streamed and hashed on arrival; returns the local folder
+    (``outputs/`` and ``logs/``). ``measured``: the outputs step's events; each output must
+    then arrive as certified (``OutputMismatchError`` names the one that does not)."""
     logger = get_run_logger()
     target = Path(destination)
+    certified = certified_outputs(measured) if measured is not None else None
     with machine.client() as client:
-        names = client.download_archive(run_id, target)
+        names = client.download_archive(run_id, target, certified=certified, progress=logger.info)
     total = sum((target / name).stat().st_size for name in names)
     logger.info("downloaded %d files (%.1f MB) to %s", len(names), total / 1e6, target)
     return str(target)

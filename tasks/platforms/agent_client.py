@@ -1,4 +1,7 @@
-"""The orchestrator's client for the guest agent's HTTP API."""
+"""The orchestrator's client for the guest agent's HTTP API.
+
+The outputs archive is received by ``received_outputs`` (streamed, hashed on arrival,
+checked against the certified digests)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import io
 import ssl
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,9 +31,14 @@ from aicert.guest_runtime.api_models import (
     StartRunRequest,
     TrainingStatus,
 )
-from aicert.guest_runtime.archive import extract_member
 from aicert.guest_runtime.channel import pinned_context
+from aicert.guest_runtime.hostutil import ProgressCallback
 from aicert.model import AppEvent
+from aicert.tasks.platforms.received_outputs import (
+    RECEIVE_CHUNK,
+    CertifiedFile,
+    OutputsReceiver,
+)
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -68,11 +76,12 @@ FOLLOW_RETRIES = 5
 
 
 class _IterReader(io.RawIOBase):
-    """A read-only file over an iterator of byte chunks (tarfile's stream mode reads one)."""
+    """A read-only file over an iterator of byte chunks (tarfile's stream mode reads one).
+    A chunk is handed out through a memoryview: no copy of its rest on each small read."""
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
-        self._pending = b""
+        self._pending = memoryview(b"")
 
     def readable(self) -> bool:
         return True
@@ -80,7 +89,7 @@ class _IterReader(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         while not self._pending:
             try:
-                self._pending = next(self._chunks)
+                self._pending = memoryview(next(self._chunks))
             except StopIteration:
                 return 0
         count = min(len(buffer), len(self._pending))
@@ -249,12 +258,35 @@ class AgentClient:
     def measure_outputs(self, run_id: str) -> list[AppEvent]:
         return self._call("POST", f"/runs/{run_id}/outputs", EventsResponse).events
 
-    def download_archive(self, run_id: str, destination: Path) -> list[str]:
+    def download_archive(
+        self,
+        run_id: str,
+        destination: Path,
+        *,
+        certified: Mapping[str, CertifiedFile] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> list[str]:
         """Fetch the run's ``outputs/`` and ``logs/`` into ``destination``; returns the file
-        names. Extracted with tarfile's ``data`` filter: nothing lands outside it."""
+        names. Streamed: each file is written and hashed in chunks as it arrives (a file of
+        any size takes ``RECEIVE_CHUNK`` of memory), with ``progress`` lines every few
+        seconds. Only folders and regular files are accepted, and nothing lands
+        outside ``destination``.
+
+        ``certified``: the digests the agent measured (``received_outputs.certified_outputs``
+        of the outputs step's events), keyed by path
+        under ``outputs/``; every file under ``outputs/`` must be one of them, with that
+        size and SHA-256, and every one of them must arrive.
+
+        Raises:
+            OutputMismatchError: a file under ``outputs/`` is not what was certified, was not
+                certified, or is missing (it names the file; a file that arrived different
+                is deleted).
+            AgentCallError: the agent refused, or the archive is malformed or unsafe.
+            AgentUnreachableError: the connection failed.
+        """
         operation = f"GET /runs/{run_id}/archive"
         destination.mkdir(parents=True, exist_ok=True)
-        names: list[str] = []
+        receiver = OutputsReceiver(destination, certified, progress)
         try:
             with self._http.stream("GET", f"/runs/{run_id}/archive") as response:
                 if response.status_code >= 400:
@@ -266,19 +298,18 @@ class AgentClient:
                         problem.get("error", response.text[:500]),
                         response.status_code,
                     )
-                reader = _IterReader(response.iter_raw())
-                with tarfile.open(fileobj=reader, mode="r|") as archive:
+                reader = _IterReader(response.iter_raw(RECEIVE_CHUNK))
+                with tarfile.open(fileobj=reader, mode="r|", bufsize=RECEIVE_CHUNK) as archive:
                     for member in archive:
-                        extract_member(archive, member, destination)
-                        if member.isfile():
-                            names.append(member.name)
+                        receiver.receive(archive, member)
         except httpx.TransportError as exc:
             raise AgentUnreachableError(
                 operation, type(exc).__name__, f"agent at {self.base_url} unreachable: {exc}", None
             ) from exc
         except (tarfile.TarError, OSError) as exc:
             raise AgentCallError(operation, type(exc).__name__, str(exc), None) from exc
-        return names
+        receiver.finish()
+        return receiver.names
 
     def quote(self, run_id: str) -> Evidence:
         return self._call("POST", f"/runs/{run_id}/quote", Evidence)
