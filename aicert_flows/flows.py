@@ -63,7 +63,7 @@ from aicert.flows.publish import (
 )
 from aicert.guest_runtime.api_models import Evidence, TrainingStatus
 from aicert.guest_runtime.config import RunConfig, parse_config
-from aicert.model import PlatformKind
+from aicert.model import AppEvent, PlatformKind
 from aicert.tasks import (
     MachineFailed,
     TrainingFailed,
@@ -286,10 +286,13 @@ def _bring_up_machine(
     return machine, enrolled, attestation
 
 
-def _collect_kept_outputs(machine: Machine, run_id: str) -> Path:
-    """Fetch the outputs and logs of a machine that keeps them, before it is torn down."""
+def _collect_kept_outputs(
+    machine: Machine, run_id: str, measured: list[AppEvent] | None = None
+) -> Path:
+    """Fetch the outputs and logs of a machine that keeps them, before it is torn down;
+    with ``measured`` (the outputs step's events), each output is checked on arrival."""
     workspace = Path(machine.state_dir) / "workspace"
-    return Path(collect_outputs(machine, run_id, str(workspace)))
+    return Path(collect_outputs(machine, run_id, str(workspace), measured))
 
 
 def _train(
@@ -340,7 +343,7 @@ def _measure_and_quote(
         _raise_machine_failure(platform, machine, local_outputs, exc)
         raise
     if local_outputs is None:
-        local_outputs = _collect_kept_outputs(machine, run_id)
+        local_outputs = _collect_kept_outputs(machine, run_id, measured)
     return evidence, local_outputs
 
 
