@@ -51,10 +51,25 @@ def run(
             "KVM when a probe boots the firmware under it, else tcg).",
         ),
     ] = None,
+    refresh_dependencies: Annotated[
+        bool,
+        typer.Option(
+            "--refresh-dependencies",
+            help="Resolve requirements.txt again instead of reusing the resolution a "
+            "previous run recorded for the same pinned file (sets "
+            "$AICERT_REFRESH_DEPENDENCIES).",
+        ),
+    ] = False,
 ) -> None:
     """Certify a training run: measure inputs, train without network, measure outputs, quote."""
     if qemu_accel is not None:
         _select_qemu_accel(provider, qemu_accel)
+    if refresh_dependencies:
+        from aicert.guest_runtime.wheel_cache import REFRESH_ENV
+
+        # Read where wheels are resolved: the orchestrator's staging and the local agent,
+        # which inherits this process's environment.
+        os.environ[REFRESH_ENV] = "1"
     _check_arguments(config, output_bom, provider)
     result = _certify_until_stopped(config, output_bom, provider, outputs_dir)
     console.print(

@@ -255,3 +255,23 @@ def test_two_runs_at_once_share_the_cache(
     assert results == {"a": [SIX], "b": [SIX]}
     assert sha256_file(cache.wheel_path(SIX)) == (SIX.sha256, SIX.size)
     assert list((cache.root / "tmp").iterdir()) == []
+
+
+def test_cli_refresh_dependencies_sets_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``aicert run --refresh-dependencies`` reaches the resolvers through the variable (the
+    run stops at the missing config, before any flow)."""
+    from typer.testing import CliRunner
+
+    from aicert.cli import _register_plugin_commands, app
+
+    _register_plugin_commands()
+    monkeypatch.setenv(REFRESH_ENV, "")  # restored after the test
+    missing = str(tmp_path / "missing.yaml")
+    result = CliRunner().invoke(app, ["run", "--config", missing])
+    assert result.exit_code == 2, result.output
+    assert DependencyCache.for_home(tmp_path).refresh is False
+    result = CliRunner().invoke(app, ["run", "--config", missing, "--refresh-dependencies"])
+    assert result.exit_code == 2, result.output
+    assert DependencyCache.for_home(tmp_path).refresh is True
