@@ -5,7 +5,12 @@
   ``aicert.source.updated`` whose payload names the configuration (``config_path`` or
   ``config_block``) and, optionally, the pushed ``commit`` to pin the source to;
 - ``verify-and-promote``: triggered by ``aicert.certificate.created``, its parameters taken
-  from the event's payload.
+  from the event's payload;
+- ``certify-evaluation``: triggered by ``aicert.certificate.created`` of a *training* run
+  (the event's ``aicert.run.kind`` label), it certifies an evaluation of the new model with
+  the deployment's evaluation configuration (``config_path`` or ``config_block``). Its
+  automation is created *disabled* unless that configuration is given (``apply
+  --evaluation-config``): set the parameter, then enable the automation.
 
 Each deployment has a concurrency limit of its own (``CERTIFY_CONCURRENCY``,
 ``PROMOTE_CONCURRENCY``: runs beyond it wait as AwaitingConcurrencySlots); machine capacity
@@ -15,7 +20,7 @@ creates them).
 ``apply`` registers both on a process work pool (created when missing) for a worker to run;
 ``serve`` runs them in this process instead (no work pool, no worker); ``drain`` cancels the
 pool's flow runs in flight and waits for them to end (``stack.sh down`` runs it first).
-``deployments/prefect.yaml`` declares the same two deployments for ``prefect deploy --all``.
+``deployments/prefect.yaml`` declares the same three deployments for ``prefect deploy --all``.
 """
 
 from __future__ import annotations
@@ -32,16 +37,19 @@ from prefect.events import DeploymentEventTrigger
 from prefect.schedules import Cron
 
 from aicert.flows.capacity import MACHINES_LIMIT, all_machine_limit_names
-from aicert.flows.events import CERTIFICATE_CREATED, SOURCE_UPDATED
+from aicert.flows.evaluation import certify_evaluation
+from aicert.flows.events import CERTIFICATE_CREATED, RUN_KIND_LABEL, SOURCE_UPDATED
 from aicert.flows.flows import certify_training
 from aicert.flows.promote import verify_and_promote
 
 DEFAULT_WORK_POOL = "aicert"
 CERTIFY_DEPLOYMENT = "certify-training"
 PROMOTE_DEPLOYMENT = "verify-and-promote"
+EVALUATE_DEPLOYMENT = "certify-evaluation"
 # At most this many runs of each deployment at once (the worker's --limit is per worker).
 CERTIFY_CONCURRENCY = 4
 PROMOTE_CONCURRENCY = 4
+EVALUATE_CONCURRENCY = 4
 EXAMPLE_CRON = "0 3 * * *"
 # Relative to the worker's working folder (the repository root, see ``working_dir``).
 EXAMPLE_CONFIG = "examples/aicert.yaml"
@@ -105,12 +113,63 @@ def certificate_created_trigger() -> DeploymentEventTrigger:
     )
 
 
+def training_certificate_trigger(*, enabled: bool) -> DeploymentEventTrigger:
+    """Run ``certify-evaluation`` for every new *training* certificate: the
+    ``aicert.certificate.created`` events labelled ``aicert.run.kind: training`` (an
+    evaluation's own certificate is labelled ``evaluation`` and never matches)."""
+    return DeploymentEventTrigger(
+        name="certify-evaluation on aicert.certificate.created of a training run",
+        description=(
+            "Fires on each aicert.certificate.created event of a training run (resource "
+            "aicert.run.*, label aicert.run.kind: training); runs certify-evaluation on the "
+            "announced model with the deployment's evaluation config_path or config_block. "
+            "Created disabled when the deployment has no evaluation configuration."
+        ),
+        expect={CERTIFICATE_CREATED},
+        match={"prefect.resource.id": "aicert.run.*", RUN_KIND_LABEL: "training"},
+        parameters={
+            name: _from_payload(field) for name, field in PROMOTE_PARAMETER_SOURCES.items()
+        },
+        enabled=enabled,
+    )
+
+
+def _evaluation_deployment(
+    work_pool: str | None,
+    job_variables: dict[str, str] | None,
+    evaluation_config: str | None,
+) -> RunnerDeployment:
+    """``certify-evaluation``: its trigger enabled only with an evaluation configuration."""
+    return certify_evaluation.to_deployment(
+        name=EVALUATE_DEPLOYMENT,
+        description="Certify an evaluation of each new training run's model on the benchmark.",
+        tags=["aicert"],
+        parameters={"config_path": evaluation_config} if evaluation_config else {},
+        triggers=[training_certificate_trigger(enabled=evaluation_config is not None)],
+        concurrency_limit=EVALUATE_CONCURRENCY,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        work_pool_name=work_pool,
+        job_variables=job_variables,
+    )
+
+
 def build_deployments(
-    work_pool: str | None, *, allow_dev_platform: bool = True, working_dir: Path = REPO_ROOT
+    work_pool: str | None,
+    *,
+    allow_dev_platform: bool = True,
+    working_dir: Path = REPO_ROOT,
+    evaluation_config: str | None = None,
 ) -> list[RunnerDeployment]:
-    """The two deployments, on ``work_pool`` (None: for ``serve``). ``allow_dev_platform``
-    (on for the local stack) lets verify-and-promote accept ``local`` certificates, which
-    attest no boot chain."""
+    """The three deployments, on ``work_pool`` (None: for ``serve``).
+
+    Args:
+        work_pool: The process work pool, or None for ``serve``.
+        allow_dev_platform: (on for the local stack) verify-and-promote accepts ``local``
+            certificates, which attest no boot chain.
+        working_dir: Where the worker starts each flow run (relative paths resolve there).
+        evaluation_config: certify-evaluation's ``config_path``; without it the deployment
+            has none and its trigger is created disabled.
+    """
     # A worker starts each flow run in working_dir, so relative paths (the example config)
     # resolve against the repository; the flows are imported from the installed package.
     job_variables = {"working_dir": str(working_dir)} if work_pool else None
@@ -137,7 +196,7 @@ def build_deployments(
         work_pool_name=work_pool,
         job_variables=job_variables,
     )
-    return [certify, promote]
+    return [certify, promote, _evaluation_deployment(work_pool, job_variables, evaluation_config)]
 
 
 def ensure_process_work_pool(name: str) -> None:
@@ -187,7 +246,11 @@ def ensure_machine_limits(machines: int) -> list[str]:
 
 
 def apply(
-    work_pool: str, *, allow_dev_platform: bool = True, machines: int | None = None
+    work_pool: str,
+    *,
+    allow_dev_platform: bool = True,
+    machines: int | None = None,
+    evaluation_config: str | None = None,
 ) -> dict[str, str]:
     """Register the deployments on ``work_pool``; returns deployment name -> id.
 
@@ -196,22 +259,30 @@ def apply(
         allow_dev_platform: verify-and-promote accepts local-platform certificates.
         machines: When given, the global machine limits are set to it (see
             :func:`ensure_machine_limits`).
+        evaluation_config: certify-evaluation's evaluation configuration (its trigger is
+            enabled with it, created disabled without).
     """
     ensure_process_work_pool(work_pool)
     if machines is not None:
         ensure_machine_limits(machines)
     return {
         deployment.full_name: str(deployment.apply())
-        for deployment in build_deployments(work_pool, allow_dev_platform=allow_dev_platform)
+        for deployment in build_deployments(
+            work_pool, allow_dev_platform=allow_dev_platform, evaluation_config=evaluation_config
+        )
     }
 
 
-def serve(*, allow_dev_platform: bool = True) -> None:
+def serve(*, allow_dev_platform: bool = True, evaluation_config: str | None = None) -> None:
     """Run the deployments from this process until interrupted."""
     from prefect import serve as prefect_serve
 
     os.chdir(REPO_ROOT)  # the runner starts flow runs here, like the worker's working_dir
-    prefect_serve(*build_deployments(None, allow_dev_platform=allow_dev_platform))
+    prefect_serve(
+        *build_deployments(
+            None, allow_dev_platform=allow_dev_platform, evaluation_config=evaluation_config
+        )
+    )
 
 
 IN_FLIGHT = ("PENDING", "RUNNING", "CANCELLING")
@@ -259,7 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m aicert.flows.deploy serve|apply|drain``; returns the exit code."""
     parser = argparse.ArgumentParser(
         prog="python -m aicert.flows.deploy",
-        description="Create the certify-training and verify-and-promote deployments.",
+        description=(
+            "Create the certify-training, verify-and-promote and certify-evaluation deployments."
+        ),
     )
     parser.add_argument("command", choices=["serve", "apply", "drain"])
     parser.add_argument(
@@ -279,6 +352,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"apply: set the global limits {MACHINES_LIMIT}[-<platform>] to this many slots",
     )
     parser.add_argument(
+        "--evaluation-config",
+        default=None,
+        help="certify-evaluation's evaluation configuration (relative to the repository "
+        "root); its trigger is enabled with it, created disabled without",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=120.0, help="drain: seconds to wait for the runs"
     )
     args = parser.parse_args(argv)
@@ -289,9 +368,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"flow run {name} is still in flight after {args.timeout:.0f} s")
         return 1 if left else 0
     if args.command == "serve":
-        serve(allow_dev_platform=allow_dev)
+        serve(allow_dev_platform=allow_dev, evaluation_config=args.evaluation_config)
         return 0
-    applied = apply(args.pool, allow_dev_platform=allow_dev, machines=args.machines)
+    applied = apply(
+        args.pool,
+        allow_dev_platform=allow_dev,
+        machines=args.machines,
+        evaluation_config=args.evaluation_config,
+    )
     for name, deployment_id in applied.items():
         print(f"applied {name} ({deployment_id}) on work pool {args.pool}")
     return 0

@@ -1,12 +1,10 @@
 """The ``certify-training`` flow: provision, measure, train, measure, quote, certify, teardown.
 
+The body is ``certify_run``, shared with ``certify-evaluation`` (``aicert.flows.evaluation``).
 Teardown runs in ``finally`` and again from the failure, crash and cancellation hooks
-(idempotent); ``transaction()`` + ``on_rollback`` is not used because, with a retried task
-inside, Prefect 3.9 rolls back on the first failed attempt even when the retry succeeds.
-
-The hooks find the machine through a record on disk (``$AICERT_HOME/active/<flow run id>.json``)
-rather than in memory: under a runner or worker, the ``on_cancellation`` and ``on_crashed``
-hooks run in the supervising process, not in the process that provisioned the machine.
+(``aicert.flows.certify_hooks``, idempotent); ``transaction()`` + ``on_rollback`` is not used
+because, with a retried task inside, Prefect 3.9 rolls back on the first failed attempt even
+when the retry succeeds.
 """
 
 # No ``from __future__ import annotations`` here: a deployment's flow run validates the
@@ -18,8 +16,7 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
-from prefect import Flow, flow, get_run_logger
-from prefect.client.schemas.objects import FlowRun, State
+from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run as current_flow_run
@@ -40,20 +37,19 @@ from aicert.flows.blocks import (
     load_platform_block,
 )
 from aicert.flows.capacity import machine_slot
+from aicert.flows.certify_hooks import CERTIFYING_FLOW_HOOKS, TRAINING_FLOW
 from aicert.flows.events import (
     CERTIFICATE_CREATED,
     CERTIFICATE_FAILED,
-    emit_run_event,
+    RunKind,
 )
 from aicert.flows.lifecycle import (
     ActiveRun,
     ProcessIdentity,
     cleanup_abandoned_runs,
     discard_record,
-    load_record,
     record_path,
     save_record,
-    teardown_record,
 )
 from aicert.flows.publish import (
     PublishedCertificate,
@@ -97,6 +93,7 @@ __all__ = [
     "CertificationResult",
     "PublishedCertificate",
     "artifact_key",
+    "certify_run",
     "certify_training",
 ]
 
@@ -131,69 +128,6 @@ def _cleanup_before_run() -> None:
         return
     for flow_run_id in report.failed:
         logger.warning("cleanup: the record %s stays", record_path(flow_run_id))
-
-
-def _after_unsuccessful_run(flow_run: FlowRun, state: State) -> None:
-    """Shared by the failure, crash and cancellation hooks: teardown, then the event.
-
-    The event's resource is ``aicert.run.<run id>``, or ``aicert.run.unassigned-<flow run
-    id>`` when the run failed before it got a run id (an invalid configuration).
-    """
-    flow_run_id = str(flow_run.id)
-    record = load_record(flow_run_id)
-    teardown_error: str | None = None
-    if record is not None and not record.torn_down:
-        try:
-            teardown_record(record)
-            record.torn_down = True
-            # Only a hint for a later cleanup (the record is removed below): a full disk
-            # must not turn a finished teardown into a failed one.
-            with contextlib.suppress(OSError):
-                save_record(record)
-        except Exception as exc:  # still report the failed run; the record stays
-            teardown_error = f"{type(exc).__name__}: {exc}"
-    _emit_failed(flow_run, state, record, teardown_error)
-    if teardown_error is not None:
-        raise RuntimeError(
-            f"teardown of run {record.run_id if record else '?'} failed: {teardown_error}; "
-            f"its record stays at {record_path(flow_run_id)}"
-        )
-    discard_record(flow_run_id)
-
-
-def _emit_failed(
-    flow_run: FlowRun, state: State, record: ActiveRun | None, teardown_error: str | None
-) -> None:
-    """Emit ``aicert.certificate.failed`` for a run that ended without a certificate (on
-    ``aicert.run.unassigned-<flow run id>`` when it failed before it got a run id)."""
-    emit_run_event(
-        CERTIFICATE_FAILED,
-        run_id=record.run_id if record else None,
-        project=record.project if record else None,
-        flow_run_id=str(flow_run.id),
-        flow_run_name=str(flow_run.name),
-        payload={
-            "run_id": record.run_id if record else None,
-            "project": record.project if record else None,
-            "flow_run_id": str(flow_run.id),
-            "state": str(state.type.value),
-            "message": str(state.message or "")[:2000],
-            "teardown_error": teardown_error,
-        },
-    )
-
-
-# One hook per state, so that the run's logs name the one that ran.
-def _on_failure(flow: Flow[..., dict[str, object]], flow_run: FlowRun, state: State) -> None:
-    _after_unsuccessful_run(flow_run, state)
-
-
-def _on_crashed(flow: Flow[..., dict[str, object]], flow_run: FlowRun, state: State) -> None:
-    _after_unsuccessful_run(flow_run, state)
-
-
-def _on_cancellation(flow: Flow[..., dict[str, object]], flow_run: FlowRun, state: State) -> None:
-    _after_unsuccessful_run(flow_run, state)
 
 
 def _raise_machine_failure(
@@ -355,9 +289,11 @@ def _certify(
     project: str,
     local_outputs: Path,
     output_bom: str | None,
+    kind: RunKind,
 ) -> tuple[CertificateVerification, PublishedCertificate]:
-    """Assemble the certificate, verify it, publish it, and create the flow-run artifacts.
-    Returns the verification report and where the certificate was published."""
+    """Assemble the certificate, verify it, publish it (the event labelled ``kind``), and
+    create the flow-run artifacts. Returns the verification report and where the
+    certificate was published."""
     certificate_path = assemble_and_write(
         evidence,
         enrolled,
@@ -381,6 +317,7 @@ def _certify(
         output_bom,
         model_path,
         platform.boot_reference(),
+        kind,
         wait_for=[report],
     )
     publish_artifacts(
@@ -410,7 +347,7 @@ def _finish(
         discard_record(record.flow_run_id)
 
 
-def _initial_run_name() -> str:
+def initial_run_name() -> str:
     """The flow run's name until it has a run id: what it certifies (the config file's
     folder or the block's name)."""
     parameters = current_flow_run.parameters
@@ -434,7 +371,7 @@ def _rename_flow_run(project: str, run_id: str) -> None:
     context = FlowRunContext.get()
     if context is None or context.flow is None or context.flow_run is None:
         return
-    if context.flow.flow_run_name is not _initial_run_name:
+    if context.flow.flow_run_name is not initial_run_name:
         return
     from prefect.client.orchestration import get_client
 
@@ -450,6 +387,7 @@ def _run_on_machine(
     config: RunConfig,
     output_bom: str | None,
     early_teardown: list[PrefectFuture[None]],
+    kind: RunKind,
 ) -> tuple[CertificateVerification, PublishedCertificate, Path]:
     """Everything between provisioning and publishing. Once the machine has done its part
     its teardown is submitted (into ``early_teardown``, which the caller's ``finally`` waits
@@ -479,18 +417,16 @@ def _run_on_machine(
     # The machine has done its part: tear it down while the certificate is assembled.
     early_teardown.append(teardown_machine.submit(platform, machine, wait_for=[evidence]))
     report, published = _certify(
-        platform, machine, enrolled, evidence, project, local_outputs, output_bom
+        platform, machine, enrolled, evidence, project, local_outputs, output_bom, kind
     )
     return report, published, local_outputs
 
 
 @flow(
-    name="certify-training",
-    flow_run_name=_initial_run_name,
-    on_failure=[_on_failure],
-    on_crashed=[_on_crashed],
-    on_cancellation=[_on_cancellation],
+    name=TRAINING_FLOW,
+    flow_run_name=initial_run_name,
     log_prints=True,
+    **CERTIFYING_FLOW_HOOKS,  # type: ignore[arg-type]
 )
 def certify_training(
     config_path: str | None = None,
@@ -529,13 +465,45 @@ def certify_training(
         was published, the workspace and the verification report (a dict, as ``aicert run``
         and earlier callers index it).
     """
-    logger = get_run_logger()
     if config_path is None and config_block is None:
         config_path = DEFAULT_CONFIG_PATH
     config = load_run_config(config_path, config_block)
     if source_commit:
         config = pin_source_commit(config, source_commit)
     platform = resolve_platform(provider, platform_block)
+    result = certify_run(
+        config, platform, kind="training", output_bom=output_bom, outputs_dir=outputs_dir
+    )
+    return result.model_dump()
+
+
+def certify_run(
+    config: RunConfig,
+    platform: Provider,
+    *,
+    kind: RunKind,
+    output_bom: str | None = None,
+    outputs_dir: str | None = None,
+) -> CertificationResult:
+    """Certify one run of ``config`` on ``platform``, inside the calling flow: the body
+    shared by the certifying flows (``certify-training``, ``certify-evaluation``).
+
+    The flow run is renamed ``<project> · <UTC stamp>``, abandoned runs of this host are
+    cleaned up, the machine takes a slot of the machine limits while it exists and is torn
+    down whatever happens; the certificate is published with the event labelled ``kind``.
+    The calling flow carries ``CERTIFYING_FLOW_HOOKS`` (teardown and the failure event).
+
+    Args:
+        config: The validated run configuration (certified inputs not yet resolved).
+        platform: The platform to certify on.
+        kind: The kind of run (the certificate events' ``aicert.run.kind``).
+        output_bom: Where to write the certificate besides the result storage.
+        outputs_dir: A folder to copy the certified outputs into.
+
+    Returns:
+        The run id, project, published certificate, workspace and verification report.
+    """
+    logger = get_run_logger()
     project = config.project_name()
     run_id = new_run_id(project)
     _rename_flow_run(project, run_id)
@@ -548,7 +516,7 @@ def certify_training(
     with machine_slot(platform.kind):
         try:
             report, published, local_outputs = _run_on_machine(
-                platform, record, config, output_bom, early_teardown
+                platform, record, config, output_bom, early_teardown, kind
             )
             succeeded = True
         except BaseException as exc:
@@ -572,4 +540,4 @@ def certify_training(
         certificate=published,
         workspace=str(local_outputs),
         report=report,
-    ).model_dump()
+    )

@@ -19,7 +19,7 @@ import aicert
 from aicert.exports.verified import VerifiedCertificate
 from aicert.flows.artifacts import CertificateLocation, create_certificate_artifacts
 from aicert.flows.assemble import assemble_certificate, certificate_digest
-from aicert.flows.events import CERTIFICATE_CREATED, emit_run_event
+from aicert.flows.events import CERTIFICATE_CREATED, RunKind, emit_run_event
 from aicert.flows.output_target import OutputTargetError, check_output_target
 from aicert.guest_runtime.api_models import Evidence
 from aicert.model import PlatformKind, write_atomic
@@ -124,12 +124,14 @@ def store_certificate(
     output_bom: str | None,
     outputs_path: str | None = None,
     reference_values: ReferenceValues = None,
+    kind: RunKind = "training",
 ) -> PublishedCertificate:
     """Publish: the file at ``output_bom`` (atomically), result storage, the event.
 
     ``outputs_path``: the run's outputs folder on this host, when the platform keeps one; the
     event carries it so that a downstream flow (verify-and-promote) can re-hash the model.
-    The artifacts are the flow's own (see ``aicert.flows.artifacts``).
+    ``kind``: the event's ``aicert.run.kind`` label (which flow certified the run). The
+    artifacts are the flow's own (see ``aicert.flows.artifacts``).
     """
     logger = get_run_logger()
     data = Path(certificate_path).read_bytes()
@@ -155,7 +157,9 @@ def store_certificate(
             "platform": verification.report.platform,
             "outputs_path": outputs_path,
             "flow_run_id": str(current_flow_run.id),
+            "kind": kind,
         },
+        kind=kind,
     )
     return PublishedCertificate(path=published, sha256=digest, storage_url=storage_url)
 
