@@ -108,7 +108,13 @@ def unpack_staged_inputs(
     destination.mkdir(parents=True, exist_ok=True)
     _check_room(device, destination)
     try:
-        with device.open("rb") as raw, tarfile.open(fileobj=raw, mode="r|") as archive:
+        # Read and copied READ_CHUNK at a time (tarfile's defaults are 10 and 16 KiB).
+        with (
+            device.open("rb") as raw,
+            tarfile.open(
+                fileobj=raw, mode="r|", bufsize=READ_CHUNK, copybufsize=READ_CHUNK
+            ) as archive,
+        ):
             for member in archive:
                 if member.name == MANIFEST:
                     reader = archive.extractfile(member)

@@ -142,7 +142,11 @@ def write_staged_inputs(
             "wheels": wheel_names,
         }
         partial = work / "inputs.tar"
-        with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as archive:
+        # Each file is copied into the tar SAVE_CHUNK at a time (tarfile's default is 16 KiB):
+        # the tar is written from the disk, never held in memory.
+        with tarfile.open(
+            partial, "w", format=tarfile.PAX_FORMAT, copybufsize=SAVE_CHUNK
+        ) as archive:
             manifest_file = work / MANIFEST
             manifest_file.write_text(json.dumps(manifest, indent=2))
             # Order matters: the guest reads the disk front to back, once.
