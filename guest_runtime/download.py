@@ -3,12 +3,18 @@
 A partial file never stays at the target: the bytes go to ``<name>.part`` and are renamed
 once complete. Transient failures (5xx, 408, 429, network errors) are retried with backoff;
 a client error or a ``file://`` failure is not, it will not heal.
+
+The bytes are copied and hashed at once by ``aicert.guest_runtime.copyhash``: a ``file://``
+resource by the kernel (``copy_file_range``) with the copy's bytes hashed alongside, an
+``http(s)://`` one through reused buffers, hashed in a second thread; the digest is that of
+the bytes written, and memory stays the same whatever the file's size.
 """
 
 from __future__ import annotations
 
-import hashlib
+import http.client
 import os
+import stat
 import time
 import urllib.error
 import urllib.parse
@@ -16,11 +22,11 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from aicert.guest_runtime.copyhash import copy_and_hash, copy_file_and_hash
 from aicert.guest_runtime.errors import DownloadError
 from aicert.guest_runtime.hostutil import ProgressCallback
 
 DOWNLOAD_ATTEMPTS = 4
-DOWNLOAD_CHUNK = 4 * 1024 * 1024
 # How often, at most, a long download reports its progress.
 PROGRESS_INTERVAL_S = 1.0
 
@@ -60,26 +66,70 @@ def download(
             digest, size = _download_once(
                 url, target, partial, timeout_s, progress, on_bytes, on_total
             )
+        except (OSError, DownloadError, http.client.HTTPException) as exc:
+            partial.unlink(missing_ok=True)
+            last_error = exc
+            if not _may_heal(exc, scheme):
+                break
+        except BaseException:
+            partial.unlink(missing_ok=True)  # interrupted: no partial file stays either
+            raise
+        else:
             os.replace(partial, target)
             if progress:
                 progress(f"downloaded {target.name}: {size} bytes")
             return digest, size
-        except urllib.error.HTTPError as exc:
-            partial.unlink(missing_ok=True)
-            last_error = exc
-            if exc.code < 500 and exc.code not in (408, 429):
-                break  # a client error will not heal by retrying
-        except (OSError, DownloadError) as exc:
-            partial.unlink(missing_ok=True)
-            last_error = exc
-            if scheme == "file":
-                break
         if attempt < attempts:
             delay = min(2.0 ** (attempt - 1), 10.0)
             if progress:
                 progress(f"download of {url} failed ({last_error}); retrying in {delay:.0f} s")
             time.sleep(delay)
     raise DownloadError(f"resources: cannot download {url}: {last_error}")
+
+
+def _may_heal(error: Exception, scheme: str) -> bool:
+    """Whether trying again may succeed: a server error, a timeout or a dropped connection
+    may; a client error (4xx but 408 and 429) or a local file's failure will not."""
+    if isinstance(error, urllib.error.HTTPError):
+        return error.code >= 500 or error.code in (408, 429)
+    return scheme != "file"
+
+
+class _Reporter:
+    """Counts the bytes of one try, passes them on, and says how far it got at most every
+    ``PROGRESS_INTERVAL_S``."""
+
+    def __init__(
+        self,
+        name: str,
+        total: int | None,
+        progress: ProgressCallback | None,
+        on_bytes: Callable[[int], None] | None,
+    ) -> None:
+        self.size = 0
+        self._name, self._total, self._progress, self._on_bytes = name, total, progress, on_bytes
+        self._last_report = 0.0
+
+    def __call__(self, count: int) -> None:
+        self.size += count
+        if self._on_bytes is not None:
+            self._on_bytes(count)
+        if self._progress is None:
+            return
+        now = time.monotonic()
+        if now - self._last_report > PROGRESS_INTERVAL_S:
+            self._last_report = now
+            total = self._total
+            pct = f" ({100 * self.size / total:.0f}%)" if total else ""
+            self._progress(f"downloading {self._name}: {self.size / 1e6:.1f} MB{pct}")
+
+
+def _local_path(url: str) -> Path:
+    """The file a ``file://`` URL names (on this machine: no host, or ``localhost``)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise DownloadError(f"{url}: a file:// URL names a file on this machine (file:///path)")
+    return Path(urllib.request.url2pathname(parts.path))
 
 
 def _download_once(
@@ -92,27 +142,25 @@ def _download_once(
     on_total: Callable[[int | None], None] | None,
 ) -> tuple[str, int]:
     """One try: ``url`` into ``partial`` (renamed to ``target`` by the caller); (sha256 hex,
-    size) of what was received."""
-    digest = hashlib.sha256()
-    size = 0
-    request = urllib.request.Request(url, headers={"User-Agent": "aicert"})  # noqa: S310
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
-        total = int(response.headers.get("Content-Length") or 0) or None
-        if on_total is not None:
-            on_total(total)
-        with partial.open("wb") as handle:
-            last_report = 0.0
-            while chunk := response.read(DOWNLOAD_CHUNK):
-                digest.update(chunk)
-                handle.write(chunk)
-                size += len(chunk)
-                if on_bytes is not None:
-                    on_bytes(len(chunk))
-                now = time.monotonic()
-                if progress and now - last_report > PROGRESS_INTERVAL_S:
-                    last_report = now
-                    pct = f" ({100 * size / total:.0f}%)" if total else ""
-                    progress(f"downloading {target.name}: {size / 1e6:.1f} MB{pct}")
+    size) of what ``partial`` holds."""
+    if urllib.parse.urlsplit(url).scheme == "file":
+        with _local_path(url).open("rb", buffering=0) as source:
+            info = os.fstat(source.fileno())
+            # A regular file's size is known; a device's or a pipe's is not (st_size 0).
+            total = info.st_size if stat.S_ISREG(info.st_mode) else None
+            if on_total is not None:
+                on_total(total)
+            reporter = _Reporter(target.name, total, progress, on_bytes)
+            digest, size = copy_file_and_hash(source, partial, on_bytes=reporter)
+    else:
+        request = urllib.request.Request(url, headers={"User-Agent": "aicert"})  # noqa: S310
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
+            total = int(response.headers.get("Content-Length") or 0) or None
+            if on_total is not None:
+                on_total(total)
+            reporter = _Reporter(target.name, total, progress, on_bytes)
+            with partial.open("wb", buffering=0) as handle:
+                digest, size = copy_and_hash(response, handle, on_bytes=reporter)
     if total is not None and size != total:
-        raise DownloadError(f"{url}: received {size} of {total} bytes")
-    return digest.hexdigest(), size
+        raise DownloadError(f"received {size} of {total} bytes")
+    return digest, size

@@ -1,9 +1,15 @@
-"""Downloads: hashed while streamed, never left partial, not retried when retrying cannot help."""
+"""Downloads: hashed while streamed, never left partial, retried when retrying may help and
+only then (a real HTTP server on loopback)."""
 
 from __future__ import annotations
 
 import hashlib
+import http.server
+import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
@@ -30,3 +36,107 @@ def test_a_missing_file_fails_at_once_and_leaves_nothing(tmp_path: Path) -> None
         download((tmp_path / "missing").as_uri(), target, progress=messages.append)
     assert messages == []  # a file:// failure is not retried
     assert list(tmp_path.iterdir()) == []
+
+
+BODY = os.urandom(3 * 1024 * 1024 + 17)  # several stream chunks, not a multiple of one
+
+
+class _Server(http.server.BaseHTTPRequestHandler):
+    """Serves ``/data.bin`` as told by the class attributes: ``failures`` 503s first, a body
+    cut short (Content-Length says more) when ``cut`` is set, 404 for any other path."""
+
+    failures = 0
+    cut = False
+    requests: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        type(self).requests.append(self.path)
+        if self.path != "/data.bin":
+            self.send_error(404)
+            return
+        if type(self).failures > 0:
+            type(self).failures -= 1
+            self.send_error(503)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY[: len(BODY) // 2] if type(self).cut else BODY)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[str, type[_Server]]]:
+    handler = type("Handler", (_Server,), {"requests": []})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", handler
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_an_http_download_is_streamed_and_hashed(
+    server: tuple[str, type[_Server]], tmp_path: Path
+) -> None:
+    base, _handler = server
+    target = tmp_path / "data.bin"
+    chunks: list[int] = []
+    totals: list[int | None] = []
+    digest, size = download(
+        f"{base}/data.bin", target, on_bytes=chunks.append, on_total=totals.append
+    )
+    assert (digest, size) == (hashlib.sha256(BODY).hexdigest(), len(BODY))
+    assert target.read_bytes() == BODY
+    assert totals == [len(BODY)] and sum(chunks) == len(BODY)
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_a_server_error_is_retried(server: tuple[str, type[_Server]], tmp_path: Path) -> None:
+    base, handler = server
+    handler.failures = 1
+    messages: list[str] = []
+    digest, _size = download(f"{base}/data.bin", tmp_path / "data.bin", progress=messages.append)
+    assert digest == hashlib.sha256(BODY).hexdigest()
+    assert handler.requests == ["/data.bin", "/data.bin"]
+    assert any("HTTP Error 503" in message and "retrying" in message for message in messages)
+
+
+def test_a_client_error_is_not_retried(server: tuple[str, type[_Server]], tmp_path: Path) -> None:
+    base, handler = server
+    with pytest.raises(DownloadError, match="HTTP Error 404"):
+        download(f"{base}/missing.bin", tmp_path / "data.bin")
+    assert handler.requests == ["/missing.bin"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_body_cut_short_is_retried_and_leaves_nothing(
+    server: tuple[str, type[_Server]], tmp_path: Path
+) -> None:
+    base, handler = server
+    handler.cut = True
+    cut_short = r"cannot download http://\S+: received \d+ of \d+ bytes$"
+    with pytest.raises(DownloadError, match=cut_short):
+        download(f"{base}/data.bin", tmp_path / "data.bin", attempts=2)
+    assert handler.requests == ["/data.bin", "/data.bin"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_url_may_name_localhost(tmp_path: Path) -> None:
+    source = tmp_path / "data.bin"
+    source.write_bytes(BODY)
+    target = tmp_path / "copy.bin"
+    digest, size = download(f"file://localhost{source}", target)
+    assert (digest, size) == (hashlib.sha256(BODY).hexdigest(), len(BODY))
+    assert target.read_bytes() == BODY
+
+
+def test_a_file_url_on_another_host_is_refused_at_once(tmp_path: Path) -> None:
+    messages: list[str] = []
+    with pytest.raises(DownloadError, match="names a file on this machine"):
+        download("file://elsewhere/data.bin", tmp_path / "data.bin", progress=messages.append)
+    assert messages == [] and list(tmp_path.iterdir()) == []
