@@ -1,10 +1,12 @@
 """Event-driven deployments on the real stack (SQLite backend): ``aicert.source.updated`` starts
 ``certify-training`` through the worker, ``aicert.certificate.created`` starts
-``verify-and-promote``, which publishes the verified model or rejects a forged certificate.
+``verify-and-promote``, which publishes the verified model or rejects a forged certificate,
+and, for a training run only (its ``aicert.run.kind`` label), ``certify-evaluation``.
 The PostgreSQL backend runs the same scenario in test_postgres.py."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 from collections.abc import Callable
@@ -14,13 +16,15 @@ from urllib.request import url2pathname
 
 import pytest
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.events import Event
+from prefect.events.clients import PrefectEventsClient
 from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 
 import aicert
 from aicert.errors import ArtifactMismatchError, PlatformError
 from aicert.flows.blocks import AicertRunConfig
 from aicert.flows.deploy import build_deployments
-from aicert.flows.events import CERTIFICATE_CREATED
+from aicert.flows.events import CERTIFICATE_CREATED, CERTIFICATE_FAILED, RUN_KIND_LABEL
 from aicert.flows.flows import artifact_key
 from aicert.flows.promote import (
     CertificateDigestError,
@@ -29,16 +33,19 @@ from aicert.flows.promote import (
     verify_and_promote,
 )
 from aicert.model import PLATFORM_KINDS
+from tests.aicert_flows.conftest import unique_project
 
 from .conftest import (
     Promotion,
     Stack,
     check_promoted,
     check_tampered_certificate_rejected,
+    deployment_runs,
     make_project,
     registry_snapshot,
     task_run_names,
     wait_for_event,
+    wait_for_run,
     wait_until_final,
 )
 
@@ -174,6 +181,7 @@ def test_prefect_yaml_declares_the_python_deployments(sqlite_stack: Stack) -> No
             got = {
                 a.name: (
                     a.description,
+                    a.enabled,
                     a.trigger.expect,  # type: ignore[union-attr]
                     a.trigger.match.model_dump(),  # type: ignore[union-attr]
                     a.actions[0].parameters,  # type: ignore[union-attr]
@@ -183,6 +191,7 @@ def test_prefect_yaml_declares_the_python_deployments(sqlite_stack: Stack) -> No
             want = {
                 t.name: (
                     t.description,  # type: ignore[union-attr]
+                    t.enabled,  # type: ignore[union-attr]
                     t.expect,  # type: ignore[union-attr]
                     t.match.model_dump(),  # type: ignore[union-attr]
                     t.parameters,  # type: ignore[union-attr]
@@ -199,7 +208,11 @@ def test_deployment_parameters_are_typed_and_described(sqlite_stack: Stack) -> N
     """The UI's run form: every parameter described (from the Google-style docstring Args),
     ``provider`` a choice of the platform kinds, the blocks pickable or named."""
     with sqlite_stack.client() as client:
-        for name in ("certify-training/certify-training", "verify-and-promote/verify-and-promote"):
+        for name in (
+            "certify-training/certify-training",
+            "verify-and-promote/verify-and-promote",
+            "certify-evaluation/certify-evaluation",
+        ):
             schema = client.read_deployment_by_name(name).parameter_openapi_schema
             properties = schema["properties"]
             undescribed = [p for p, spec in properties.items() if not spec.get("description")]
@@ -342,3 +355,91 @@ def test_config_block_parameter_takes_a_picked_block_or_a_saved_name(
             assert final.name.startswith(f"{project} · "), final.name
             created = wait_for_event(client, CERTIFICATE_CREATED, project=project)
             assert created.resource.id == f"aicert.run.{created.payload['run_id']}"
+
+
+# -- certify-evaluation: training runs only --------------------------------------------------
+
+
+def emit_certificate_created(stack: Stack, kind: str, payload: dict[str, object]) -> None:
+    """``aicert.certificate.created`` as certify-training or certify-evaluation emits it: on
+    the run's resource, labelled with the kind of run."""
+    to_send = Event(
+        event=CERTIFICATE_CREATED,
+        resource={
+            "prefect.resource.id": f"aicert.run.{payload['run_id']}",
+            RUN_KIND_LABEL: kind,
+        },
+        payload={**payload, "kind": kind},
+    )
+
+    async def send() -> None:
+        async with PrefectEventsClient(api_url=stack.api_url) as events:
+            await events.emit(to_send)
+
+    asyncio.run(send())
+
+
+def announced(project: str, tmp_path: Path) -> dict[str, object]:
+    """A certificate.created payload (the trigger's inputs; no such certificate exists)."""
+    run_id = f"{project}-20260101T000000Z-0a0b0c0d"
+    return {
+        "run_id": run_id,
+        "project": project,
+        "certificate_sha256": "1" * 64,
+        "certificate_path": str(tmp_path / run_id / "certificate.json"),
+        "storage_url": (tmp_path / "storage" / run_id).as_uri(),
+        "outputs_path": str(tmp_path / run_id / "outputs"),
+        "flow_run_id": "00000000-0000-0000-0000-000000000000",
+        "platform": "local",
+    }
+
+
+def test_a_training_certificate_starts_certify_evaluation_an_evaluations_does_not(
+    sqlite_stack: Stack, tmp_path: Path
+) -> None:
+    """The trigger, on the server: created disabled (no evaluation configured); enabled, a
+    training run's certificate.created starts certify-evaluation with the event's fields as
+    parameters, an evaluation's does not. The run itself fails on the worker (this
+    deployment has no evaluation configuration) and says so, labelled evaluation; the flow
+    body is tested on real runs in tests/aicert_flows/test_evaluation_flow.py."""
+    training = announced(unique_project("evaluated"), tmp_path)
+    evaluation = announced(unique_project("evaluation"), tmp_path)
+    with sqlite_stack.client() as client:
+        deployment = client.read_deployment_by_name("certify-evaluation/certify-evaluation")
+        (automation,) = client.read_resource_related_automations(
+            f"prefect.deployment.{deployment.id}"
+        )
+        assert automation.enabled is False
+        client.resume_automation(automation.id)
+        try:
+            # The evaluation's first: once the training's run exists, both were processed.
+            emit_certificate_created(sqlite_stack, "evaluation", evaluation)
+            emit_certificate_created(sqlite_stack, "training", training)
+            run = wait_for_run(
+                client,
+                "certify-evaluation",
+                lambda p: p.get("run_id") == training["run_id"],
+                what="the certify-evaluation run of the training certificate",
+            )
+        finally:
+            client.pause_automation(automation.id)
+        assert run.created_by is not None and run.created_by.type == "AUTOMATION"
+        assert run.parameters == {
+            "certificate_path": training["certificate_path"],
+            "storage_url": training["storage_url"],
+            "certificate_sha256": training["certificate_sha256"],
+            "run_id": training["run_id"],
+            "project": training["project"],
+            "outputs_path": training["outputs_path"],
+            "certifying_flow_run_id": training["flow_run_id"],
+        }
+        of_evaluation = deployment_runs(
+            client, "certify-evaluation", lambda p: p.get("run_id") == evaluation["run_id"]
+        )
+        assert of_evaluation == []
+        final = wait_until_final(client, run.id)
+        assert final.state is not None and final.state.is_failed(), final.state
+        assert "exactly one of config_path and config_block" in str(final.state.message)
+        failed = wait_for_event(client, CERTIFICATE_FAILED, flow_run_id=str(run.id))
+    assert failed.resource.get(RUN_KIND_LABEL) == "evaluation"
+    assert failed.payload["kind"] == "evaluation"
