@@ -59,6 +59,7 @@ from aicert.flows.publish import (
 )
 from aicert.guest_runtime.api_models import Evidence, TrainingStatus
 from aicert.guest_runtime.config import RunConfig, parse_config
+from aicert.guest_runtime.gpu import refuse_gpus_on_platform
 from aicert.model import AppEvent, PlatformKind
 from aicert.tasks import (
     MachineFailed,
@@ -504,6 +505,7 @@ def certify_run(
         The run id, project, published certificate, workspace and verification report.
     """
     logger = get_run_logger()
+    refuse_gpus_on_platform(config, platform.kind)  # GpuError, before anything is provisioned
     project = config.project_name()
     run_id = new_run_id(project)
     _rename_flow_run(project, run_id)
