@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import http.server
 import os
+import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,9 +51,13 @@ class _Server(http.server.BaseHTTPRequestHandler):
     failures = 0
     cut = False
     requests: ClassVar[list[str]] = []
+    files: ClassVar[dict[str, Path]] = {}  # more paths, served from these files
 
     def do_GET(self) -> None:
         type(self).requests.append(self.path)
+        if self.path in type(self).files:
+            self._send_file(type(self).files[self.path])
+            return
         if self.path != "/data.bin":
             self.send_error(404)
             return
@@ -63,13 +70,20 @@ class _Server(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(BODY[: len(BODY) // 2] if type(self).cut else BODY)
 
+    def _send_file(self, path: Path) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(path.stat().st_size))
+        self.end_headers()
+        with path.open("rb") as source:
+            shutil.copyfileobj(source, self.wfile)
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
 @pytest.fixture
 def server() -> Iterator[tuple[str, type[_Server]]]:
-    handler = type("Handler", (_Server,), {"requests": []})
+    handler = type("Handler", (_Server,), {"requests": [], "files": {}})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -140,3 +154,43 @@ def test_a_file_url_on_another_host_is_refused_at_once(tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="names a file on this machine"):
         download("file://elsewhere/data.bin", tmp_path / "data.bin", progress=messages.append)
     assert messages == [] and list(tmp_path.iterdir()) == []
+
+
+# Downloads a URL in a fresh interpreter; prints the peak RSS growth over the download.
+_RSS_PROBE = """\
+import re, sys
+from pathlib import Path
+from aicert.guest_runtime.download import download
+
+def peak() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"^VmHWM:\\s+(\\d+) kB", status, re.MULTILINE).group(1)) * 1024
+
+before = peak()
+download(sys.argv[1], Path(sys.argv[2]))
+print(peak() - before)
+"""
+BIG = 128 * 1024 * 1024
+# What a download may add to the peak RSS: its buffers and threads, not the file.
+MAX_RSS_GROWTH = 32 * 1024 * 1024
+
+
+@pytest.mark.parametrize("scheme", ["file", "http"])
+def test_memory_does_not_grow_with_the_file(
+    scheme: str, tmp_path: Path, server: tuple[str, type[_Server]]
+) -> None:
+    big = tmp_path / "big.bin"
+    with big.open("wb") as handle:
+        for _ in range(BIG // len(BODY) + 1):
+            handle.write(BODY)
+    if scheme == "file":
+        url = big.as_uri()
+    else:
+        url = f"{server[0]}/big.bin"
+        server[1].files["/big.bin"] = big
+    probe = subprocess.run(
+        [sys.executable, "-c", _RSS_PROBE, url, str(tmp_path / "copy.bin")],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    assert (tmp_path / "copy.bin").stat().st_size == big.stat().st_size > BIG
+    assert int(probe.stdout) < MAX_RSS_GROWTH
