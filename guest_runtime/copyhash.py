@@ -201,6 +201,35 @@ class _TargetHasher(threading.Thread):
             self.error = exc
 
 
+def _copy_range(
+    source_fd: int,
+    target_fd: int,
+    length: int | None,
+    hasher: _TargetHasher,
+    on_bytes: ByteCounter | None,
+) -> int | None:
+    """``copy_file_range`` step by step, telling ``hasher`` of each step; the bytes copied,
+    or None (nothing copied) when the kernel cannot copy between the two files."""
+    size = 0
+    while length is None or size < length:
+        step = COPY_STEP if length is None else min(COPY_STEP, length - size)
+        try:
+            count = os.copy_file_range(source_fd, target_fd, step)
+        except OSError as exc:
+            if size == 0 and exc.errno in _NO_KERNEL_COPY:
+                return None
+            raise
+        if count == 0:
+            # At the start, 0 may also mean a file whose size the kernel does not know
+            # (/proc, some FUSE): the stream copy then reads it for real.
+            return None if size == 0 else size
+        size += count
+        hasher.advance(count)
+        if on_bytes is not None:
+            on_bytes(count)
+    return size
+
+
 def _kernel_copy(
     source_fd: int, target_fd: int, length: int | None, on_bytes: ByteCounter | None
 ) -> tuple[str, int] | None:
@@ -208,32 +237,14 @@ def _kernel_copy(
     when the kernel cannot copy between the two files or copies nothing at first."""
     hasher = _TargetHasher(target_fd)
     hasher.start()
-    size = 0
-    failed = True
     try:
-        while length is None or size < length:
-            step = COPY_STEP if length is None else min(COPY_STEP, length - size)
-            try:
-                count = os.copy_file_range(source_fd, target_fd, step)
-            except OSError as exc:
-                if size == 0 and exc.errno in _NO_KERNEL_COPY:
-                    failed = False
-                    return None
-                raise
-            if count == 0:
-                # At the start, 0 may also mean a file whose size the kernel does not know
-                # (/proc, some FUSE): the stream copy then reads it for real.
-                failed = False
-                if size == 0:
-                    return None
-                break
-            size += count
-            hasher.advance(count)
-            if on_bytes is not None:
-                on_bytes(count)
-        failed = False
-    finally:
-        hasher.finish(abandon=failed)
+        size = _copy_range(source_fd, target_fd, length, hasher, on_bytes)
+    except BaseException:
+        hasher.finish(abandon=True)
+        raise
+    hasher.finish()
+    if size is None:
+        return None
     if hasher.error is not None:
         raise hasher.error
     return hasher.digest.hexdigest(), size
