@@ -232,9 +232,12 @@ class DependencyCache:
         items = record["wheels"]
         assert isinstance(items, list)
         wheels = [_valid_wheel_record(item) for item in items]
-        if not wheels or any(wheel is None for wheel in wheels):
+        valid = [wheel for wheel in wheels if wheel is not None]
+        if not valid or len(valid) != len(wheels):
             return None
-        return [wheel for wheel in wheels if wheel is not None]
+        if len({wheel.filename for wheel in valid}) != len(valid):  # one file, two digests
+            return None
+        return valid
 
     def write_resolution(self, key: str, wheels: list[WheelInfo], inputs: dict[str, str]) -> None:
         """Record that ``key`` (made from ``inputs``, kept for people reading the record)

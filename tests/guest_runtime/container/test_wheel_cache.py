@@ -184,6 +184,18 @@ def test_unreadable_record_is_ignored(
     assert json.loads(record_path(cache).read_text())["format"] == 1  # written anew
 
 
+def test_record_naming_one_file_twice_is_ignored(
+    requirements: Path, cache: DependencyCache, tmp_path: Path
+) -> None:
+    resolve(requirements, tmp_path / "w1", cache)
+    record = record_path(cache)
+    value = json.loads(record.read_text())
+    value["wheels"].append({**value["wheels"][0], "sha256": "0" * 64})
+    record.write_text(json.dumps(value))
+    wheels, lines = resolve(requirements, tmp_path / "w2", cache)
+    assert wheels == [SIX] and pip_ran(lines)
+
+
 # -- a cache that lies -------------------------------------------------------------------------
 
 
