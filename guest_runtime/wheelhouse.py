@@ -286,7 +286,7 @@ def _recorded_wheels(
 
 
 def _reusable_key(
-    requirements: Path, target: list[str], cache: DependencyCache, progress: ProgressCallback
+    requirements: Path, target: list[str], progress: ProgressCallback
 ) -> tuple[str, dict[str, str]] | None:
     """The resolution key of a fully pinned ``requirements``; None (said why) otherwise."""
     reason = unpinned_reason(requirements)
@@ -326,7 +326,7 @@ def resolve_wheelhouse(
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     target = _target_arguments(python_version)
-    key = None if cache is None else _reusable_key(requirements, target, cache, report)
+    key = None if cache is None else _reusable_key(requirements, target, report)
     # A fresh folder per call: the result lists what this resolution chose, not leftovers.
     with tempfile.TemporaryDirectory(prefix=".download-", dir=dest) as download_dir:
         folder = Path(download_dir)
