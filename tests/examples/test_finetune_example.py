@@ -73,7 +73,7 @@ def test_finetune_example_certifies_and_verifies_from_the_pinned_base_model(
         expected_inputs={f"base/{name}": digest for name, digest in example.PINNED.items()},
         expected_metrics=["accuracy>=0.8"],
     )
-    resources = {i.path: i.digest["sha256"] for i in report.inputs if i.kind == "resource"}
+    resources = {i.name: i.digest["sha256"] for i in report.inputs if i.kind == "resource"}
     assert resources == {f"base/{name}": digest for name, digest in example.PINNED.items()}
     # Fine-tuning helped on the new domain: the base network scored far lower there.
     assert report.metrics["accuracy"] > report.metrics["base_accuracy"] + 0.3
