@@ -11,7 +11,7 @@ requirements can skip all three, while measuring exactly what it would have meas
   pinned ``requirements.txt`` resolved to, keyed by the file's bytes, the target interpreter
   and platform tags and the pip configuration (see ``wheelhouse.resolution_key``).
 - ``images/<inputs digest>.json``: the ID of the training image built from given inputs (base
-  image ID, wheel digests, Dockerfile), for ``wheelhouse.build_training_image`` to reuse.
+  image ID, wheel digests, Dockerfile), for ``training_image.build_training_image`` to reuse.
 
 Caching changes what a run costs, not what it measures: the certificate lists every wheel and
 the image ID as before. Everything here is written to a temporary file and renamed into place,
