@@ -291,6 +291,17 @@ class QemuPlatform(PlatformBlock):
         title="Boot timeout (seconds)",
         description="A VM whose agent does not answer by then is torn down and reported.",
     )
+    scratch_gib: float | None = Field(
+        default=None,
+        gt=0,
+        le=2048,
+        title="Scratch disk (GiB)",
+        description=(
+            "Size of each run's scratch disk (unpacked inputs, the guest's images, workspace, "
+            "outputs; sparse, deleted at teardown); empty means twice the staged inputs plus "
+            "8 GiB."
+        ),
+    )
 
     def provider(self) -> QemuProvider:
         """The qemu provider with these settings."""
@@ -303,6 +314,7 @@ class QemuPlatform(PlatformBlock):
             memory_mib=self.memory_mib,
             smp=self.cpus,
             boot_timeout_s=self.boot_timeout_seconds,
+            scratch_gib=self.scratch_gib,
         )
 
 

@@ -192,6 +192,7 @@ def test_qemu_platform_round_trip_and_provider(prefect_api_url: str, tmp_path: P
         memory_mib=3072,
         cpus=2,
         boot_timeout_seconds=99,
+        scratch_gib=12.5,
     ).save(name)
     provider = load_platform_block(f"aicert-qemu-platform/{name}").provider()
     assert isinstance(provider, QemuProvider)
@@ -200,8 +201,11 @@ def test_qemu_platform_round_trip_and_provider(prefect_api_url: str, tmp_path: P
     assert (provider.accel, provider.memory_mib, provider.smp) == ("tcg", 3072, 2)
     assert provider.boot_timeout_s == 99
     assert provider.agent_start_timeout_s > 99  # the flow outwaits the provider's own bound
+    assert provider.scratch_gib == 12.5
     with pytest.raises(ValueError, match="memory_mib"):
         QemuPlatform(memory_mib=64)
+    with pytest.raises(ValueError, match="scratch_gib"):
+        QemuPlatform(scratch_gib=0)
 
 
 def _service_account_info() -> dict[str, str]:

@@ -42,7 +42,7 @@ STEPS = (
 )
 
 
-def _task_durations(flow_run_id: Any) -> dict[str, float]:
+def task_durations(flow_run_id: Any) -> dict[str, float]:
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -74,7 +74,7 @@ def _certify(config: Path, provider: str, out: Path) -> tuple[float, dict[str, f
     seconds = time.perf_counter() - started
     if not state.is_completed():
         raise SystemExit(f"{provider}: the flow ended {state.type}: {state.message}")
-    return seconds, _task_durations(state.state_details.flow_run_id)
+    return seconds, task_durations(state.state_details.flow_run_id)
 
 
 def main() -> None:

@@ -56,7 +56,7 @@ def build_guest_command(
         int,
         typer.Option(
             help="Guest memory of the VMs that will boot it (part of the observed VM shape; "
-            "layers, inputs and outputs live in RAM: give large workloads more)."
+            "layers, inputs and outputs go to the run's scratch disk, not RAM)."
         ),
     ] = 2048,
     cpus: Annotated[int, typer.Option(help="Virtual CPUs of the VMs that will boot it.")] = 2,

@@ -6,7 +6,9 @@ VM booted from the guest image (``aicert.tasks.platforms.qemu.image``): OVMF mea
 kernel and its setup into PCR 0-7, the kernel's EFI stub measures the command line and the
 initrd into PCR 9, and the guest agent reaches the TPM through ``/dev/tpmrm0``. The agent's
 port 8080 is forwarded to a free loopback port; qemu's user-mode network is restricted, so
-the guest reaches nothing outside the VM.
+the guest reaches nothing outside the VM. Each VM also gets the run's staged inputs as a
+read-only disk and a blank scratch disk of its own (``scratch``), outside the measured boot,
+both deleted at teardown.
 
 The accelerator is chosen as ``kvm``'s docstring says (``auto``: KVM only where its probe saw
 OVMF run under it). A boot that still dies of KVM (the internal error in qemu's log, or the
