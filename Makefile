@@ -35,7 +35,7 @@ demo-lineage: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/python -m pytest -p no:cacheprovider -ra
+	$(VENV)/bin/python -m pytest -p no:cacheprovider -ra --durations=30
 
 schema:
 	$(VENV)/bin/python -m aicert.schema > verification/schemas/aicert-v1.schema.json
