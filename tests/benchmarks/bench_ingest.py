@@ -139,7 +139,9 @@ def make_project(root: Path, resource: Path, sha256: str, output_bytes: int, fil
             }
         ],
         "outputs": {"path": "/workspace/outputs", "minFiles": files},
-        "limits": {"cpus": 1, "memory": "1g", "timeoutSeconds": 600},
+        # 4g: the page cache of 1 GiB of outputs is charged to the job; under a tighter limit
+        # the kernel evicts it and the agent reads the outputs back from the disk.
+        "limits": {"cpus": 2, "memory": "4g", "timeoutSeconds": 600},
     }
     config_path = project / "aicert.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
