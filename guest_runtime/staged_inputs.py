@@ -25,6 +25,7 @@ What the agent measures is what it computed from these bytes; the orchestrator's
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -80,11 +81,27 @@ class UnpackedInputs:
         return self.root / WHEELS
 
 
-def _chunks(reader: IO[bytes], on_bytes: Callable[[int], None] | None) -> Iterator[bytes]:
+def _chunks(reader: IO[bytes]) -> Iterator[bytes]:
     while chunk := reader.read(READ_CHUNK):
-        if on_bytes is not None:
-            on_bytes(len(chunk))
         yield chunk
+
+
+class _CountingReader(io.RawIOBase):
+    """The device, reporting each read's size: progress in bytes actually read, also while
+    one multi-GB member is being extracted."""
+
+    def __init__(self, raw: io.BufferedReader, on_bytes: Callable[[int], None]) -> None:
+        self._raw = raw
+        self._on_bytes = on_bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = self._raw.readinto(buffer)
+        if count:
+            self._on_bytes(count)
+        return count
 
 
 def unpack_staged_inputs(
@@ -97,7 +114,8 @@ def unpack_staged_inputs(
     """Read the staged tar from ``device`` once, front to back: the image archive goes to
     ``load_image`` (chunks of ``docker save`` output; returns the loaded image names), the
     rest is extracted under ``destination`` with tarfile's ``data`` filter (no absolute
-    paths, no links out, no devices).
+    paths, no links out, no devices). ``on_bytes`` gets the size of each read from the
+    device (the progress of the whole tar, the device's size in all).
 
     Raises:
         StagedInputsError: the tar is unreadable or not staged inputs, or the file system of
@@ -112,7 +130,10 @@ def unpack_staged_inputs(
         with (
             device.open("rb") as raw,
             tarfile.open(
-                fileobj=raw, mode="r|", bufsize=READ_CHUNK, copybufsize=READ_CHUNK
+                fileobj=_CountingReader(raw, on_bytes) if on_bytes is not None else raw,
+                mode="r|",
+                bufsize=READ_CHUNK,
+                copybufsize=READ_CHUNK,
             ) as archive,
         ):
             for member in archive:
@@ -129,10 +150,8 @@ def unpack_staged_inputs(
                     reader = archive.extractfile(member)
                     if reader is None:
                         raise StagedInputsError(f"{device}: {IMAGE_ARCHIVE} is not a file")
-                    unpacked.loaded_images = load_image(_chunks(reader, on_bytes))
+                    unpacked.loaded_images = load_image(_chunks(reader))
                 else:
-                    if member.isfile() and on_bytes is not None:
-                        on_bytes(member.size)
                     extract_member(archive, member, destination)
     except (OSError, tarfile.TarError, ValueError) as exc:
         raise StagedInputsError(f"staged inputs {device}: {exc}") from exc

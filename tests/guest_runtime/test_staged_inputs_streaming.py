@@ -11,7 +11,13 @@ import sys
 import tarfile
 from pathlib import Path
 
-from aicert.guest_runtime.staged_inputs import IMAGE_ARCHIVE, MANIFEST, STAGED_INPUTS_FORMAT
+from aicert.guest_runtime.staged_inputs import (
+    IMAGE_ARCHIVE,
+    MANIFEST,
+    READ_CHUNK,
+    STAGED_INPUTS_FORMAT,
+    unpack_staged_inputs,
+)
 from tests import REPO_ROOT
 
 MiB = 1024 * 1024
@@ -81,3 +87,18 @@ def test_unpacking_large_staged_inputs_takes_bounded_memory(tmp_path: Path) -> N
     assert os.path.getsize(resource) == MEMBER_BYTES
     growth = result["after"] - result["before"]
     assert growth < MAX_RSS_GROWTH_BYTES, f"peak RSS grew by {growth / MiB:.0f} MiB"
+
+
+def test_progress_counts_the_bytes_read_also_inside_a_large_member(tmp_path: Path) -> None:
+    """The 256 MiB resource is reported as it is extracted, not in one step before it."""
+    device = _staged_tar(tmp_path)
+    reads: list[int] = []
+    unpack_staged_inputs(
+        device,
+        tmp_path / "unpacked",
+        lambda chunks: [str(sum(map(len, chunks)))],
+        on_bytes=reads.append,
+    )
+    assert sum(reads) == device.stat().st_size
+    assert max(reads) <= READ_CHUNK
+    assert len(reads) >= 2 * MEMBER_BYTES // READ_CHUNK
