@@ -193,7 +193,9 @@ def _announce(result: CertificationResult, evaluated: EvaluatedRun) -> None:
             "flow_run_id": str(current_flow_run.id),
         },
         kind="evaluation",
-        related_runs=[(EVALUATED_RUN_ROLE, evaluated.run_id, evaluated.project or "")],
+        related_runs=[
+            (EVALUATED_RUN_ROLE, evaluated.run_id, evaluated.project or evaluated.run_id)
+        ],
     )
 
 

@@ -28,7 +28,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelling, State
 
 import aicert
-from aicert.flows.events import run_resource_id
+from aicert.flows.events import RUN_KIND_LABEL, run_resource_id
 from aicert.flows.flows import CERTIFICATE_FAILED, certify_training
 from aicert.tasks.platforms.local.provider import platform_ca_certificate_path
 
@@ -163,6 +163,7 @@ def test_bad_config_fails_at_load_config_before_provisioning(
     assert run_resource_id(None, str(flow_run_id)) == resource_id
     event = _failed_event(client, resource_id)
     assert event.payload["state"] == "FAILED" and event.payload["run_id"] is None
+    assert event.resource.get(RUN_KIND_LABEL) == "training" == event.payload["kind"]
     on_scheme = client.read_events(
         EventFilter(
             event=EventNameFilter(prefix=["aicert."]),
@@ -454,6 +455,8 @@ def test_killed_flow_process_is_torn_down_by_the_crash_hook(
     assert "Hook '_on_crashed' finished running successfully" in served_flow.log_tail()
     event = _failed_event(client, f"aicert.run.{run_id}")
     assert event.payload["state"] == "CRASHED" and event.payload["project"] == project
+    # The hook ran in the runner's process, and still knew the kind of run from the flow.
+    assert event.resource.get(RUN_KIND_LABEL) == "training" == event.payload["kind"]
 
 
 def _ancestors(pid: int) -> list[int]:
