@@ -370,7 +370,7 @@ def main() -> int:
     parser.add_argument("--output-gib", type=float, default=1.0)
     parser.add_argument("--output-files", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=2, help="certified runs")
-    parser.add_argument("--rounds", type=int, default=3, help="in-process comparison rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="in-process comparison rounds (0: none)")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--requirements", type=Path, default=None)
     args = parser.parse_args()
@@ -390,8 +390,9 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> int:
     aicert_home = root / "aicert-home"
     env = {**os.environ, "AICERT_HOME": str(aicert_home)}
     env.pop("PREFECT_API_URL", None)
-    print(f"--- download() in this process vs the plain loop, {args.rounds} rounds, medians")
-    compare_in_process(resource, root, args.rounds)
+    if args.rounds > 0:
+        print(f"--- download() in this process vs the plain loop, {args.rounds} rounds, medians")
+        compare_in_process(resource, root, args.rounds)
     failures = 0
     with prefect_server(root) as api_url:
         env.update(PREFECT_API_URL=api_url, PREFECT_HOME=str(root))
