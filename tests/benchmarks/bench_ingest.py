@@ -370,7 +370,9 @@ def main() -> int:
     parser.add_argument("--output-gib", type=float, default=1.0)
     parser.add_argument("--output-files", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=2, help="certified runs")
-    parser.add_argument("--rounds", type=int, default=3, help="in-process comparison rounds (0: none)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="in-process comparison rounds (0: none)"
+    )
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--requirements", type=Path, default=None)
     args = parser.parse_args()
