@@ -268,9 +268,8 @@ class AgentClient:
     ) -> list[str]:
         """Fetch the run's ``outputs/`` and ``logs/`` into ``destination``; returns the file
         names. Streamed: each file is written and hashed in chunks as it arrives (a file of
-        any size takes ``RECEIVE_CHUNK`` of memory), with ``progress`` lines every few
-        seconds. Only folders and regular files are accepted, and nothing lands
-        outside ``destination``.
+        any size takes a few MiB of memory), with ``progress`` lines every few seconds. Only
+        folders and regular files are accepted, and nothing lands outside ``destination``.
 
         ``certified``: the digests the agent measured (``received_outputs.certified_outputs``
         of the outputs step's events), keyed by path

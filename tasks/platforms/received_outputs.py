@@ -1,8 +1,9 @@
 """Receiving a run's outputs archive from a machine that keeps them (qemu, Azure, gcp).
 
 The agent sends ``outputs/`` and ``logs/`` as a tar stream (``guest_runtime.archive``).
-Each regular file is written to disk and hashed with SHA-256 in the same pass, chunk by
-chunk, so a weights file of several GB costs ``RECEIVE_CHUNK`` of memory and one read. The
+Each regular file is written to disk and hashed with SHA-256 in the same pass
+(``guest_runtime.copyhash.copy_and_hash``: a few buffers, the hash in a second thread), so a
+weights file of several GB costs a few MiB of memory and one read. The
 files under ``outputs/`` are then held to what the agent measured into PCR 15 before it
 quoted (the certificate's outputs): same size, same digest, none missing, none added. A
 file that changed on the way (a tampering proxy, a broken disk, an agent that sends other
@@ -12,7 +13,6 @@ taken as they come.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tarfile
 import time
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from aicert.appevents import OutputFileEvent, ResultsFileEvent
+from aicert.guest_runtime.copyhash import copy_and_hash
 from aicert.guest_runtime.hostutil import ProgressCallback
 from aicert.model import AppEvent
 
@@ -118,18 +119,15 @@ class OutputsReceiver:
         target.parent.mkdir(parents=True, exist_ok=True)
         reader = archive.extractfile(member)
         assert reader is not None  # a regular file has data
-        digest = hashlib.sha256()
-        with target.open("wb") as output:
-            while chunk := reader.read(RECEIVE_CHUNK):
-                digest.update(chunk)
-                output.write(chunk)
-                self._advance(len(chunk))
+        # Written and hashed in one pass, the hash in a second thread (copyhash).
+        with target.open("wb", buffering=0) as output:
+            sha256, _ = copy_and_hash(reader, output, on_bytes=self._advance)
         target.chmod(member.mode & 0o755 | 0o600)
-        if expected is not None and digest.hexdigest() != expected.sha256:
+        if expected is not None and sha256 != expected.sha256:
             target.unlink()
             raise OutputMismatchError(
                 member.name.removeprefix(OUTPUTS_PREFIX),
-                f"arrived with SHA-256 {digest.hexdigest()}, the certified digest is "
+                f"arrived with SHA-256 {sha256}, the certified digest is "
                 f"{expected.sha256} (the file was changed after it was measured or on the "
                 "way; deleted)",
             )
