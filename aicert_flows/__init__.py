@@ -1,4 +1,5 @@
-"""AICert's Prefect integration: the ``certify-training`` flow, the blocks, ``verify-and-promote``.
+"""AICert's Prefect integration: the ``certify-training`` and ``certify-evaluation`` flows, the
+blocks, ``verify-and-promote``.
 
 The public names are exported here, ``from aicert.flows import certify_training,
 LocalPlatform``, but imported only on first access (PEP 562): ``aicert.flows.cli`` lives in
@@ -20,6 +21,7 @@ from aicert.guest_runtime import lazy_exports
 if TYPE_CHECKING:
     from aicert.flows.azure_platform import AzurePlatform
     from aicert.flows.blocks import AicertRunConfig, LocalPlatform, PlatformBlock, QemuPlatform
+    from aicert.flows.evaluation import certify_evaluation
     from aicert.flows.flows import CERTIFICATE_CREATED, CERTIFICATE_FAILED, certify_training
     from aicert.flows.gcp_platform import GcpPlatform
     from aicert.flows.promote import (
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 # Public name -> the module of this package that defines it.
 _EXPORTS = {
     "certify_training": "flows",
+    "certify_evaluation": "evaluation",
     "CERTIFICATE_CREATED": "flows",
     "CERTIFICATE_FAILED": "flows",
     "verify_and_promote": "promote",
@@ -58,6 +61,7 @@ __all__ = [
     "PlatformBlock",
     "PromotionError",
     "QemuPlatform",
+    "certify_evaluation",
     "certify_training",
     "verify_and_promote",
 ]

@@ -97,16 +97,18 @@ PROMOTE_PARAMETER_SOURCES = {
 
 
 def certificate_created_trigger() -> DeploymentEventTrigger:
-    """Run ``verify-and-promote`` for every new certificate (``aicert.certificate.created``)."""
+    """Run ``verify-and-promote`` for every new training certificate (``aicert.certificate.created``
+    labelled ``aicert.run.kind: training``; an evaluation's outputs are metrics, not a model)."""
     return DeploymentEventTrigger(
         name="verify-and-promote on aicert.certificate.created",
         description=(
-            "Fires on each aicert.certificate.created event (resource aicert.run.*, emitted "
-            "by certify-training); runs verify-and-promote on the announced certificate and "
-            "model, linked to the certifying flow run."
+            "Fires on each aicert.certificate.created event of a training run (resource "
+            "aicert.run.*, label aicert.run.kind: training, emitted by certify-training); "
+            "runs verify-and-promote on the announced certificate and model, linked to the "
+            "certifying flow run. An evaluation's outputs are not a model to promote."
         ),
         expect={CERTIFICATE_CREATED},
-        match={"prefect.resource.id": "aicert.run.*"},
+        match={"prefect.resource.id": "aicert.run.*", RUN_KIND_LABEL: "training"},
         parameters={
             name: _from_payload(field) for name, field in PROMOTE_PARAMETER_SOURCES.items()
         },

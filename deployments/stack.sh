@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The local AICert orchestration stack: a Prefect server on loopback, the `aicert` process
-# work pool, a worker, and the two deployments (certify-training, verify-and-promote).
+# work pool, a worker, and the deployments (certify-training, verify-and-promote,
+# certify-evaluation).
 #
 #   bash deployments/stack.sh up [--postgres] [--limit N] [--port P] [--deployments python|yaml]
 #   bash deployments/stack.sh down

@@ -21,6 +21,7 @@ PACKAGES = ["aicert", "aicert.flows", "aicert.tasks", "aicert.exports", "aicert.
 PROMISED = {
     "aicert.flows": {
         "certify_training",
+        "certify_evaluation",
         "verify_and_promote",
         "AicertRunConfig",
         "LocalPlatform",

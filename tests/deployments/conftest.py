@@ -41,6 +41,7 @@ from prefect.events.clients import PrefectEventsClient
 from prefect.events.schemas.events import ReceivedEvent
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from aicert.flows.events import RUN_KIND_LABEL
 from aicert.flows.flows import CERTIFICATE_CREATED
 from aicert.flows.promote import MODEL_PROMOTED, MODEL_REJECTED
 from aicert.tasks.platforms.base_image import ensure_base_image
@@ -247,11 +248,18 @@ def postgres_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 # -- talking to the stack -------------------------------------------------------------------
 
 
-def emit(stack: Stack, event: str, resource_id: str, payload: dict[str, Any]) -> Event:
-    """Send one event to the stack's events API (what a push hook would do)."""
+def emit(
+    stack: Stack,
+    event: str,
+    resource_id: str,
+    payload: dict[str, Any],
+    labels: dict[str, str] | None = None,
+) -> Event:
+    """Send one event to the stack's events API (what a push hook would do), its resource
+    labelled with ``labels``."""
     to_send = Event(
         event=event,
-        resource={"prefect.resource.id": resource_id},
+        resource={"prefect.resource.id": resource_id, **(labels or {})},
         payload=payload,
     )
 
@@ -466,7 +474,13 @@ def check_tampered_certificate_rejected(promotion: Promotion, base: Path) -> Non
         storage_url=None,
     )
     before = registry_snapshot(stack.registry)
-    emit(stack, CERTIFICATE_CREATED, f"aicert.run.{promotion.run_id}", payload)
+    emit(
+        stack,
+        CERTIFICATE_CREATED,
+        f"aicert.run.{promotion.run_id}",
+        payload,
+        {RUN_KIND_LABEL: "training"},
+    )
     with stack.client() as client:
         run = wait_for_run(
             client,
