@@ -110,7 +110,11 @@ class AgentClient:
         server_certificate_pem: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        verify: ssl.SSLContext | bool = True
+        # A plain-http agent (local platform) never uses TLS, yet httpx's default (``True``)
+        # loads certifi's CA bundle for every client: 30-60 ms each, and a certification makes
+        # one per task and per health probe. A context that trusts no CA costs nothing and
+        # fails closed should TLS ever be attempted.
+        verify = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         if self.base_url.startswith("https://"):
             if server_certificate_pem is None:
                 raise ValueError(
