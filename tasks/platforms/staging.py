@@ -86,7 +86,6 @@ def write_staged_inputs(
     """Fetch the inputs of ``config`` and write them as a staged-inputs tar at
     ``destination`` (atomically); wheels through ``dependency_cache`` when given (see
     ``wheelhouse.resolve_wheelhouse``). Returns ``destination``."""
-    from aicert.guest_runtime.download import download
     from aicert.guest_runtime.wheelhouse import (
         WheelhouseError,
         has_requirements,
@@ -107,15 +106,7 @@ def write_staged_inputs(
         shutil.rmtree(checkout / ".git")
 
         resources = work / "resources"
-        for resource in config.resources:
-            target = (resources / resource.destination_path).resolve()
-            if not target.is_relative_to(resources.resolve()):
-                raise StagingError(
-                    f"resources: destinationPath {resource.destination_path!r} leaves the folder"
-                )
-            target.parent.mkdir(parents=True, exist_ok=True)
-            report(f"downloading {resource.url}")
-            download(resource.url, target, progress=report)
+        _download_resources(config, resources, report)
 
         wheels = work / "wheels"
         requirements = _requirements(checkout, config)
@@ -141,29 +132,49 @@ def write_staged_inputs(
             "resources": [resource.destination_path for resource in config.resources],
             "wheels": wheel_names,
         }
-        partial = work / "inputs.tar"
-        # Each file is copied into the tar SAVE_CHUNK at a time (tarfile's default is 16 KiB):
-        # the tar is written from the disk, never held in memory.
-        with tarfile.open(
-            partial, "w", format=tarfile.PAX_FORMAT, copybufsize=SAVE_CHUNK
-        ) as archive:
-            manifest_file = work / MANIFEST
-            manifest_file.write_text(json.dumps(manifest, indent=2))
-            # Order matters: the guest reads the disk front to back, once.
-            archive.add(manifest_file, MANIFEST)
-            archive.add(image_archive, IMAGE_ARCHIVE)
-            commit_file = work / "commit"
-            commit_file.write_bytes(raw_commit)
-            archive.add(commit_file, SOURCE_COMMIT)
-            archive.add(checkout, SOURCE_TREE)
-            if resources.is_dir():
-                archive.add(resources, RESOURCES)
-            if wheels.is_dir():
-                archive.add(wheels, WHEELS, filter=_wheels_only)
+        partial = _write_tar(work, manifest, raw_commit)
         os.replace(partial, destination)
     size = destination.stat().st_size
     report(f"staged inputs for {run_id}: {size / 1e6:.1f} MB at {destination}")
     return destination
+
+
+def _download_resources(config: RunConfig, resources: Path, report: ProgressCallback) -> None:
+    """Download each of ``config``'s resources to its destination path under ``resources``."""
+    from aicert.guest_runtime.download import download
+
+    for resource in config.resources:
+        target = (resources / resource.destination_path).resolve()
+        if not target.is_relative_to(resources.resolve()):
+            raise StagingError(
+                f"resources: destinationPath {resource.destination_path!r} leaves the folder"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        report(f"downloading {resource.url}")
+        download(resource.url, target, progress=report)
+
+
+def _write_tar(work: Path, manifest: dict[str, object], raw_commit: bytes) -> Path:
+    """The staged-inputs tar of what ``work`` holds (image.tar, checkout, resources, wheels),
+    in the order the guest reads it, as ``work/inputs.tar``."""
+    partial = work / "inputs.tar"
+    # Each file is copied into the tar SAVE_CHUNK at a time (tarfile's default is 16 KiB):
+    # the tar is written from the disk, never held in memory.
+    with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT, copybufsize=SAVE_CHUNK) as archive:
+        manifest_file = work / MANIFEST
+        manifest_file.write_text(json.dumps(manifest, indent=2))
+        # Order matters: the guest reads the disk front to back, once.
+        archive.add(manifest_file, MANIFEST)
+        archive.add(work / "image.tar", IMAGE_ARCHIVE)
+        commit_file = work / "commit"
+        commit_file.write_bytes(raw_commit)
+        archive.add(commit_file, SOURCE_COMMIT)
+        archive.add(work / "checkout", SOURCE_TREE)
+        if (work / "resources").is_dir():
+            archive.add(work / "resources", RESOURCES)
+        if (work / "wheels").is_dir():
+            archive.add(work / "wheels", WHEELS, filter=_wheels_only)
+    return partial
 
 
 def _wheels_only(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
