@@ -6,7 +6,6 @@ before training with the pinned-digest error."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,16 +16,13 @@ import pytest
 import aicert
 from aicert.guest_runtime.config import RunConfig
 from tests import REPO_ROOT
+from tests.examples import load_driver
 
 EXAMPLE = REPO_ROOT / "examples" / "finetune"
 
 
 def driver() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("run_finetune", EXAMPLE / "run_finetune.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_driver(EXAMPLE / "run_finetune.py")
 
 
 def test_the_shipped_base_model_is_small_and_has_the_pinned_digests() -> None:

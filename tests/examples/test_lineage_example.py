@@ -6,7 +6,6 @@ and its certified accuracy."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
@@ -15,6 +14,7 @@ import pytest
 import aicert
 from aicert.policy import LineageRoot
 from tests import REPO_ROOT
+from tests.examples import load_driver
 
 pytestmark = [pytest.mark.docker, pytest.mark.swtpm, pytest.mark.slow]
 
@@ -22,11 +22,7 @@ EXAMPLE = REPO_ROOT / "examples" / "lineage"
 
 
 def driver() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("run_lineage", EXAMPLE / "run_lineage.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_driver(EXAMPLE / "run_lineage.py")
 
 
 def test_lineage_example_certifies_and_verifies_the_chain(
