@@ -35,6 +35,7 @@ from aicert.tasks.platforms.qemu.recipe import (
     DOCKER_READY_MESSAGE,
     DOCKER_SOCKET,
     DOCKERD_ARGUMENTS,
+    SCRATCH_MOUNT,
 )
 
 from .conftest import WALL_TIMES, QuotedBoot
@@ -237,10 +238,13 @@ def test_init_starts_the_engine_on_its_socket_only(init_text: str) -> None:
     ):
         assert flag in DOCKERD_ARGUMENTS
     assert "tcp://" not in init_text
-    # In this order: cgroup2 and the engine's tmpfs, dockerd, the bounded wait, the agent.
+    # In this order: cgroup2, the run's scratch disk formatted and mounted, the engine's
+    # storage bound onto it (not RAM), dockerd, the bounded wait, the agent.
     steps = [
         "mount -t cgroup2",
-        f"mount -t tmpfs -o mode=0711 tmpfs {DOCKER_DATA_ROOT}",
+        "mkfs.ext4 ",
+        f'mount -t ext4 -o noinit_itable "$scratch" {SCRATCH_MOUNT}',
+        f"mount --bind {SCRATCH_MOUNT}/docker {DOCKER_DATA_ROOT}",
         f"dockerd {' '.join(DOCKERD_ARGUMENTS)}",
         'fail "the docker engine did not come up',
         f'say "{DOCKER_READY_MESSAGE}',
