@@ -27,9 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-pytest.importorskip("google.cloud.compute_v1")
-
 from cryptography import x509
 from google.auth.credentials import AnonymousCredentials
 from prefect.states import State

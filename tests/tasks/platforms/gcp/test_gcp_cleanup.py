@@ -13,9 +13,6 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
-
-pytest.importorskip("google.cloud.compute_v1")
-
 from google.auth.credentials import AnonymousCredentials
 from typer.testing import CliRunner
 

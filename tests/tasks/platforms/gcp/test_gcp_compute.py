@@ -9,9 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-
-pytest.importorskip("google.cloud.compute_v1")
-
 from google.auth.credentials import AnonymousCredentials
 
 from aicert.tasks.platforms.gcp import (

@@ -15,9 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("google.cloud.compute_v1")
-
 from cryptography import x509
 from google.auth.credentials import AnonymousCredentials
 
