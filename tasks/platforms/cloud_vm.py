@@ -8,19 +8,25 @@ reached over https, and whose AK the cloud certified.
   attested vTPM measured that very key before anything of the run is sent), and refused if it
   runs as another platform;
 - a root trusted on purpose (a test's stand-in for the cloud's pinned root) goes with the
-  enrolled key, so that the flow's own verification trusts it too.
+  enrolled key, so that the flow's own verification trusts it too;
+- the configured reference-value set is read once, checked against what the platform makes
+  (each cloud's own check), before any resource exists.
 """
 
 from __future__ import annotations
 
 import time
 from abc import abstractmethod
-from typing import ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Generic, Protocol, TypeVar
 
 from aicert.chain import ChainVerification, fingerprint_sha256, load_pem_certificates
 from aicert.guest_runtime.hostutil import ProgressCallback
 from aicert.tasks.platforms.agent_client import AgentUnreachableError
 from aicert.tasks.platforms.base import Machine, Provider
+
+if TYPE_CHECKING:
+    from aicert.reference_value_sets import AzureReferenceValueSet
 
 AGENT_POLL_INTERVAL_S = 1.0
 """The pause between two attempts to reach a new VM's agent."""
@@ -28,19 +34,55 @@ MAX_AGENT_ATTEMPT_S = 10.0
 """The longest one attempt may take: a VM that accepts connections but never answers must not
 outlast the start timeout."""
 
+CloudReferenceSet = TypeVar("CloudReferenceSet", bound="AzureReferenceValueSet")
+"""A cloud's reference-value set (Azure's, or Google Cloud's, which extends it)."""
 
-class CloudVmProvider(Provider):
+
+class CloudVmSettings(Protocol):
+    """What the provider reads of a cloud platform's settings."""
+
+    @property
+    def reference_values(self) -> str | None:
+        """The reference-value file the VMs' boot must match; None: none."""
+
+
+class CloudVmProvider(Provider, Generic[CloudReferenceSet]):
     """A provider of cloud VMs (see the module's docstring).
 
     Attributes:
+        settings: the platform's settings.
         progress: where progress is reported.
         extra_trusted_root_pems: roots accepted besides the cloud's pinned ones (tests).
         provisioning_error: the platform's exception for a VM that did not come up.
     """
 
+    settings: CloudVmSettings
     progress: ProgressCallback
     extra_trusted_root_pems: tuple[str, ...]
     provisioning_error: ClassVar[type[Exception]]
+    _boot_reference: CloudReferenceSet | None = None
+
+    def boot_reference(self) -> CloudReferenceSet | None:
+        """The reference-value set of ``settings.reference_values`` (read once), which the
+        machine's boot chain must match; None when none is configured: then no boot chain is
+        checked and the verifier refuses the certificate (it needs a set to judge the boot),
+        which is how a run without reference values stays visibly unattested."""
+        path = self.settings.reference_values
+        if path is None:
+            return None
+        if self._boot_reference is None:
+            self._boot_reference = self._load_reference_values(Path(path))
+        return self._boot_reference
+
+    @abstractmethod
+    def _load_reference_values(self, path: Path) -> CloudReferenceSet:
+        """Read the set at ``path`` and refuse one for another image or kind of VM than the
+        platform makes (it would fail the boot check after paying for a VM)."""
+
+    def reference_values(self) -> str | None:
+        """The id of the reference-value set, which the certificate names."""
+        reference = self.boot_reference()
+        return reference.id if reference is not None else None
 
     @abstractmethod
     def vm_name(self, machine: Machine) -> str:

@@ -106,7 +106,8 @@ def check_azure_ak_chain(
     return verified
 
 
-class AzureProvider(CloudVmProvider):
+# The reference set named as a string: its module is imported lazily (only under TYPE_CHECKING).
+class AzureProvider(CloudVmProvider["AzureReferenceValueSet"]):
     """The ``azure`` platform: one VM with a vTPM per run, made and deleted through ARM."""
 
     kind = "azure"
@@ -139,7 +140,6 @@ class AzureProvider(CloudVmProvider):
         self.agent_start_timeout_s = settings.agent_start_timeout_s
         self.extra_trusted_root_pems = tuple(extra_trusted_root_pems)
         self._credential = credential
-        self._boot_reference: AzureReferenceValueSet | None = None
         self._ak_chain_completer = ak_chain_completer
 
     @classmethod
@@ -182,18 +182,6 @@ class AzureProvider(CloudVmProvider):
 
     # -- reference values ----------------------------------------------------------------------
 
-    def boot_reference(self) -> AzureReferenceValueSet | None:
-        """The Azure reference-value set of ``settings.reference_values`` (read once), which the
-        machine's boot chain must match; None when none is configured: then no boot chain is
-        checked and the verifier refuses the certificate (it needs a set to judge the boot
-        log), which is how a run without reference values stays visibly unattested."""
-        path = self.settings.reference_values
-        if path is None:
-            return None
-        if self._boot_reference is None:
-            self._boot_reference = self._load_reference_values(Path(path))
-        return self._boot_reference
-
     def _load_reference_values(self, path: Path) -> AzureReferenceValueSet:
         from aicert.errors import PlatformError
         from aicert.reference_values import load_reference_values
@@ -218,11 +206,6 @@ class AzureProvider(CloudVmProvider):
                 f"{image.gallery_image_version_id}, not image_id {self.settings.image_id}"
             )
         return reference
-
-    def reference_values(self) -> str | None:
-        """The id of the reference-value set, which the certificate names."""
-        reference = self.boot_reference()
-        return reference.id if reference is not None else None
 
     # -- provision ---------------------------------------------------------------------------
 

@@ -120,7 +120,8 @@ def check_gcp_ak_chain(
     return verified
 
 
-class GcpProvider(CloudVmProvider):
+# The reference set named as a string: its module is imported lazily (only under TYPE_CHECKING).
+class GcpProvider(CloudVmProvider["GcpReferenceValueSet"]):
     """The ``gcp`` platform: one Shielded VM with a vTPM per run, made through Compute Engine."""
 
     kind = "gcp"
@@ -155,7 +156,6 @@ class GcpProvider(CloudVmProvider):
         self.extra_trusted_root_pems = tuple(extra_trusted_root_pems)
         self.extra_intermediate_pems = tuple(extra_intermediate_pems)
         self._credentials = credentials
-        self._boot_reference: GcpReferenceValueSet | None = None
 
     @classmethod
     def for_machine(
@@ -199,17 +199,6 @@ class GcpProvider(CloudVmProvider):
 
     # -- reference values ----------------------------------------------------------------------
 
-    def boot_reference(self) -> GcpReferenceValueSet | None:
-        """The gcp reference-value set of ``settings.reference_values`` (read once); None
-        when none is configured: then no boot chain is checked and the verifier refuses the
-        certificate for want of a set."""
-        path = self.settings.reference_values
-        if path is None:
-            return None
-        if self._boot_reference is None:
-            self._boot_reference = self._load_reference_values(Path(path))
-        return self._boot_reference
-
     def _load_reference_values(self, path: Path) -> GcpReferenceValueSet:
         from aicert.errors import PlatformError
         from aicert.reference_values import load_reference_values
@@ -232,11 +221,6 @@ class GcpProvider(CloudVmProvider):
                 "platform makes the other kind"
             )
         return reference
-
-    def reference_values(self) -> str | None:
-        """The id of the reference-value set, which the certificate names."""
-        reference = self.boot_reference()
-        return reference.id if reference is not None else None
 
     # -- provision ---------------------------------------------------------------------------
 
