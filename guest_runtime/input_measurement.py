@@ -31,6 +31,7 @@ from aicert.guest_runtime.errors import (
     SourceError,
 )
 from aicert.guest_runtime.run_state import Measurer, RunState, training_image_tag
+from aicert.guest_runtime.writeback import write_behind
 from aicert.hashing import sha256_file, tree_sha256
 
 # Docker API timeouts: inspecting an image is quick, loading a staged one is not.
@@ -44,12 +45,14 @@ def measure_inputs(measurer: Measurer, run: RunState, staged_inputs: Path | None
     ``staged_inputs``: the tar the orchestrator staged for a machine without network (read
     first); None: the agent fetches the inputs itself.
     """
-    if staged_inputs is not None:
-        _unpack_staged_inputs(measurer, run, staged_inputs)
-    _measure_base_image(measurer, run)
-    _fetch_source(measurer, run)
-    for resource in run.config.resources:
-        _fetch_resource(measurer, run, resource)
+    # What is copied in now reaches the disk while it is hashed, not in ``docker create``.
+    with write_behind(run.workspace):
+        if staged_inputs is not None:
+            _unpack_staged_inputs(measurer, run, staged_inputs)
+        _measure_base_image(measurer, run)
+        _fetch_source(measurer, run)
+        for resource in run.config.resources:
+            _fetch_resource(measurer, run, resource)
 
 
 def _measure_base_image(measurer: Measurer, run: RunState) -> None:

@@ -62,6 +62,7 @@ def _train(run: RunState, lock: threading.RLock) -> None:
         describe_ending,
         run_training_container,
     )
+    from aicert.guest_runtime.writeback import write_behind
 
     try:
         assert run.source_dir is not None and run.training_image_id is not None
@@ -73,7 +74,9 @@ def _train(run: RunState, lock: threading.RLock) -> None:
             workspace=run.workspace,
             log_path=run.log_path,
         )
-        result = run_training_container(spec, lambda line: _append_log(run, line))
+        # The job's outputs reach the disk while it runs, not in the engine's sync at its exit.
+        with write_behind(run.workspace):
+            result = run_training_container(spec, lambda line: _append_log(run, line))
         run.exit_code = result.exit_code
         run.duration_ms = result.duration_ms
         run.timed_out = result.timed_out

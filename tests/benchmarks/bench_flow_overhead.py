@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,28 @@ def task_durations(api_url: str, flow_run_id: str) -> list[tuple[str, float]]:
     )
     response.raise_for_status()
     return [(run["name"], float(run["total_run_time"])) for run in response.json()]
+
+
+def task_timeline(api_url: str, flow_run_id: str) -> list[tuple[str, float, float]]:
+    """Each task run of the flow run as (name, start, end) in seconds after the flow run's
+    start, in the order they started: the gaps between them are the flow's own time."""
+    flow_run = httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=30)
+    flow_run.raise_for_status()
+    origin = datetime.fromisoformat(flow_run.json()["start_time"])
+    response = httpx.post(
+        f"{api_url}/task_runs/filter",
+        json={"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"},
+        timeout=30,
+    )
+    response.raise_for_status()
+    timeline = []
+    for run in response.json():
+        if run["start_time"] is None or run["end_time"] is None:
+            continue
+        start = (datetime.fromisoformat(run["start_time"]) - origin).total_seconds()
+        end = (datetime.fromisoformat(run["end_time"]) - origin).total_seconds()
+        timeline.append((run["name"], start, end))
+    return sorted(timeline, key=lambda item: item[1])
 
 
 def main() -> int:

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from bench_flow_overhead import _free_port, prefect_server, task_durations
+from bench_flow_overhead import _free_port, prefect_server, task_timeline
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
@@ -454,9 +454,13 @@ def run_once(
     misses += added > limit
     for pid, kib in sorted(watch.peak_kib.items()):
         print(f"agent pid {pid}: peak RSS (VmHWM) {kib / 1024:.0f} MiB")
-    print("task durations (from the Prefect server):")
-    for name, seconds in task_durations(env["PREFECT_API_URL"], measured["flow_run_id"]):
-        print(f"  {name:<60} {seconds:6.2f} s")
+    print("task runs (from the Prefect server; start and end after the flow run's start):")
+    timeline = task_timeline(env["PREFECT_API_URL"], measured["flow_run_id"])
+    for name, start, end in timeline:
+        print(f"  {name:<44} {start:6.2f} -> {end:6.2f} s  ({end - start:5.2f} s)")
+    in_tasks = sum(end - start for _, start, end in timeline)
+    outside = measured["flow_s"] - in_tasks
+    print(f"  in tasks {in_tasks:.2f} s; the flow outside its tasks {outside:.2f} s")
     return misses
 
 
