@@ -24,7 +24,7 @@ from prefect.client.schemas.objects import State, TaskRun
 from prefect.logging import get_run_logger
 
 from aicert.appevents import OutputFileEvent
-from aicert.guest_runtime.api_models import Evidence, TrainingStatus
+from aicert.guest_runtime.api_models import Evidence, ProgressReport, TrainingStatus
 from aicert.guest_runtime.config import (
     ConfigError,
     RunConfig,
@@ -129,43 +129,103 @@ def _outcome(outcome: dict[str, Any]) -> Any:
     return outcome["value"]
 
 
+class AgentStalled(RuntimeError):
+    """A measuring step showed no progress for too long (not retried: the agent may still be
+    extending PCRs in it; the run fails and its machine is torn down)."""
+
+
+# A measuring call may rightly run for hours (a 14 GB base model hashed at ~20 MB/s in a qemu
+# guest without KVM), so it is bounded by the progress the agent reports, not by its length:
+# no change in the agent's progress (phase, bytes done, message) for this long fails the step.
+DEFAULT_STALL_TIMEOUT_S = 900.0
+# The measuring call's own HTTP read timeout: a backstop only, beyond any real run.
+MEASURING_CALL_TIMEOUT_S = 48 * 3600.0
+
+
+def _stall_timeout_s() -> float:
+    return float(os.environ.get("AICERT_AGENT_STALL_TIMEOUT_S", DEFAULT_STALL_TIMEOUT_S))
+
+
+class _ProgressWatch:
+    """Shows an agent call's progress (a Prefect progress artifact and log lines) and
+    notices when it stops changing."""
+
+    def __init__(self, artifact_key: str, min_bytes: int, stall_timeout_s: float) -> None:
+        self._key = artifact_key
+        self._min_bytes = min_bytes
+        self._stall_timeout_s = stall_timeout_s
+        self._artifact_id: Any = None
+        self._last_logged = 0.0
+        self._last: ProgressReport | None = None
+        self._changed_at = time.monotonic()
+
+    def observe(self, report: ProgressReport | None) -> None:
+        """Take one poll's report (None: the agent did not answer).
+
+        Raises:
+            AgentStalled: nothing changed for the stall timeout.
+        """
+        now = time.monotonic()
+        if report is not None and report != self._last:
+            self._last, self._changed_at = report, now
+            self._show(report)
+        elif now - self._changed_at > self._stall_timeout_s:
+            last = self._last
+            seen = (
+                f"{last.phase}, {last.done_bytes} bytes done, {last.message!r}"
+                if last is not None
+                else "no answer to a progress request"
+            )
+            raise AgentStalled(
+                f"{self._key}: the agent showed no progress for {self._stall_timeout_s:.0f} s "
+                f"(last seen: {seen}); set AICERT_AGENT_STALL_TIMEOUT_S to wait longer"
+            )
+
+    def _show(self, report: ProgressReport) -> None:
+        if not report.total_bytes or report.total_bytes < self._min_bytes:
+            return
+        percent = min(100.0, 100.0 * report.done_bytes / report.total_bytes)
+        if self._artifact_id is None:
+            self._artifact_id = create_progress_artifact(
+                progress=percent, key=self._key, description=report.phase
+            )
+        else:
+            update_progress_artifact(self._artifact_id, percent, description=report.phase)
+        if time.monotonic() - self._last_logged > 5.0:
+            self._last_logged = time.monotonic()
+            get_run_logger().info(
+                "%s: %.0f%% of %.1f MB", report.phase, percent, report.total_bytes / 1e6
+            )
+
+    def finish(self) -> None:
+        """The call ended: a progress bar shown is completed."""
+        if self._artifact_id is not None:
+            update_progress_artifact(self._artifact_id, 100.0)
+
+
 def _call_with_progress(machine: Machine, artifact_key: str, call: Callable[[], T]) -> T:
     """Run a long agent call, showing its hashing/download progress as a Prefect progress
-    artifact (and in the logs) while it runs; return the call's result."""
+    artifact (and in the logs) while it runs; return the call's result.
+
+    Raises:
+        AgentStalled: the agent's progress did not change for the stall timeout
+            (``AICERT_AGENT_STALL_TIMEOUT_S``, default 900 s); the call is abandoned.
+    """
     worker, outcome = _start_in_thread(call, f"agent-call-{artifact_key}")
-    logger = get_run_logger()
     min_bytes, poll_s = _progress_settings()
-    artifact_id = None
-    last_logged = 0.0
+    watch = _ProgressWatch(artifact_key, min_bytes, _stall_timeout_s())
     with machine.client(timeout_s=5.0) as poller:
         while True:
             worker.join(poll_s)
             if not worker.is_alive():
                 break
             try:
-                report = poller.progress()
+                report: ProgressReport | None = poller.progress()
             except AgentCallError:
-                continue  # the call itself reports what went wrong
-            if not report.total_bytes or report.total_bytes < min_bytes:
-                continue
-            percent = min(100.0, 100.0 * report.done_bytes / report.total_bytes)
-            if artifact_id is None:
-                artifact_id = create_progress_artifact(
-                    progress=percent, key=artifact_key, description=report.phase
-                )
-            else:
-                update_progress_artifact(artifact_id, percent, description=report.phase)
-            if time.monotonic() - last_logged > 5.0:
-                last_logged = time.monotonic()
-                logger.info(
-                    "%s: %.0f%% of %.1f MB",
-                    report.phase,
-                    percent,
-                    report.total_bytes / 1e6,
-                )
+                report = None  # the call itself reports what went wrong, if it ends
+            watch.observe(report)
     value: T = _outcome(outcome)
-    if artifact_id is not None:
-        update_progress_artifact(artifact_id, 100.0)
+    watch.finish()
     return value
 
 
@@ -333,7 +393,7 @@ def start_run(machine: Machine, run_id: str, nonce: bytes, config: RunConfig) ->
 @aicert_task("measure-inputs", retry=UNTIL_AGENT_REACHED)
 def measure_inputs(machine: Machine, run_id: str, project: str) -> list[AppEvent]:
     """Have the agent fetch and hash the inputs into PCR 14, showing its progress."""
-    with machine.client() as client:
+    with machine.client(timeout_s=MEASURING_CALL_TIMEOUT_S) as client:
         events = _call_with_progress(
             machine, f"aicert-{project}-hashing-inputs", lambda: client.measure_inputs(run_id)
         )
@@ -428,7 +488,7 @@ def measure_outputs(machine: Machine, run_id: str, project: str) -> list[AppEven
     """Have the agent measure the outputs into PCR 15; warn when the run left none (the
     certificate then certifies an empty outputs folder; ``outputs.minFiles`` makes that a
     failure, refused by the agent before PCR 15 is touched)."""
-    with machine.client() as client:
+    with machine.client(timeout_s=MEASURING_CALL_TIMEOUT_S) as client:
         events = _call_with_progress(
             machine, f"aicert-{project}-hashing-outputs", lambda: client.measure_outputs(run_id)
         )
