@@ -12,15 +12,18 @@ the bytes written, and memory stays the same whatever the file's size.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import io
 import os
 import stat
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO, TypeVar
 
 from aicert.guest_runtime.copyhash import copy_and_hash, copy_file_and_hash
 from aicert.guest_runtime.errors import DownloadError
@@ -29,6 +32,8 @@ from aicert.guest_runtime.hostutil import ProgressCallback
 DOWNLOAD_ATTEMPTS = 4
 # How often, at most, a long download reports its progress.
 PROGRESS_INTERVAL_S = 1.0
+
+T = TypeVar("T")
 
 
 def download(
@@ -58,27 +63,49 @@ def download(
     Raises:
         DownloadError: every try failed; the message has the last error.
     """
-    scheme = urllib.parse.urlsplit(url).scheme
     partial = target.with_name(target.name + ".part")
+
+    def once() -> tuple[str, int]:
+        return _download_once(url, partial, timeout_s, progress, on_bytes, on_total)
+
+    def undo() -> None:  # a failed or interrupted try leaves no partial file
+        partial.unlink(missing_ok=True)
+
+    digest, size = with_retries(url, once, undo=undo, attempts=attempts, progress=progress)
+    os.replace(partial, target)
+    if progress:
+        progress(f"downloaded {target.name}: {size} bytes")
+    return digest, size
+
+
+def with_retries(
+    url: str,
+    once: Callable[[], T],
+    *,
+    undo: Callable[[], None],
+    attempts: int = DOWNLOAD_ATTEMPTS,
+    progress: ProgressCallback | None = None,
+) -> T:
+    """``once()`` (one try at fetching ``url``), tried again with backoff after a failure
+    that may heal; ``undo()`` after each failed or interrupted try removes what it wrote.
+
+    Raises:
+        DownloadError: every try failed, or one failed in a way that will not heal; the
+            message has the last error.
+    """
+    scheme = urllib.parse.urlsplit(url).scheme
     last_error: Exception | None = None
     for attempt in range(1, attempts + 1):
         try:
-            digest, size = _download_once(
-                url, target, partial, timeout_s, progress, on_bytes, on_total
-            )
+            return once()
         except (OSError, DownloadError, http.client.HTTPException) as exc:
-            partial.unlink(missing_ok=True)
+            undo()
             last_error = exc
             if not _may_heal(exc, scheme):
                 break
         except BaseException:
-            partial.unlink(missing_ok=True)  # interrupted: no partial file stays either
+            undo()
             raise
-        else:
-            os.replace(partial, target)
-            if progress:
-                progress(f"downloaded {target.name}: {size} bytes")
-            return digest, size
         if attempt < attempts:
             delay = min(2.0 ** (attempt - 1), 10.0)
             if progress:
@@ -95,7 +122,7 @@ def _may_heal(error: Exception, scheme: str) -> bool:
     return scheme != "file"
 
 
-class _Reporter:
+class DownloadProgress:
     """Counts the bytes of one try, passes them on, and says how far it got at most every
     ``PROGRESS_INTERVAL_S``."""
 
@@ -132,35 +159,41 @@ def _local_path(url: str) -> Path:
     return Path(urllib.request.url2pathname(parts.path))
 
 
+@contextlib.contextmanager
+def open_resource(url: str, timeout_s: float = 60.0) -> Iterator[tuple[BinaryIO, int | None]]:
+    """The bytes of ``url`` as an open stream, with their size where it is known (a regular
+    file's size, an HTTP ``Content-Length``). A ``file://`` URL gives an unbuffered file
+    (``fileno()`` works), an ``http(s)://`` one the server's response."""
+    if urllib.parse.urlsplit(url).scheme == "file":
+        with _local_path(url).open("rb", buffering=0) as source:
+            info = os.fstat(source.fileno())
+            # A regular file's size is known; a device's or a pipe's is not (st_size 0).
+            yield source, (info.st_size if stat.S_ISREG(info.st_mode) else None)
+        return
+    request = urllib.request.Request(url, headers={"User-Agent": "aicert"})  # noqa: S310
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
+        yield response, int(response.headers.get("Content-Length") or 0) or None
+
+
 def _download_once(
     url: str,
-    target: Path,
     partial: Path,
     timeout_s: float,
     progress: ProgressCallback | None,
     on_bytes: Callable[[int], None] | None,
     on_total: Callable[[int | None], None] | None,
 ) -> tuple[str, int]:
-    """One try: ``url`` into ``partial`` (renamed to ``target`` by the caller); (sha256 hex,
-    size) of what ``partial`` holds."""
-    if urllib.parse.urlsplit(url).scheme == "file":
-        with _local_path(url).open("rb", buffering=0) as source:
-            info = os.fstat(source.fileno())
-            # A regular file's size is known; a device's or a pipe's is not (st_size 0).
-            total = info.st_size if stat.S_ISREG(info.st_mode) else None
-            if on_total is not None:
-                on_total(total)
-            reporter = _Reporter(target.name, total, progress, on_bytes)
+    """One try: ``url`` into ``partial`` (renamed by the caller); (sha256 hex, size) of what
+    ``partial`` holds."""
+    with open_resource(url, timeout_s) as (source, total):
+        if on_total is not None:
+            on_total(total)
+        reporter = DownloadProgress(partial.name.removesuffix(".part"), total, progress, on_bytes)
+        if isinstance(source, io.FileIO):
             digest, size = copy_file_and_hash(source, partial, on_bytes=reporter)
-    else:
-        request = urllib.request.Request(url, headers={"User-Agent": "aicert"})  # noqa: S310
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
-            total = int(response.headers.get("Content-Length") or 0) or None
-            if on_total is not None:
-                on_total(total)
-            reporter = _Reporter(target.name, total, progress, on_bytes)
+        else:
             with partial.open("wb", buffering=0) as handle:
-                digest, size = copy_and_hash(response, handle, on_bytes=reporter)
+                digest, size = copy_and_hash(source, handle, on_bytes=reporter)
     if total is not None and size != total:
         raise DownloadError(f"received {size} of {total} bytes")
     return digest, size

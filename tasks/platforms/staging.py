@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import shutil
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from aicert.guest_runtime.config import RunConfig
 from aicert.guest_runtime.gitsource import clone_source, commit_object
@@ -105,9 +108,6 @@ def write_staged_inputs(
         raw_commit = commit_object(checkout)
         shutil.rmtree(checkout / ".git")
 
-        resources = work / "resources"
-        _download_resources(config, resources, report)
-
         wheels = work / "wheels"
         requirements = _requirements(checkout, config)
         wheel_names: list[str] = []
@@ -132,31 +132,22 @@ def write_staged_inputs(
             "resources": [resource.destination_path for resource in config.resources],
             "wheels": wheel_names,
         }
-        partial = _write_tar(work, manifest, raw_commit)
+        partial = _write_tar(work, manifest, raw_commit, config, report)
         os.replace(partial, destination)
     size = destination.stat().st_size
     report(f"staged inputs for {run_id}: {size / 1e6:.1f} MB at {destination}")
     return destination
 
 
-def _download_resources(config: RunConfig, resources: Path, report: ProgressCallback) -> None:
-    """Download each of ``config``'s resources to its destination path under ``resources``."""
-    from aicert.guest_runtime.download import download
-
-    for resource in config.resources:
-        target = (resources / resource.destination_path).resolve()
-        if not target.is_relative_to(resources.resolve()):
-            raise StagingError(
-                f"resources: destinationPath {resource.destination_path!r} leaves the folder"
-            )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        report(f"downloading {resource.url}")
-        download(resource.url, target, progress=report)
-
-
-def _write_tar(work: Path, manifest: dict[str, object], raw_commit: bytes) -> Path:
-    """The staged-inputs tar of what ``work`` holds (image.tar, checkout, resources, wheels),
-    in the order the guest reads it, as ``work/inputs.tar``."""
+def _write_tar(
+    work: Path,
+    manifest: dict[str, object],
+    raw_commit: bytes,
+    config: RunConfig,
+    report: ProgressCallback,
+) -> Path:
+    """The staged-inputs tar of what ``work`` holds (image.tar, checkout, wheels) and of
+    ``config``'s resources, in the order the guest reads it, as ``work/inputs.tar``."""
     partial = work / "inputs.tar"
     # Each file is copied into the tar SAVE_CHUNK at a time (tarfile's default is 16 KiB):
     # the tar is written from the disk, never held in memory.
@@ -170,11 +161,86 @@ def _write_tar(work: Path, manifest: dict[str, object], raw_commit: bytes) -> Pa
         commit_file.write_bytes(raw_commit)
         archive.add(commit_file, SOURCE_COMMIT)
         archive.add(work / "checkout", SOURCE_TREE)
-        if (work / "resources").is_dir():
-            archive.add(work / "resources", RESOURCES)
+        for resource in config.resources:
+            report(f"downloading {resource.url}")
+            member = _resource_member(resource.destination_path)
+            _add_resource(archive, member, resource.url, work, report)
         if (work / "wheels").is_dir():
             archive.add(work / "wheels", WHEELS, filter=_wheels_only)
     return partial
+
+
+def _resource_member(destination_path: str) -> str:
+    """The tar member of a resource: ``resources/<destinationPath>``, which must stay in it."""
+    relative = posixpath.normpath(destination_path)
+    if relative.startswith(("/", "../")) or relative in ("..", "."):
+        raise StagingError(f"resources: destinationPath {destination_path!r} leaves the folder")
+    return f"{RESOURCES}/{relative}"
+
+
+class _CountedReader:
+    """``read(n)`` of a stream, whole (tarfile takes a short read for the end of the data),
+    each read's size passed to ``on_bytes``."""
+
+    def __init__(self, source: BinaryIO, on_bytes: Callable[[int], None]) -> None:
+        self._source, self._on_bytes = source, on_bytes
+
+    def read(self, size: int) -> bytes:
+        pieces, left = [], size
+        while left > 0:
+            piece = self._source.read(left)
+            if not piece:
+                break
+            pieces.append(piece)
+            left -= len(piece)
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        self._on_bytes(len(data))
+        return data
+
+
+def _add_resource(
+    archive: tarfile.TarFile, member: str, url: str, work: Path, report: ProgressCallback
+) -> None:
+    """Stream ``url`` straight into the tar as ``member``: the tar holds this host's only copy
+    of a resource (a size must be known first: a regular file's, an HTTP Content-Length;
+    without one it is downloaded beside the tar, added, and removed). A failed try is cut
+    off the tar's end and tried again as a download is."""
+    from aicert.guest_runtime.download import (
+        DownloadProgress,
+        download,
+        open_resource,
+        with_retries,
+    )
+
+    start = archive.offset
+    assert archive.fileobj is not None
+
+    def undo() -> None:
+        # tarfile writes a member's header, then its bytes: whatever a failed try wrote
+        # lies past ``start``.
+        assert archive.fileobj is not None
+        archive.fileobj.seek(start)
+        archive.fileobj.truncate()
+        archive.offset = start
+
+    def once() -> bool:
+        with open_resource(url) as (source, size):
+            if size is None:
+                return False
+            info = tarfile.TarInfo(member)
+            info.size, info.mode, info.mtime = size, 0o644, int(time.time())
+            progress = DownloadProgress(member, size, report, None)
+            archive.addfile(info, _CountedReader(source, progress))
+        return True
+
+    if with_retries(url, once, undo=undo, progress=report):
+        return
+    spooled = work / ".resource-without-size"
+    download(url, spooled, progress=report)
+    try:
+        archive.add(spooled, member)
+    finally:
+        spooled.unlink()
 
 
 def _wheels_only(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
