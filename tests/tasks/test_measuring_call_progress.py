@@ -13,7 +13,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from prefect import flow
 from aicert.guest_runtime.api_models import API_PREFIX
 from aicert.tasks.certification import AgentStalled, _call_with_progress
 from aicert.tasks.platforms.base import Machine
+from tests.loopback import serve
 
 MiB = 1024 * 1024
 
@@ -65,14 +66,8 @@ def agent() -> Iterator[tuple[_Agent, str]]:
         def log_message(self, *_: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield state, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve(Handler) as url:
+        yield state, url
 
 
 def _machine(url: str, tmp_path: Path) -> Machine:

@@ -13,10 +13,9 @@ import io
 import os
 import subprocess
 import tarfile
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import docker
@@ -26,6 +25,7 @@ from aicert.guest_runtime.config import RunConfig, parse_config
 from aicert.guest_runtime.errors import DownloadError
 from aicert.guest_runtime.staged_inputs import unpack_staged_inputs
 from aicert.tasks.platforms.staging import write_staged_inputs
+from tests.loopback import serve
 
 MiB = 1024 * 1024
 IMAGE = "aicert-test/staging-tiny:1"
@@ -115,14 +115,8 @@ def server() -> Iterator[tuple[_Served, str]]:
         def log_message(self, *_: object) -> None:
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield served, f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serve(Handler) as url:
+        yield served, url
 
 
 def _config(project: Path, resources: list[tuple[str, str, bytes]]) -> RunConfig:
