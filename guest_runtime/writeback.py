@@ -27,13 +27,16 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["PAUSE_S", "write_behind"]
+__all__ = ["DISABLE_VARIABLE", "PAUSE_S", "write_behind"]
 
 _log = logging.getLogger(__name__)
 
 # Between two syncs: long enough that an idle filesystem costs nothing, short enough that
 # the disk rarely waits while data is dirty.
 PAUSE_S = 0.1
+# ``AICERT_WRITE_BEHIND=0`` in the agent's environment turns it off: where the workspace is
+# on another file system than the engine's storage, the engine's sync never touches it.
+DISABLE_VARIABLE = "AICERT_WRITE_BEHIND"
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
@@ -82,13 +85,14 @@ def write_behind(folder: Path) -> Iterator[_Flusher | None]:
 
     Yields:
         The background flusher (its ``syncs`` counts the passes), or None where ``syncfs``
-        is missing or ``folder`` cannot be opened (nothing is done then).
+        is missing, ``AICERT_WRITE_BEHIND`` is ``0`` or ``folder`` cannot be opened (nothing
+        is done then).
 
     Example:
         >>> with write_behind(Path("/tmp")):
         ...     pass
     """
-    if _SYNCFS is None:
+    if _SYNCFS is None or os.environ.get(DISABLE_VARIABLE, "1") == "0":
         yield None
         return
     try:
