@@ -96,7 +96,9 @@ def test_an_error_in_the_phase_still_stops_the_thread(tmp_path: Path) -> None:
     assert not flusher.is_alive()
 
 
-def test_aicert_write_behind_0_turns_it_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_aicert_write_behind_0_turns_it_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(writeback.DISABLE_VARIABLE, "0")
     threads = threading.active_count()
     with write_behind(tmp_path) as flusher:
