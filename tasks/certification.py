@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from uuid import UUID
 
 from prefect import Task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -154,7 +155,7 @@ class _ProgressWatch:
         self._key = artifact_key
         self._min_bytes = min_bytes
         self._stall_timeout_s = stall_timeout_s
-        self._artifact_id: Any = None
+        self._artifact_id: UUID | None = None
         self._last_logged = 0.0
         self._last: ProgressReport | None = None
         self._changed_at = time.monotonic()
